@@ -1,0 +1,130 @@
+"""Compute profiles: ``smoke`` (CI), ``cpu`` (a 2-core laptop), ``gpu`` (Colab, best quality).
+
+Every chapter starts with one call, :func:`setup`, which picks the profile (a GPU means ``gpu``;
+the environment variable ``DIFFUSION_PROFILE`` overrides), the device and the seed. A chapter then
+chooses its sizes with ``profile.pick(smoke=..., cpu=..., gpu=...)`` so that every profile runs the
+same code path: smoke only makes it smaller, it never skips a step.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+PROFILES = ("smoke", "cpu", "gpu")
+ENV_VAR = "DIFFUSION_PROFILE"
+
+T = TypeVar("T")
+
+
+class UnknownProfileError(ValueError):
+    """Raised for a profile name that is not one of :data:`PROFILES`."""
+
+
+def check_profile(name: str) -> str:
+    """Return ``name`` normalised, or raise :class:`UnknownProfileError` naming the choices."""
+    key = str(name).strip().lower()
+    if key not in PROFILES:
+        raise UnknownProfileError(
+            f"unknown compute profile {name!r}: expected one of {', '.join(PROFILES)} "
+            f"(set it with the environment variable {ENV_VAR} or setup(profile=...))"
+        )
+    return key
+
+
+def detect_profile() -> str:
+    """``$DIFFUSION_PROFILE`` if set, else ``gpu`` when CUDA is available, else ``cpu``."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        return check_profile(env)
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def default_device(profile: str) -> torch.device:
+    if profile == "gpu":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The compute profile a chapter runs under.
+
+    ``name`` is one of ``smoke``, ``cpu``, ``gpu``; ``amp`` turns on mixed precision (CUDA only).
+    """
+
+    name: str
+    device: torch.device
+    seed: int = 0
+
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda"
+
+    def pick(self, *, smoke: T, cpu: T, gpu: T) -> T:
+        """The value for this profile: ``profile.pick(smoke=200, cpu=6000, gpu=40000)``."""
+        return {"smoke": smoke, "cpu": cpu, "gpu": gpu}[self.name]
+
+    def generator(self, offset: int = 0, device: torch.device | str | None = None) -> torch.Generator:
+        """A fresh generator seeded with ``seed + offset`` (on ``device``, default CPU)."""
+        g = torch.Generator(device=device or "cpu")
+        g.manual_seed(self.seed + offset)
+        return g
+
+    def __str__(self) -> str:  # what a chapter prints after setup
+        return f"profile={self.name} device={self.device} seed={self.seed} amp={self.amp}"
+
+
+_CURRENT: Profile | None = None
+
+
+def setup(profile: str | None = None, seed: int = 0, device: str | torch.device | None = None,
+          threads: int | None = None, verbose: bool = True) -> Profile:
+    """The one call a chapter makes first: pick the profile, the device and the seed.
+
+    ``profile=None`` detects it (``$DIFFUSION_PROFILE``, else ``gpu`` with CUDA, else ``cpu``).
+    On CPU, torch uses every core (``threads`` overrides); results are deterministic for a seed.
+    """
+    global _CURRENT
+    name = check_profile(profile) if profile is not None else detect_profile()
+    dev = torch.device(device) if device is not None else default_device(name)
+    if dev.type == "cpu":
+        torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+    seed_everything(seed)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    _CURRENT = Profile(name=name, device=dev, seed=seed)
+    if verbose:
+        print(_CURRENT)
+    return _CURRENT
+
+
+def current() -> Profile:
+    """The profile chosen by the last :func:`setup` (detected if none was made)."""
+    return _CURRENT if _CURRENT is not None else setup(verbose=False)
+
+
+def in_colab() -> bool:
+    try:
+        import google.colab  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
