@@ -1,0 +1,70 @@
+"""Interoperability with diffusers and transformers: the same weights, the same outputs.
+
+``from_diffusers(obj)`` and ``from_transformers(obj)`` dispatch on the class name of ``obj`` through
+the registries below (``"module:function"``, imported lazily); each converter returns the
+equivalent diffusion_core object. ``load_state_dict`` is the strict loader they all share: a key
+that is missing, unexpected or of the wrong shape is an error that names it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+# diffusers class name -> "module:function(obj) -> diffusion_core object"
+DIFFUSERS: dict[str, str] = {
+}
+
+# transformers class name -> "module:function(obj) -> diffusion_core object"
+TRANSFORMERS: dict[str, str] = {
+}
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict whose keys or shapes do not match the model."""
+
+
+def _dispatch(registry: dict[str, str], obj: Any, library: str) -> Any:
+    name = type(obj).__name__
+    if name not in registry:
+        raise TypeError(
+            f"from_{library} does not know {name}; it converts: {', '.join(sorted(registry)) or 'nothing yet'}"
+        )
+    module_name, fn_name = registry[name].split(":")
+    return getattr(importlib.import_module(module_name), fn_name)(obj)
+
+
+def from_diffusers(obj: Any) -> Any:
+    """Convert a diffusers model or scheduler into the equivalent diffusion_core object."""
+    return _dispatch(DIFFUSERS, obj, "diffusers")
+
+
+def from_transformers(obj: Any) -> Any:
+    """Convert a transformers model into the equivalent diffusion_core module."""
+    return _dispatch(TRANSFORMERS, obj, "transformers")
+
+
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str = "checkpoint") -> nn.Module:
+    """Load ``state_dict`` into ``model`` strictly; raise :class:`CheckpointMismatchError` naming
+    every missing key, unexpected key and shape mismatch (at most 10 of each are listed)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [
+        f"{k}: {tuple(state_dict[k].shape)} in the {what}, {tuple(own[k].shape)} in the model"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
+            if items:
+                more = f" (and {len(items) - 10} more)" if len(items) > 10 else ""
+                parts.append(f"{len(items)} {label}: {', '.join(items[:10])}{more}")
+        raise CheckpointMismatchError(f"{what} does not match {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(dict(state_dict), strict=True)
+    return model

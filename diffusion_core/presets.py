@@ -1,0 +1,43 @@
+"""Named full-size configurations of the papers' models, built on any device.
+
+``build("ddpm-cifar10", device="meta")`` builds the google/ddpm-cifar10-32 UNet without allocating
+memory, so its parameters can be counted against the public checkpoint.
+
+Each entry of :data:`PRESETS` maps a name to ``"module:function"``; the function takes no
+arguments and returns an ``nn.Module``. Modules add their presets here in one line each.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+# name -> "diffusion_core.<module>:<builder>" (imported lazily so `presets` stays cheap to import)
+PRESETS: dict[str, str] = {
+}
+
+
+class UnknownPresetError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+def names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def build(name: str, device: str | torch.device = "meta") -> nn.Module:
+    """Build the named full-size configuration on ``device`` (``meta``: no memory)."""
+    if name not in PRESETS:
+        raise UnknownPresetError(f"unknown preset {name!r}; known presets: {', '.join(names())}")
+    module_name, fn_name = PRESETS[name].split(":")
+    builder = getattr(importlib.import_module(module_name), fn_name)
+    with torch.device(device):
+        model = builder()
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
