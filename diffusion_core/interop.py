@@ -17,6 +17,7 @@ from torch import nn
 
 # diffusers class name -> "module:function(obj) -> diffusion_core object"
 DIFFUSERS: dict[str, str] = {
+    "UNet2DModel": "diffusion_core.models.unet:from_diffusers_unet2d",
 }
 
 # transformers class name -> "module:function(obj) -> diffusion_core object"

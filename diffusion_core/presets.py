@@ -16,6 +16,8 @@ from torch import nn
 
 # name -> "diffusion_core.<module>:<builder>" (imported lazily so `presets` stays cheap to import)
 PRESETS: dict[str, str] = {
+    "ddpm-cifar10": "diffusion_core.models.unet:build_ddpm_cifar10",
+    "ddpm-256": "diffusion_core.models.unet:build_ddpm_256",
 }
 
 
