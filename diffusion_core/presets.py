@@ -16,6 +16,8 @@ from torch import nn
 
 # name -> "diffusion_core.<module>:<builder>" (imported lazily so `presets` stays cheap to import)
 PRESETS: dict[str, str] = {
+    "sd15-unet": "diffusion_core.models.unet_cond:sd15_unet",
+    "sd15-vae": "diffusion_core.models.vae:sd15_vae",
     "ddpm-cifar10": "diffusion_core.models.unet:build_ddpm_cifar10",
     "ddpm-256": "diffusion_core.models.unet:build_ddpm_256",
 }
