@@ -24,6 +24,11 @@ DIFFUSERS: dict[str, str] = {
 
 # transformers class name -> "module:function(obj) -> diffusion_core object"
 TRANSFORMERS: dict[str, str] = {
+    "CLIPTextModel": "diffusion_core.models.clip:text_model_from_transformers",
+    "CLIPTextModelWithProjection": "diffusion_core.models.clip:text_model_with_projection_from_transformers",
+    "CLIPVisionModel": "diffusion_core.models.clip:vision_model_from_transformers",
+    "CLIPVisionModelWithProjection": "diffusion_core.models.clip:vision_model_with_projection_from_transformers",
+    "CLIPModel": "diffusion_core.models.clip:clip_model_from_transformers",
 }
 
 

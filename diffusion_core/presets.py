@@ -20,6 +20,9 @@ PRESETS: dict[str, str] = {
     "sd15-vae": "diffusion_core.models.vae:sd15_vae",
     "ddpm-cifar10": "diffusion_core.models.unet:build_ddpm_cifar10",
     "ddpm-256": "diffusion_core.models.unet:build_ddpm_256",
+    "clip-vit-l14-text": "diffusion_core.models.clip:clip_vit_l14_text",
+    "clip-vit-l14-vision": "diffusion_core.models.clip:clip_vit_l14_vision",
+    "clip-vit-l14": "diffusion_core.models.clip:clip_vit_l14",
 }
 
 
