@@ -1,0 +1,35 @@
+"""The named full-size configurations count exactly the parameters of the public checkpoints."""
+
+import pytest
+import torch
+
+from diffusion_core import presets
+from diffusion_core.models.unet import UNet2D, UNetConfig
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("ddpm-cifar10", 35_746_307),  # google/ddpm-cifar10-32
+        ("ddpm-256", 113_673_219),  # google/ddpm-celebahq-256, ddpm-church-256, ...
+    ],
+)
+def test_ddpm_preset_counts_the_public_checkpoint_on_meta(name, expected):
+    model = presets.build(name, device="meta")
+    assert isinstance(model, UNet2D)
+    assert presets.count_parameters(model) == expected
+    assert all(p.is_meta for p in model.parameters()), "a meta build must allocate no memory"
+
+
+def test_config_presets_match_the_registered_builders():
+    with torch.device("meta"):
+        assert presets.count_parameters(UNet2D(UNetConfig.ddpm_cifar10())) == 35_746_307
+        assert presets.count_parameters(UNet2D(UNetConfig.ddpm_256())) == 113_673_219
+
+
+def test_unknown_preset_error_names_the_known_ones():
+    with pytest.raises(presets.UnknownPresetError) as info:
+        presets.build("ddpm-cifar100")
+    message = str(info.value)
+    assert "ddpm-cifar100" in message
+    assert "ddpm-cifar10" in message and "ddpm-256" in message
