@@ -165,8 +165,9 @@ class CLIPTextConfig:
 
     @classmethod
     def tiny(cls, **overrides: object) -> CLIPTextConfig:
-        """A small text encoder for tests and the shapes-world chapter (override any field, e.g.
-        ``vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.end_id``)."""
+        """A small text encoder for tests and the shapes-world chapter. Override any field, e.g.
+        ``vocab_size=tokenizer.vocab_size``; ``eos_token_id=2`` is :class:`WordTokenizer`'s ``<end>``
+        (pooling is by ``"eos"`` here, not the legacy argmax rule)."""
         base = cls(
             vocab_size=64,
             hidden_size=64,
@@ -701,10 +702,14 @@ def clip_loss(
             f"clip_loss needs as many images as captions (pairs), got {image_embeds.shape[0]} images "
             f"and {text_embeds.shape[0]} captions"
         )
-    logits = clip_logits(image_embeds, text_embeds, logit_scale)  # (B, B)
+    return _symmetric_cross_entropy(clip_logits(image_embeds, text_embeds, logit_scale))
+
+
+def _symmetric_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(B, B) logits with the matching pairs on the diagonal -> scalar loss."""
     labels = torch.arange(logits.shape[0], device=logits.device)
-    loss_i = F.cross_entropy(logits, labels)  # each image picks its caption
-    loss_t = F.cross_entropy(logits.T, labels)  # each caption picks its image
+    loss_i = F.cross_entropy(logits, labels)  # each image picks its caption (rows)
+    loss_t = F.cross_entropy(logits.T, labels)  # each caption picks its image (columns)
     return (loss_i + loss_t) / 2
 
 
@@ -713,9 +718,9 @@ class CLIPModel(nn.Module):
 
     ``forward(input_ids, pixel_values)`` -> :class:`CLIPOutput` with ``logits_per_image`` (B_img, B_txt)
     = ``min(e^t, 100) * cos(I_i, T_j)``. The clamp is applied where the scale is used, so the effective
-    scale never exceeds 100 whatever the optimiser does to the parameter. (The public ViT-L/14 stores
-    t = 4.6052, a hair above log 100 = 4.60517, so its logits are 3e-5 relative below transformers',
-    which does not clamp.)
+    scale never exceeds 100 whatever the optimiser does to the parameter. (Trained checkpoints end at
+    the clip, t ~ log 100 = 4.6052; transformers' CLIPModel does not clamp, so logits would differ only
+    for a stored t above log 100.)
     """
 
     def __init__(
@@ -768,7 +773,11 @@ class CLIPModel(nn.Module):
         T_f = self.encode_text(input_ids, attention_mask)
         t = self.logit_scale.clamp(max=LOGIT_SCALE_MAX)
         logits = clip_logits(I_f, T_f, t)  # (B_img, B_txt)
-        loss = clip_loss(I_f, T_f, t) if return_loss else None
+        if return_loss and logits.shape[0] != logits.shape[1]:
+            raise ValueError(
+                f"return_loss needs as many images as captions (pairs), got {logits.shape[0]} and {logits.shape[1]}"
+            )
+        loss = _symmetric_cross_entropy(logits) if return_loss else None
         return CLIPOutput(
             logits_per_image=logits,
             logits_per_text=logits.T,
