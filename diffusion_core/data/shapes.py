@@ -210,14 +210,16 @@ HELDOUT_TEMPLATES: dict[str, tuple[str, str, str]] = {
 CANONICAL_TEMPLATE = "plain"
 
 # Zero-shot classification prompts: attribute -> templates; "{}" takes the class phrase.
+# The first templates of each list use only words of the training captions; "photo", "shape",
+# "object", "something" and the counts appear in prompts only (as "a photo of" did for CLIP).
 PROMPT_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "shape": ("a photo of a {}", "a picture of a {}", "a {}", "a drawing of a {} shape"),
-    "color": ("a photo of a {} shape", "a picture of a {} object", "a {} shape", "something {}"),
-    "size": ("a photo of a {} shape", "a picture of a {} object", "a {} shape"),
-    "position": ("a photo of a shape {}", "a picture of an object {}", "a shape {}", "something {}"),
-    "pair": ("a photo of a {}", "a picture of a {}", "a {}", "a drawing of a {}"),
-    "count": ("a photo of {}", "a picture of {}", "{}"),
-    "background": ("a photo of a shape {}", "a picture {}", "something {}"),
+    "shape": ("a {}", "a picture of a {}", "there is a {}", "a photo of a {}"),
+    "color": ("a {} shape", "a picture of a {} object", "there is something {}", "a photo of a {} shape"),
+    "size": ("a {} shape", "a picture of a {} object", "there is a {} object", "a photo of a {} shape"),
+    "position": ("a shape {}", "a picture of an object {}", "there is something {}", "a photo of a shape {}"),
+    "pair": ("a {}", "a picture of a {}", "there is a {}", "an image with a {}", "a photo of a {}"),
+    "count": ("{}", "a picture of {}", "an image with {}", "a photo of {}"),
+    "background": ("a shape {}", "a picture of something {}", "a photo of a shape {}"),
 }
 _PROMPT_PHRASES: dict[str, tuple[str, ...]] = {
     "shape": SHAPES,
@@ -242,6 +244,31 @@ def _phrases(attribute: str, value: int, words: str) -> tuple[str, ...]:
     if words == "canonical":
         return train[:1]
     return train + held if words == "all" else train
+
+
+# words choice -> attribute -> value index -> phrases (looked up once per word of every caption)
+_PHRASES = {w: {a: tuple(_phrases(a, i, w) for i in range(len(_VALUES[a]))) for a in _WORDS} for w in WORD_CHOICES}
+
+
+class _Uniforms:
+    """Uniform floats drawn from a numpy Generator in blocks (one call per 4,096 choices, not one
+    per word): text generation stays deterministic and cheap."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng, self.buf, self.i = rng, [], 0
+
+    def next(self) -> float:
+        if self.i == len(self.buf):
+            self.buf, self.i = self.rng.random(4096).tolist(), 0
+        self.i += 1
+        return self.buf[self.i - 1]
+
+    def pick(self, options: Sequence):
+        return options[0] if len(options) == 1 else options[int(self.next() * len(options))]
+
+    def permutation(self, n: int) -> list[int]:
+        keys = [self.next() for _ in range(n)]
+        return sorted(range(n), key=keys.__getitem__)
 
 
 def zero_shot_prompts(attribute: str, templates: Sequence[str] | None = None) -> list[list[str]]:
@@ -301,19 +328,19 @@ def parse_mentions(text: str) -> dict[str, list[int]]:
 
 
 def _describe_one(objs: list[tuple[int, int, int, int]], background: int | None, template: tuple[str, str, str],
-                  words: str, rng: np.random.Generator | None) -> str:
+                  words: str, uniforms: _Uniforms | None) -> str:
+    """One description: ``objs`` as (shape, color, size, position) tuples in the order named.
+    ``uniforms=None`` takes the first (canonical) phrase of every value."""
     prefix, pattern, joiner = template
-
-    def pick(options: tuple[str, ...]) -> str:
-        return options[0] if rng is None or len(options) == 1 else options[rng.integers(len(options))]
-
-    parts = [pattern.format(s=pick(_phrases("size", sz, words)), c=pick(_phrases("color", c, words)),
-                            h=pick(_phrases("shape", sh, words)), p=pick(_phrases("position", pos, words)))
+    table = _PHRASES[words]
+    pick = (lambda options: options[0]) if uniforms is None else uniforms.pick
+    parts = [pattern.format(s=pick(table["size"][sz]), c=pick(table["color"][c]), h=pick(table["shape"][sh]),
+                            p=pick(table["position"][pos]))
              for sh, c, sz, pos in objs]
     text = prefix + joiner.join(parts)
     if background is not None:
-        text += " " + pick(_phrases("background", background, words))
-    return _articles(text)
+        text += " " + pick(table["background"][background])
+    return text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,13 +450,13 @@ class Scenes:
             raise ValueError(f"unknown template {template!r}; expected one of {tuple(templates)}")
         if words not in WORD_CHOICES:
             raise ValueError(f"unknown word choice {words!r}; expected one of {WORD_CHOICES}")
-        rng = np.random.default_rng([seed, 7])
+        uniforms = _Uniforms(np.random.default_rng([_check_int("seed", seed, 0), 7]))
         out = []
         for objs, bg in zip(_objects(self), self.background.tolist()):
             if shuffle:
-                objs = [objs[i] for i in rng.permutation(len(objs))]
+                objs = [objs[i] for i in uniforms.permutation(len(objs))]
             out.append(_describe_one(objs, bg if background else None, templates[template],
-                                     words, None if words == "canonical" else rng))
+                                     words, None if words == "canonical" else uniforms))
         return out
 
 
@@ -531,21 +558,44 @@ class ShapesWorld:
     # ---- vocabulary -----------------------------------------------------------------------------
 
     @staticmethod
-    def vocabulary() -> list[str]:
-        """Every word any caption, paraphrase (training and held-out), relation or zero-shot
-        prompt can contain, sorted: the word list of a word-level tokenizer."""
-        words: set[str] = set(_RELATION_WORDS) | {"an"}
+    def vocabulary(heldout: bool = True) -> list[str]:
+        """Every word a text of this world can contain, sorted: the word list of a word-level
+        tokenizer (captions are lowercase words and single spaces, so ``text.split()`` tokenizes).
+
+        ``heldout=True``: captions, training and held-out paraphrases, relations, background
+        phrases and zero-shot prompts. ``heldout=False``: only the words training text uses
+        (captions, training paraphrases, relations, background phrases), for a from-scratch
+        encoder that must meet held-out words as unknown (ch. 13)."""
+        words: set[str] = set(_RELATION_WORDS)
+        templates = dict(TRAIN_TEMPLATES, **(HELDOUT_TEMPLATES if heldout else {}))
         for values in _WORDS.values():
             for train, held in values.values():
-                for phrase in train + held:
+                for phrase in train + (held if heldout else ()):
                     words.update(phrase.split())
-        for prefix, pattern, joiner in itertools.chain(TRAIN_TEMPLATES.values(), HELDOUT_TEMPLATES.values()):
+        for prefix, pattern, joiner in templates.values():
             words.update(re.sub(r"\{.\}", " ", prefix + pattern + joiner).split())
-        for attribute in _PROMPT_PHRASES:
-            for row in zero_shot_prompts(attribute):
-                for prompt in row:
-                    words.update(prompt.split())
+        if heldout:
+            for attribute in _PROMPT_PHRASES:
+                for row in zero_shot_prompts(attribute):
+                    for prompt in row:
+                        words.update(prompt.split())
         return sorted(words)
+
+    def max_caption_words(self) -> int:
+        """The most words any caption, paraphrase or relation of this world can have (with its
+        ``max_objects`` and ``describe_background``): a tokenizer's context length is this plus
+        its start and end tokens."""
+        longest = {a: max(len(p.split()) for train, held in v.values() for p in train + held)
+                   for a, v in _WORDS.items()}
+        slots = {"{s}": "size", "{c}": "color", "{h}": "shape", "{p}": "position"}
+        K, best = self.max_objects, 0
+        for prefix, pattern, joiner in itertools.chain(TRAIN_TEMPLATES.values(), HELDOUT_TEMPLATES.values()):
+            per_object = len(re.sub(r"\{.\}", " ", pattern).split())
+            per_object += sum(longest[a] for slot, a in slots.items() if slot in pattern)
+            words = len(prefix.split()) + K * per_object + (K - 1) * len(joiner.split())
+            best = max(best, words + (longest["background"] if self.describe_background else 0))
+        relation = 2 * 4 + len("above and to the right of".split())
+        return max(best, relation)
 
     # ---- sampling -------------------------------------------------------------------------------
 
@@ -638,6 +688,16 @@ class ShapesWorld:
         return out
 
     def _generate(self, n: int, rng: np.random.Generator, split: str) -> Scenes:
+        # One thread: the ops are small and memory-bound, and on a busy 2-core machine two threads
+        # spent their time waiting for each other (64 scenes: 1 s with two threads, 18 ms with one).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._generate_single_threaded(n, rng, split)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _generate_single_threaded(self, n: int, rng: np.random.Generator, split: str) -> Scenes:
         a = self._attributes(n, rng, split)
         R, K = self.resolution, self.max_objects
         cov = self._coverage(a)  # (B, K, R, R)
@@ -651,27 +711,29 @@ class ShapesWorld:
         size = torch.from_numpy(a["size"]).clamp(min=0).float()
         cy = torch.from_numpy(a["centers"])[..., 1].clamp(min=0)
         card = 0.55 + 0.25 * size / (len(SIZES) - 1) + 0.2 * cy  # (B, K)
-        label = torch.zeros(n, R, R, dtype=torch.long)
-        for k in range(K):  # painter's algorithm, object k over everything before it
-            alpha = cov[:, k:k + 1]
-            image = image * (1 - alpha) + alpha * color[:, k, :, None, None]
-            depth = depth * (1 - alpha) + alpha * card[:, k, None, None, None]
-            label[cov[:, k] >= 0.5] = k + 1
-        images = image * 2 - 1
-        mask = cov.sum(1, keepdim=True).clamp(max=1.0)
+        # Objects sit in distinct cells and never overlap (not even one subpixel), so compositing
+        # "object over background" is a sum: x = bg * (1 - mask) + sum_k coverage_k * color_k.
+        mask = cov.sum(1, keepdim=True).clamp_(0, 1)  # (B, 1, R, R)
+        background = 1 - mask
+        images = torch.einsum("bkhw,bkc->bchw", cov, color).addcmul_(image, background)
+        images = images.mul_(2).sub_(1).clamp_(-1, 1)
+        depth = torch.einsum("bkhw,bk->bhw", cov, card)[:, None].addcmul_(depth, background).clamp_(0, 1)
+        ids = torch.arange(1, K + 1, dtype=torch.float32)[None, :, None, None]
+        label = ((cov >= 0.5).float() * ids).sum(1)  # (B, R, R): 0 background, k + 1 object k
         # edges: object pixels whose 4-neighbourhood holds another label (borders replicate)
-        lab = F.pad(label[:, None].float(), (1, 1, 1, 1), mode="replicate")[:, 0]
+        lab = F.pad(label[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
         centre = lab[:, 1:-1, 1:-1]
         differs = ((lab[:, :-2, 1:-1] != centre) | (lab[:, 2:, 1:-1] != centre)
                    | (lab[:, 1:-1, :-2] != centre) | (lab[:, 1:-1, 2:] != centre))
         edges = (differs & (centre > 0)).float()[:, None]
-        block = R // 8
-        palette = F.interpolate(F.avg_pool2d(images, block), scale_factor=block, mode="nearest")
+        block = R // 8  # palette: mean color of each block of an 8x8 grid, repeated over the block
+        pooled = F.avg_pool2d(images, block)  # (B, 3, 8, 8)
+        palette = pooled[:, :, :, None, :, None].expand(n, 3, 8, block, 8, block).reshape(n, 3, R, R)
         scenes = Scenes(
-            images=images.contiguous(), shape=torch.from_numpy(a["shape"]), color=torch.from_numpy(a["color"]),
+            images=images, shape=torch.from_numpy(a["shape"]), color=torch.from_numpy(a["color"]),
             size=torch.from_numpy(a["size"]), position=torch.from_numpy(a["position"]),
             count=torch.from_numpy(a["count"]), background=bgi, centers=torch.from_numpy(a["centers"]),
-            object_masks=cov, mask=mask, edges=edges, depth=depth.contiguous(), palette=palette,
+            object_masks=cov, mask=mask, edges=edges, depth=depth, palette=palette,
             captions=[], paraphrases=[], heldout_paraphrases=[], relations=[], split=split,
         )
         self._text(scenes, rng)
@@ -681,19 +743,20 @@ class ShapesWorld:
         train_names = [t for t in TRAIN_TEMPLATES if t != CANONICAL_TEMPLATE]
         held_names = list(HELDOUT_TEMPLATES)
         canonical = TRAIN_TEMPLATES[CANONICAL_TEMPLATE]
+        uniforms = _Uniforms(rng)
         for objs, bg in zip(_objects(scenes), scenes.background.tolist()):
             bgv = bg if self.describe_background else None
             caption = _describe_one(objs, bgv, canonical, "canonical", None)
-            paras = []
-            for t in rng.permutation(len(train_names))[:self.n_paraphrases]:
-                order = rng.permutation(len(objs))
+            paras = []  # distinct non-canonical templates, objects in a random order, synonyms
+            for t in uniforms.permutation(len(train_names))[:self.n_paraphrases]:
+                order = uniforms.permutation(len(objs))
                 paras.append(_describe_one([objs[i] for i in order], bgv, TRAIN_TEMPLATES[train_names[t]],
-                                           "train", rng))
+                                           "train", uniforms))
             held = []
-            for t in rng.permutation(len(held_names))[:self.n_heldout_paraphrases]:
-                order = rng.permutation(len(objs))
+            for t in uniforms.permutation(len(held_names))[:self.n_heldout_paraphrases]:
+                order = uniforms.permutation(len(objs))
                 held.append(_describe_one([objs[i] for i in order], bgv, HELDOUT_TEMPLATES[held_names[t]],
-                                          "all", rng))
+                                          "all", uniforms))
             scenes.captions.append(caption)
             scenes.paraphrases.append(paras)
             scenes.heldout_paraphrases.append(held)
