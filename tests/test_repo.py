@@ -120,3 +120,25 @@ def test_first_cell_holds_the_title_and_the_open_in_colab_badge(notebook):
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=ids(NOTEBOOKS))
 def test_chapter_calls_setup_and_installs_in_colab_without_torch(notebook):
     assert bk.setup_problems(*chapter_of(notebook)) == []
+
+
+def test_nbval_fails_a_check_cell_that_prints_and_passes_one_that_only_asserts(tmp_path):
+    """The convention `make test` relies on (see pytest_collection_modifyitems in conftest.py)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nassert 1 + 1 == 2"),
+                nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nprint('a wrong value')"),
+                nbformat.v4.new_code_cell("print('an ordinary cell may print')")]
+    (tmp_path / "tests").mkdir()
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "tests" / "conftest.py")
+    nbformat.write(nb, str(tmp_path / "check.ipynb"))
+    run = subprocess.run([sys.executable, "-m", "pytest", "tests", "check.ipynb", "--nbval-lax", "--nbval-current-env",
+                          "-p", "no:cacheprovider", "-q", "-rN", "--color=no"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "1 failed, 2 passed" in run.stdout, run.stdout + run.stderr
+    assert "check.ipynb::Cell 1" in run.stdout and "Unexpected output fields" in run.stdout
