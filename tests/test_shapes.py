@@ -361,6 +361,19 @@ def test_scenes_index_like_a_batch_and_feed_a_dataloader(scenes):
     assert scenes.to("cpu").images.device.type == "cpu"
 
 
+def test_profiles_pick_the_resolution_and_supersampling_is_the_anti_aliasing():
+    from diffusion_core.profiles import Profile
+
+    assert ShapesWorld.for_profile(Profile("gpu", torch.device("cpu"), seed=3)).resolution == 64
+    world = ShapesWorld.for_profile(Profile("smoke", torch.device("cpu"), seed=3))
+    assert (world.resolution, world.seed) == (32, 3)
+    hard = ShapesWorld(supersample=1, device="cpu").sample(8, seed=0)
+    assert set(hard.object_masks.unique().tolist()) <= {0.0, 1.0}
+    soft = ShapesWorld(supersample=4).sample(8, seed=0)
+    levels = set((soft.object_masks * 16).round().unique().tolist())
+    assert len(levels) > 2 and torch.allclose(soft.object_masks * 16, (soft.object_masks * 16).round())
+
+
 def test_a_thousand_scenes_generate():
     s = ShapesWorld(resolution=32, seed=0).sample(1000, seed=0)
     assert len(s) == 1000 and torch.isfinite(s.images).all()
@@ -378,6 +391,7 @@ def test_a_thousand_scenes_generate():
     (dict(split="test"), ValueError, "split"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(n_paraphrases=9), ValueError, "n_paraphrases"),
+    (dict(supersample=9), ValueError, "supersample"),
 ])
 def test_bad_world_arguments_raise_clear_errors(kwargs, error, words):
     with pytest.raises(error, match=words):

@@ -25,14 +25,19 @@ shape and every color still seen in training) never appear with ``split="train"`
 Everything is deterministic from ``(world seed, sample seed)``: random choices come from one
 ``numpy.random.Generator`` (PCG64, stable across platforms), rendering is plain float32 torch.
 
-Speed, measured on the 2-core CPU this book is developed on (torch 2.13, one thread):
-about 5,000 scenes/s at 32x32 with up to 3 objects, every map and all text included
-(about 1,500 scenes/s at 64x64). See :func:`benchmark`.
+Speed (:func:`benchmark`, 1,000 scenes with up to 3 objects, every map and all text included),
+measured on the 2-core CPU this book is developed on while other jobs shared it (torch 2.13):
+about 4,700 scenes/s at 32x32 and 2,000 scenes/s at 64x64. At 32x32 the text is about half the
+time; ``n_paraphrases=0, n_heldout_paraphrases=0`` skips most of it.
 
 >>> world = ShapesWorld(resolution=32, seed=0)
 >>> scenes = world.sample(16, seed=1)
->>> scenes.images.shape, scenes.captions[0]  # doctest: +SKIP
-(torch.Size([16, 3, 32, 32]), 'a large red circle at the top left and a small blue ring in the center')
+>>> scenes.images.shape
+torch.Size([16, 3, 32, 32])
+>>> scenes.captions[0]
+'a small cyan circle at the bottom and a small orange diamond on the right and a small cyan triangle at the bottom right'
+>>> scenes.paraphrases[0][0]
+'a little diamond in orange at the right and a little circle in cyan near the bottom and a small triangle in cyan in the bottom right corner'
 """
 
 from __future__ import annotations
@@ -117,7 +122,7 @@ def pair_index(shape: torch.Tensor, color: torch.Tensor) -> torch.Tensor:
 
 def is_heldout_pair(shape: torch.Tensor, color: torch.Tensor) -> torch.Tensor:
     """Bool tensor, same shape as the inputs: is (shape, color) one of :data:`HELDOUT_PAIRS`?"""
-    return torch.isin(pair_index(shape, color), torch.from_numpy(_HELDOUT_IDS))
+    return torch.isin(pair_index(shape, color), torch.from_numpy(_HELDOUT_IDS).to(shape.device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -516,14 +521,16 @@ class ShapesWorld:
     ``split``: ``"train"`` (no held-out (shape, color) pair), ``"heldout"`` (every scene has at
     least one), ``"all"`` (any pair). ``n_paraphrases``: training paraphrases per scene (0 to 5),
     ``n_heldout_paraphrases``: held-out paraphrases per scene (0 to 4). ``describe_background``:
-    captions end with "on a dark background" and so on. ``supersample``: anti-aliasing factor.
+    captions end with "on a dark background" and so on. ``supersample``: anti-aliasing factor,
+    1 to 8 (subpixels per pixel side). ``device``: where the tensors are rendered and returned
+    ("cuda" renders on the GPU; the random choices and the text are the same on every device).
     """
 
     class_names = CLASS_NAMES
 
     def __init__(self, resolution: int = 32, seed: int = 0, max_objects: int = 3, split: str = "train",
                  n_paraphrases: int = 4, n_heldout_paraphrases: int = 2, describe_background: bool = False,
-                 supersample: int = 4) -> None:
+                 supersample: int = 4, device: torch.device | str = "cpu") -> None:
         self.resolution = _check_int("resolution", resolution, 1)
         if self.resolution % 8:
             raise ValueError(f"resolution must be a positive multiple of 8 (the palette is an 8x8 grid), "
@@ -535,7 +542,8 @@ class ShapesWorld:
         self.n_heldout_paraphrases = _check_int("n_heldout_paraphrases", n_heldout_paraphrases, 0,
                                                 len(HELDOUT_TEMPLATES))
         self.describe_background = bool(describe_background)
-        self.supersample = _check_int("supersample", supersample, 1, 16)
+        self.supersample = _check_int("supersample", supersample, 1, 8)
+        self.device = torch.device(device)
         self._stream = 0  # counter for sample(seed=None)
 
     @classmethod
@@ -657,71 +665,73 @@ class ShapesWorld:
         out["half"] = half.astype(np.float32)
         return out
 
-    def _coverage(self, a: dict[str, np.ndarray]) -> torch.Tensor:
+    def _coverage(self, a: dict[str, torch.Tensor]) -> torch.Tensor:
         """Anti-aliased coverage (B, K, R, R) in [0, 1] of every object, rendered only inside a
         fixed-size patch around it: the patch is supersampled, box-averaged, then pasted."""
-        R, ss, K = self.resolution, self.supersample, self.max_objects
+        R, ss, K, dev = self.resolution, self.supersample, self.max_objects, self.device
         B = a["count"].shape[0]
         P = min(R, int(np.ceil(2 * max(SIZE_HALF_EXTENT) * R)) + 2)  # patch side in pixels
-        sub = (torch.arange(P * ss, dtype=torch.float32) + 0.5) / ss  # subpixel centres in a patch
-        out = torch.zeros(B, K, R, R)
-        shape = torch.from_numpy(a["shape"])
-        centers = torch.from_numpy(a["centers"]) * R  # in pixels
-        half = torch.from_numpy(a["half"]) * R
-        b_all = torch.arange(B)
+        sub = (torch.arange(P * ss, dtype=torch.float32, device=dev) + 0.5) / ss  # subpixel centres
+        out = torch.zeros(B, K, R, R, device=dev)
+        shape, centers, half = a["shape"], a["centers"] * R, a["half"] * R  # lengths in pixels
+        b_all, ar = torch.arange(B, device=dev)[:, None, None], torch.arange(P, device=dev)
         for k in range(K):
-            present = shape[:, k] != PAD
-            if not present.any():
+            kinds = shape[:, k].tolist()
+            if all(kind == PAD for kind in kinds):
                 continue
             origin = torch.floor(centers[:, k] - P / 2).clamp(0, R - P)  # (B, 2) top-left pixel
             u = (origin[:, 0:1] + sub - centers[:, k, 0:1]) / half[:, k:k + 1]  # (B, P*ss)
             v = (origin[:, 1:2] + sub - centers[:, k, 1:2]) / half[:, k:k + 1]
-            inside = torch.zeros(B, P * ss, P * ss, dtype=torch.bool)
-            for kind in range(len(SHAPES)):
-                rows = (shape[:, k] == kind).nonzero().flatten()
-                if len(rows):
-                    inside[rows] = _inside(kind, u[rows, None, :], v[rows, :, None])
-            cov = inside.float().reshape(B, P, ss, P, ss).mean((2, 4))
+            inside = torch.zeros(B, P * ss, P * ss, dtype=torch.bool, device=dev)
+            for kind in set(kinds) - {PAD}:
+                rows = torch.tensor([b for b, x in enumerate(kinds) if x == kind], device=dev)
+                inside[rows] = _inside(kind, u[rows, None, :], v[rows, :, None])
+            # box filter: count the ss x ss subpixels of each pixel (uint8 sums: ss <= 8)
+            count = inside.view(torch.uint8).reshape(B, P * ss, P, ss).sum(3, dtype=torch.uint8)
+            count = count.reshape(B, P, ss, P).sum(2, dtype=torch.uint8)
             ox, oy = origin.long().unbind(1)
-            ar = torch.arange(P)
-            out[b_all[:, None, None], k, (oy[:, None] + ar)[:, :, None], (ox[:, None] + ar)[:, None, :]] = cov
+            out[b_all, k, (oy[:, None] + ar)[:, :, None], (ox[:, None] + ar)[:, None, :]] = count.float() / ss**2
         return out
 
     def _generate(self, n: int, rng: np.random.Generator, split: str) -> Scenes:
-        # One thread: the ops are small and memory-bound, and on a busy 2-core machine two threads
-        # spent their time waiting for each other (64 scenes: 1 s with two threads, 18 ms with one).
+        if self.device.type != "cpu":
+            return self._render(n, rng, split)
+        # One CPU thread: the ops are small and memory-bound, and on a busy 2-core machine two
+        # threads spent their time waiting for each other (64 scenes: 1 s with two, 18 ms with one).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._generate_single_threaded(n, rng, split)
+            return self._render(n, rng, split)
         finally:
             torch.set_num_threads(threads)
 
-    def _generate_single_threaded(self, n: int, rng: np.random.Generator, split: str) -> Scenes:
-        a = self._attributes(n, rng, split)
-        R, K = self.resolution, self.max_objects
+    def _render(self, n: int, rng: np.random.Generator, split: str) -> Scenes:
+        R, K, dev = self.resolution, self.max_objects, self.device
+        a = {k: torch.from_numpy(v).to(dev) for k, v in self._attributes(n, rng, split).items()}
         cov = self._coverage(a)  # (B, K, R, R)
-        y = (torch.arange(R, dtype=torch.float32) + 0.5) / R  # row centres in [0, 1]
-        bg = torch.tensor([BACKGROUND_RGB[b] for b in BACKGROUNDS], dtype=torch.float32)  # (3 bgs, 2, 3)
-        bgi = torch.from_numpy(a["background"])
-        top, bottom = bg[bgi, 0], bg[bgi, 1]  # (B, 3)
-        image = (top[:, :, None] + (bottom - top)[:, :, None] * y)[..., None].expand(n, 3, R, R)
-        depth = (0.3 * y)[None, None, :, None].expand(n, 1, R, R)
-        color = torch.from_numpy(COLOR_RGB)[torch.from_numpy(a["color"]).clamp(min=0)]  # (B, K, 3)
-        size = torch.from_numpy(a["size"]).clamp(min=0).float()
-        cy = torch.from_numpy(a["centers"])[..., 1].clamp(min=0)
-        card = 0.55 + 0.25 * size / (len(SIZES) - 1) + 0.2 * cy  # (B, K)
+        y = (torch.arange(R, dtype=torch.float32, device=dev) + 0.5) / R  # row centres in [0, 1]
+        bg = torch.tensor([BACKGROUND_RGB[b] for b in BACKGROUNDS], dtype=torch.float32, device=dev)
+        top, bottom = bg[a["background"], 0], bg[a["background"], 1]  # (B, 3)
+        ground = (top[:, :, None] + (bottom - top)[:, :, None] * y)[..., None]  # (B, 3, R, 1)
+        color = torch.from_numpy(COLOR_RGB).to(dev)[a["color"].clamp(min=0)]  # (B, K, 3)
+        card = 0.55 + 0.25 * a["size"].clamp(min=0) / (len(SIZES) - 1) + 0.2 * a["centers"][..., 1]  # (B, K)
         # Objects sit in distinct cells and never overlap (not even one subpixel), so compositing
         # "object over background" is a sum: x = bg * (1 - mask) + sum_k coverage_k * color_k.
         mask = cov.sum(1, keepdim=True).clamp_(0, 1)  # (B, 1, R, R)
         background = 1 - mask
-        images = torch.einsum("bkhw,bkc->bchw", cov, color).addcmul_(image, background)
+        images = background * ground
+        depth = background * (0.3 * y)[:, None]
+        label = torch.zeros(n, R, R, dtype=torch.uint8, device=dev)
+        for k in range(K):
+            ck = cov[:, k:k + 1]
+            images.addcmul_(ck, color[:, k, :, None, None])
+            depth.addcmul_(ck, card[:, k, None, None, None])
+            label.masked_fill_(cov[:, k] >= 0.5, k + 1)  # 0 background, k + 1 object k
         images = images.mul_(2).sub_(1).clamp_(-1, 1)
-        depth = torch.einsum("bkhw,bk->bhw", cov, card)[:, None].addcmul_(depth, background).clamp_(0, 1)
-        ids = torch.arange(1, K + 1, dtype=torch.float32)[None, :, None, None]
-        label = ((cov >= 0.5).float() * ids).sum(1)  # (B, R, R): 0 background, k + 1 object k
+        depth = depth.clamp_(0, 1)
         # edges: object pixels whose 4-neighbourhood holds another label (borders replicate)
-        lab = F.pad(label[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
+        lab = torch.cat([label[:, :1], label, label[:, -1:]], 1)
+        lab = torch.cat([lab[:, :, :1], lab, lab[:, :, -1:]], 2)
         centre = lab[:, 1:-1, 1:-1]
         differs = ((lab[:, :-2, 1:-1] != centre) | (lab[:, 2:, 1:-1] != centre)
                    | (lab[:, 1:-1, :-2] != centre) | (lab[:, 1:-1, 2:] != centre))
@@ -730,9 +740,8 @@ class ShapesWorld:
         pooled = F.avg_pool2d(images, block)  # (B, 3, 8, 8)
         palette = pooled[:, :, :, None, :, None].expand(n, 3, 8, block, 8, block).reshape(n, 3, R, R)
         scenes = Scenes(
-            images=images, shape=torch.from_numpy(a["shape"]), color=torch.from_numpy(a["color"]),
-            size=torch.from_numpy(a["size"]), position=torch.from_numpy(a["position"]),
-            count=torch.from_numpy(a["count"]), background=bgi, centers=torch.from_numpy(a["centers"]),
+            images=images, shape=a["shape"], color=a["color"], size=a["size"], position=a["position"],
+            count=a["count"], background=a["background"], centers=a["centers"],
             object_masks=cov, mask=mask, edges=edges, depth=depth, palette=palette,
             captions=[], paraphrases=[], heldout_paraphrases=[], relations=[], split=split,
         )
