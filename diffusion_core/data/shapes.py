@@ -356,7 +356,7 @@ def _describe_one(objs: list[tuple[int, int, int, int]], background: int | None,
 class Scenes:
     """A batch of B scenes with up to K objects (K = the world's ``max_objects``).
 
-    Tensors (CPU unless moved with :meth:`to`):
+    Tensors (on the world's ``device``, CPU by default; move them with :meth:`to`):
 
     * ``images`` (B, 3, H, W) float in [-1, 1].
     * ``shape``, ``color``, ``size``, ``position`` (B, K) int64: indices into :data:`SHAPES`,
