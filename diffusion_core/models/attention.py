@@ -48,10 +48,8 @@ class AttnProcessor:
             raise TypeError(f"AttnProcessor got unexpected arguments: {', '.join(sorted(kwargs))}")
         residual = hidden_states
         x, spatial = attn.to_tokens(hidden_states)  # (B, N, C)
-        context = x if encoder_hidden_states is None else attn.check_context(encoder_hidden_states)
-        q = attn.heads_to_batch(attn.to_q(x))  # (B, heads, N, d)
-        k = attn.heads_to_batch(attn.to_k(context))  # (B, heads, M, d)
-        v = attn.heads_to_batch(attn.to_v(context))
+        q, k, v = attn.project_qkv(x, encoder_hidden_states)  # (B, N, inner), (B, M, inner) x 2
+        q, k, v = attn.heads_to_batch(q), attn.heads_to_batch(k), attn.heads_to_batch(v)  # (B, heads, ., d)
         out = attn.batch_to_heads(attn.attend(q, k, v, attention_mask))  # (B, N, heads*d)
         out = attn.to_out[1](attn.to_out[0](out))
         return attn.from_tokens(out, residual, spatial)
@@ -169,6 +167,24 @@ class Attention(nn.Module):
                 f"got {tuple(encoder_hidden_states.shape)}"
             )
         return encoder_hidden_states
+
+    def project_qkv(
+        self, x: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``Q = x W_q``, ``K = c W_k``, ``V = c W_v`` with ``c = encoder_hidden_states`` (or ``x``).
+
+        ``x (B, N, query_dim)``, ``c (B, M, cross_attention_dim)`` -> ``(B, N, inner), (B, M, inner) x 2``.
+        For self-attention the three projections run as one matrix product with the weights
+        stacked (the same numbers, one pass over ``x`` instead of three).
+        """
+        if encoder_hidden_states is not None:
+            c = self.check_context(encoder_hidden_states)
+            return self.to_q(x), self.to_k(c), self.to_v(c)
+        weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+        bias = None
+        if self.to_q.bias is not None:
+            bias = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
+        return F.linear(x, weight, bias).chunk(3, dim=-1)
 
     def heads_to_batch(self, x: torch.Tensor) -> torch.Tensor:
         """Split the heads off the channels: ``(B, N, heads*d) -> (B, heads, N, d)`` (a view)."""

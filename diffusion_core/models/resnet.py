@@ -129,13 +129,17 @@ class ResnetBlock2D(nn.Module):
                 h = F.group_norm(h, n2.num_groups, n2.weight, n2.bias, n2.eps)
                 h = torch.addcmul(shift, h, 1 + scale)
             else:
-                h = F.group_norm(h + emb, n2.num_groups, n2.weight, n2.bias, n2.eps)
-        h = self.conv2(self.dropout(F.silu(h)))
+                # h is conv1's fresh output (not saved for backward): add in place
+                h = F.group_norm(h.add_(emb), n2.num_groups, n2.weight, n2.bias, n2.eps)
+        h = F.silu(h)
+        if self.dropout.p > 0:
+            h = self.dropout(h)
+        h = self.conv2(h)
 
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        out = skip + h
+        # h is conv2's fresh output (not saved for backward): residual sum in place
+        out = h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
         if self.output_scale_factor != 1.0:
-            out = out / self.output_scale_factor
+            out = out.div_(self.output_scale_factor)
         return out
 
 
