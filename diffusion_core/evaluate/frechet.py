@@ -1,0 +1,45 @@
+"""The Frechet distance between two sets of features (Heusel et al. 2017, the "FID" formula):
+
+    FD = || mu_1 - mu_2 ||^2 + tr( C_1 + C_2 - 2 (C_1^{1/2} C_2 C_1^{1/2})^{1/2} )
+
+tr((C_1 C_2)^{1/2}) is computed as the sum of square roots of the eigenvalues of the symmetric
+positive semi-definite matrix C_1^{1/2} C_2 C_1^{1/2} (``eigh``, negative round-off clamped to 0),
+so a singular covariance (dead feature units, fewer samples than features) never produces a NaN or
+a complex residue.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _sqrtm_psd(c: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(c)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance_from_stats(mu1: np.ndarray, c1: np.ndarray, mu2: np.ndarray, c2: np.ndarray) -> float:
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    c1, c2 = np.asarray(c1, np.float64), np.asarray(c2, np.float64)
+    if mu1.shape != mu2.shape or c1.shape != c2.shape or c1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"mismatched statistics: means {mu1.shape} and {mu2.shape}, covariances {c1.shape} and {c2.shape}")
+    s1 = _sqrtm_psd((c1 + c1.T) / 2)
+    m = s1 @ ((c2 + c2.T) / 2) @ s1
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
+    fd = float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2.0 * tr_sqrt)
+    return max(fd, 0.0)
+
+
+def feature_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f = np.asarray(features.detach().cpu().double() if torch.is_tensor(features) else features, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be (N >= 2, D), got shape {f.shape}")
+    if not np.isfinite(f).all():
+        raise ValueError("features contain NaN or infinity (did the samples diverge?)")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(features_a: torch.Tensor | np.ndarray, features_b: torch.Tensor | np.ndarray) -> float:
+    """FD between two feature sets (N_a, D) and (N_b, D)."""
+    return frechet_distance_from_stats(*feature_stats(features_a), *feature_stats(features_b))

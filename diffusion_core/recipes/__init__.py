@@ -1,0 +1,1 @@
+"""Store recipes: the fixed ways the book trains the models that several chapters reuse."""

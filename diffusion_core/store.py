@@ -1,0 +1,213 @@
+"""The model store: models that several chapters reuse are trained once, by a named recipe, and cached.
+
+A :class:`Recipe` says how to build a model from a JSON-able config and how to train it; the
+config depends on the profile (a smoke model is smaller). ``load("digits-ddpm")`` returns the cached
+model when a file with the same recipe, version, profile and config exists and its checksum
+matches; otherwise it trains the model (with a progress bar) and writes it.
+
+Files are safetensors (tensors only, nothing is ever unpickled) with the recipe, profile, config
+and metrics in the header, plus a ``.sha256`` file beside them. Both are written atomically (a
+temporary file, then ``os.replace``); a corrupt, truncated or mismatching file is detected and
+rebuilt. The cache lives in ``$DIFFUSION_CACHE`` (default ``~/.cache/diffusion-from-the-papers``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .interop import CheckpointMismatchError, load_state_dict
+from .profiles import Profile, current
+
+ENV_VAR = "DIFFUSION_CACHE"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A fixed recipe: ``config(profile) -> dict``, ``build(config) -> module``,
+    ``train(module, config, profile) -> metrics`` (trains in place; metrics JSON-able)."""
+
+    name: str
+    version: int
+    config: Callable[[Profile], dict[str, Any]]
+    build: Callable[[dict[str, Any]], nn.Module]
+    train: Callable[[nn.Module, dict[str, Any], Profile], dict[str, Any]]
+    description: str = ""
+
+
+# name -> Recipe, or "module:attribute" naming one (imported on first use)
+RECIPES: dict[str, Recipe | str] = {
+    "digit-classifier": "diffusion_core.evaluate.digits:DIGIT_CLASSIFIER",
+    "digits-ddpm": "diffusion_core.recipes.digits:DIGITS_DDPM",
+    "digits-ddpm-vlb": "diffusion_core.recipes.digits:DIGITS_DDPM_VLB",
+
+}
+
+
+@dataclass
+class Stored:
+    """A model from the store, with what it was made from and what was measured when it was."""
+
+    model: nn.Module
+    name: str
+    profile: str
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    path: Path
+    trained_now: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class UnknownRecipeError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def register(recipe: Recipe) -> Recipe:
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise UnknownRecipeError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
+    entry = RECIPES[name]
+    if isinstance(entry, str):
+        module_name, attr = entry.split(":")
+        entry = getattr(importlib.import_module(module_name), attr)
+        RECIPES[name] = entry
+    return entry
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-from-the-papers")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cache_key(r: Recipe, profile_name: str, config: dict[str, Any]) -> str:
+    blob = json.dumps({"name": r.name, "version": r.version, "profile": profile_name, "config": config},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def path_for(r: Recipe, profile_name: str, config: dict[str, Any]) -> Path:
+    return cache_dir() / f"{r.name}-{profile_name}-{cache_key(r, profile_name, config)}.safetensors"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save(model: nn.Module, path: Path, metadata: dict[str, Any]) -> None:
+    """Write ``model``'s state dict as safetensors with JSON metadata, then its checksum; atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {k: json.dumps(v, sort_keys=True, default=str) for k, v in metadata.items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    digest = sha256_file(path)
+    _atomic_write(path.with_suffix(".sha256"), lambda tmp: Path(tmp).write_text(digest + "\n"))
+
+
+def read(path: Path, expected_key: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a stored file after checking its checksum (and cache key); raises ``ValueError`` if bad."""
+    side = path.with_suffix(".sha256")
+    if not path.exists() or not side.exists():
+        raise ValueError(f"{path.name}: file or checksum missing")
+    if sha256_file(path) != side.read_text().strip():
+        raise ValueError(f"{path.name}: checksum mismatch (corrupt or partly written)")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path.name}: unreadable safetensors file ({e})") from e
+    meta = {k: json.loads(v) for k, v in raw.items()}
+    if expected_key is not None and meta.get("key") != expected_key:
+        raise ValueError(f"{path.name}: recipe key {meta.get('key')!r} does not match {expected_key!r}")
+    return tensors, meta
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive lock so two processes never train the same model at once."""
+    lock_path = path.with_suffix(".lock")
+    with open(lock_path, "w") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - Windows: no lock, still atomic
+            pass
+        yield
+
+
+def load(name: str, profile: Profile | str | None = None, device: torch.device | str | None = None,
+         rebuild: bool = False, verbose: bool = True) -> Stored:
+    """The model of recipe ``name`` for ``profile``: from the cache, or trained now and cached."""
+    from .profiles import check_profile, setup
+
+    if isinstance(profile, str):
+        prof = current()
+        prof = Profile(name=check_profile(profile), device=prof.device, seed=prof.seed)
+    else:
+        prof = profile or current() or setup(verbose=False)
+    r = recipe(name)
+    config = r.config(prof)
+    key = cache_key(r, prof.name, config)
+    path = path_for(r, prof.name, config)
+    target = torch.device(device) if device is not None else prof.device
+    with _lock(path):
+        if not rebuild and path.exists():
+            try:
+                tensors, meta = read(path, key)
+                model = r.build(config)
+                load_state_dict(model, tensors, what=f"stored {name}")
+                if verbose:
+                    print(f"[store] {name} ({prof.name}): loaded {path.name}")
+                return Stored(model.to(target).eval(), name, prof.name, config, meta.get("metrics", {}), path, False)
+            except (ValueError, CheckpointMismatchError) as e:
+                warnings.warn(f"[store] {name}: {e}; rebuilding", stacklevel=2)
+        if verbose:
+            print(f"[store] {name} ({prof.name}): training by recipe v{r.version} (cached for next time)")
+        model = r.build(config)
+        start = time.perf_counter()
+        metrics = dict(r.train(model, config, prof) or {})
+        metrics.setdefault("train_seconds", round(time.perf_counter() - start, 2))
+        model = model.to("cpu").eval()
+        save(model, path, {"recipe": name, "version": r.version, "profile": prof.name, "config": config,
+                           "metrics": metrics, "key": key, "torch": torch.__version__})
+        return Stored(model.to(target), name, prof.name, config, metrics, path, True)

@@ -1,0 +1,162 @@
+"""The training loop every chapter uses: AdamW, EMA with warm-up, clipping, mixed precision, progress.
+
+    loss = loss_fn(model, batch)        # a scalar
+    theta <- AdamW(theta, grad)         # with gradient clipping at ``grad_clip``
+    theta_ema <- d theta_ema + (1 - d) theta,   d = min(decay, (1 + n) / (10 + n))
+
+The warm-up of the EMA decay matters for short runs: with a fixed decay of 0.9999, after 2,000
+steps 82% of the EMA weights would still be the random initialisation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .profiles import Profile, current
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers are copied)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        self.updates = 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def current_decay(self) -> float:
+        """d = min(decay, (1 + n) / (10 + n)) with warm-up, else ``decay``."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        ema_params = list(self.model.parameters())
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)  # ema <- ema + (1 - d)(p - ema)
+        for eb, b in zip(self.model.buffers(), model.buffers()):
+            eb.copy_(b)
+        self.updates += 1
+
+
+@dataclass
+class TrainConfig:
+    """How to train: ``steps`` optimiser steps of AdamW at ``lr`` (linear warm-up, cosine decay to
+    ``final_lr_fraction`` of it), EMA ``ema_decay``, clipping at ``grad_clip`` (0 turns it off)."""
+
+    steps: int
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.1
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    grad_clip: float = 1.0
+    channels_last: bool = True  # convolutions run about 25% faster in this layout on CPUs
+    log_every: int = 50
+    desc: str = "training"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.lr * (self.final_lr_fraction + (1 - self.final_lr_fraction) * cos)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module          # the trained model (in train mode)
+    ema: nn.Module | None     # the EMA copy (eval mode), what chapters sample from
+    losses: list[float] = field(default_factory=list)  # the loss every step
+    seconds: float = 0.0
+
+    @property
+    def best(self) -> nn.Module:
+        return self.ema if self.ema is not None else self.model
+
+
+def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batches: Iterator[Any],
+          config: TrainConfig, profile: Profile | None = None, progress: bool = True,
+          callback: Callable[[int, nn.Module, EMA | None], None] | None = None) -> TrainResult:
+    """Train ``model`` in place for ``config.steps`` steps on ``batches`` (an iterator).
+
+    ``loss_fn(model, batch)`` returns a scalar loss; batches are moved to the profile's device.
+    Mixed precision (bfloat16 autocast) is used on CUDA. ``callback(step, model, ema)`` runs
+    every ``log_every`` steps (e.g. to measure adherence during training, chapter 07).
+    """
+    profile = profile or current()
+    device = profile.device
+    model.to(device).train()
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
+                            foreach=True, fused=False if device.type == "cpu" else None)
+    ema = EMA(model, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
+    use_amp = profile.amp and device.type == "cuda"
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(config.steps), desc=config.desc, disable=not progress, leave=False)
+    running = None
+    for step in bar:
+        batch = next(batches)
+        batch = _to(batch, device)
+        for g in opt.param_groups:
+            g["lr"] = config.lr_at(step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
+        opt.step()
+        if ema is not None:
+            ema.update(model)
+        value = loss.item()
+        losses.append(value)
+        running = value if running is None else 0.98 * running + 0.02 * value
+        if step % config.log_every == 0 or step == config.steps - 1:
+            bar.set_postfix(loss=f"{running:.4f}")
+            if callback is not None:
+                callback(step, model, ema)
+    seconds = time.perf_counter() - start
+    return TrainResult(model=model, ema=ema.model if ema else None, losses=losses, seconds=seconds)
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
