@@ -155,23 +155,17 @@ class Transformer2DModel(nn.Module):
             )
         if self.cross_attention_dim is not None:
             check_context(encoder_hidden_states, x.shape[0], self.cross_attention_dim, "Transformer2DModel")
-        b, _, h, w = x.shape
+        b, c, h, w = x.shape
         residual = x
-        x = self.norm(x)
-        # (B, C, H, W) -> (B, H*W, inner_dim): one token per pixel
-        if self.use_linear_projection:
-            x = self.proj_in(x.permute(0, 2, 3, 1).reshape(b, h * w, -1))
-        else:
-            x = self.proj_in(x)
-            x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)
+        # (B, C, H, W) -> (B, H*W, C): one token per pixel
+        x = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        # a 1x1 conv is the same linear map applied at every pixel: run both kinds on the tokens
+        x = F.linear(x, self.proj_in.weight.flatten(1), self.proj_in.bias)  # (B, H*W, inner_dim)
         for block in self.transformer_blocks:
             x = block(x, encoder_hidden_states, cross_attention_kwargs)
-        # (B, H*W, inner_dim) -> (B, C, H, W)
-        if self.use_linear_projection:
-            x = self.proj_out(x).reshape(b, h, w, -1).permute(0, 3, 1, 2)
-        else:
-            x = self.proj_out(x.reshape(b, h, w, -1).permute(0, 3, 1, 2))
-        return x + residual
+        x = F.linear(x, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, H*W, C)
+        # (B, H*W, C) -> (B, C, H, W), plus the residual around the whole transformer
+        return residual + x.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def check_context(context: torch.Tensor | None, batch: int, dim: int, who: str) -> None:

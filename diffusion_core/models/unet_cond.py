@@ -157,6 +157,24 @@ class CondUNetConfig:
         _per_block(self.layers_per_block, n, "layers_per_block")
         _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
 
+    def to_diffusers_config(self) -> dict[str, Any]:
+        """The keyword arguments of the equivalent diffusers ``UNet2DConditionModel``."""
+        n = len(self.block_out_channels)
+        d = dict(
+            sample_size=self.sample_size, in_channels=self.in_channels, out_channels=self.out_channels,
+            block_out_channels=self.block_out_channels, down_block_types=self.down_block_types,
+            up_block_types=self.up_block_types, mid_block_type=self.mid_block_type,
+            layers_per_block=_per_block(self.layers_per_block, n, "layers_per_block"),
+            transformer_layers_per_block=_per_block(self.transformer_layers_per_block, n, "transformer_layers"),
+            attention_head_dim=_per_block(self.num_attention_heads, n, "num_attention_heads"),  # sic: heads
+            use_linear_projection=self.use_linear_projection, norm_num_groups=self.norm_num_groups,
+            norm_eps=self.norm_eps, num_class_embeds=self.num_class_embeds, flip_sin_to_cos=self.flip_sin_to_cos,
+            freq_shift=self.freq_shift, dropout=self.dropout,
+        )
+        if self.cross_attention_dim is not None:
+            d["cross_attention_dim"] = self.cross_attention_dim
+        return d
+
     @property
     def has_cross_attention(self) -> bool:
         return self.cross_attention_dim is not None

@@ -47,6 +47,17 @@ class VAEConfig:
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
+    def to_diffusers_config(self) -> dict:
+        """The keyword arguments of the equivalent diffusers ``AutoencoderKL``."""
+        n = len(self.block_out_channels)
+        return dict(
+            in_channels=self.in_channels, out_channels=self.out_channels,
+            down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
+            latent_channels=self.latent_channels, norm_num_groups=self.norm_num_groups,
+            sample_size=self.sample_size, scaling_factor=self.scaling_factor,
+        )
+
     @classmethod
     def sd15(cls) -> VAEConfig:
         """Stable Diffusion 1.x's KL-f8 autoencoder (``stabilityai/sd-vae-ft-mse``, 83,653,863 params)."""
