@@ -146,3 +146,22 @@ def test_converters_refuse_configurations_they_do_not_implement():
         resnet_time_scale_shift="scale_shift")
     with pytest.raises(ValueError, match="resnet_time_scale_shift='scale_shift'"):
         from_diffusers(unet)
+
+
+def test_speed_benchmarks_run_and_return_ratios():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "speed_cond.py"
+    spec = importlib.util.spec_from_file_location("speed_cond", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from diffusion_core.models.unet_cond import CondUNetConfig
+    from diffusion_core.models.vae import VAEConfig
+
+    unet_cfg = CondUNetConfig(sample_size=8, **{k: v for k, v in UNET_CONFIGS[0].items() if k != "attention_head_dim"},
+                              num_attention_heads=2)
+    r = bench.cond_unet_fwd_bwd_vs_diffusers(unet_cfg, batch=1, repeats=1, warmup=0)
+    assert r["ratio"] > 0 and r["ours_s"] > 0
+    r = bench.vae_fwd_bwd_vs_diffusers(VAEConfig.tiny(f=2, sample_size=8), batch=1, repeats=1, warmup=0)
+    assert r["ratio"] > 0

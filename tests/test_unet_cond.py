@@ -202,3 +202,31 @@ def test_bad_inputs_raise_errors_that_name_the_problem():
         CondUNetConfig(cross_attention_dim=None)
     with pytest.raises(ValueError, match="unknown down block"):
         CondUNetConfig(down_block_types=("AttnDownBlock2D",) * 4)
+
+
+def test_spatial_transformer_linear_and_conv_projections_compute_the_same_function():
+    torch.manual_seed(0)
+    conv = Transformer2DModel(2, 8, 16, cross_attention_dim=12, norm_num_groups=4).eval()
+    lin = Transformer2DModel(2, 8, 16, cross_attention_dim=12, norm_num_groups=4, use_linear_projection=True).eval()
+    sd = {k: v.flatten(1) if k.startswith("proj_") and k.endswith("weight") else v
+          for k, v in conv.state_dict().items()}
+    lin.load_state_dict(sd)
+    x, ctx = torch.randn(2, 16, 4, 4), torch.randn(2, 3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x, ctx), lin(x, ctx))
+
+
+def test_cross_attention_treats_the_context_as_a_set_of_tokens():
+    """K and V come from the context tokens and nothing marks their order: permuting the tokens
+    leaves the output unchanged, while changing one token changes it."""
+    torch.manual_seed(0)
+    tr = Transformer2DModel(2, 8, 16, cross_attention_dim=12, norm_num_groups=4).eval()
+    x, ctx = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 12)
+    with torch.no_grad():
+        out = tr(x, ctx)
+        torch.testing.assert_close(tr(x, ctx[:, [3, 0, 4, 1, 2]]), out)
+        ctx2 = ctx.clone()
+        ctx2[:, 2] += 1.0
+        assert not torch.allclose(tr(x, ctx2), out)
+    with pytest.raises(ValueError, match="context dim 7"):
+        tr(x, torch.randn(2, 5, 7))
