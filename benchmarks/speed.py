@@ -80,7 +80,11 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"widths (32, 64, 64), 16x16, batch {args.batch}, {args.device}, {torch.get_num_threads()} threads")
     cfg = small_unet_config()
     for run in range(args.runs):
         r = unet_fwd_bwd_vs_diffusers(cfg, args.batch, args.repeats, seed=run, device=args.device)

@@ -206,12 +206,19 @@ class Attention(nn.Module):
     def from_tokens(
         self, out: torch.Tensor, residual: torch.Tensor, spatial: tuple[int, int] | None
     ) -> torch.Tensor:
-        """Undo :meth:`to_tokens`, add the residual if configured, divide by the rescale factor."""
+        """Undo :meth:`to_tokens`, add the residual if configured, divide by the rescale factor.
+
+        ``out (B, H*W, C)`` with ``spatial = (H, W)`` -> ``(B, C, H, W)`` in the memory layout of
+        the residual, else contiguous (a bare transpose would leave it channels-last, where the
+        GroupNorm that follows in a UNet is several times slower on CPU); tokens stay ``(B, N, C)``.
+        """
         if spatial is not None:
             b = out.shape[0]
             out = out.transpose(1, 2).reshape(b, self.out_dim, *spatial)
+            if not self.residual_connection:
+                out = out.contiguous()
         if self.residual_connection:
-            out = out + residual
+            out = residual + out  # the result takes the residual's layout
         if self.rescale_output_factor != 1.0:
             out = out / self.rescale_output_factor
         return out
