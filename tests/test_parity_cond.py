@@ -20,6 +20,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+
 TOL = 1e-5
 
 

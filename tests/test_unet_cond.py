@@ -19,6 +19,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+
 SMALL = dict(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=24,
              num_attention_heads=2, norm_num_groups=8)
