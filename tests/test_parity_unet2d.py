@@ -166,3 +166,14 @@ def test_wrong_shape_is_named(small_pair):
     state = {**state, "conv_out.weight": torch.zeros(6, 16, 3, 3)}
     with pytest.raises(interop.CheckpointMismatchError, match=r"conv_out\.weight: \(6, 16, 3, 3\)"):
         interop.load_state_dict(UNet2D(cfg), state)
+
+
+def test_speed_benchmark_runs_on_a_tiny_config(repo_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed", repo_root / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    result = speed.unet_fwd_bwd_vs_diffusers(UNetConfig.tiny(sample_size=8), batch=2, repeats=1, warmup=0)
+    assert set(result) == {"ours_s", "diffusers_s", "ratio"}
+    assert result["ours_s"] > 0 and result["ratio"] == pytest.approx(result["ours_s"] / result["diffusers_s"])

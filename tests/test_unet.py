@@ -272,3 +272,21 @@ def test_from_pretrained_reads_a_diffusers_folder_with_safetensors_only(tmp_path
     (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="only safetensors"):
         UNet2D.from_pretrained(tmp_path)
+
+
+def test_identity_class_embedding_adds_given_vectors():
+    torch.manual_seed(0)
+    model = UNet2D(UNetConfig.tiny(class_embed_type="identity")).eval()
+    x, dim = torch.randn(2, 3, 16, 16), model.config.time_embed_dim
+    with torch.no_grad():
+        assert model(x, 3, torch.zeros(2, dim)).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match=f"\\(2, {dim}\\)"):
+        model(x, 3, torch.zeros(2))
+
+
+def test_attention_mask_blocks_keys():
+    torch.manual_seed(0)
+    attn = Attention(8, cross_attention_dim=4, heads=2, dim_head=4)
+    x, c = torch.randn(1, 3, 8), torch.randn(1, 5, 4)
+    keep = torch.tensor([True, True, False, False, False])
+    torch.testing.assert_close(attn(x, c, attention_mask=keep[None, None, None, :]), attn(x, c[:, :2]))

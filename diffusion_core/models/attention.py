@@ -32,8 +32,8 @@ class AttnProcessor:
     """The default processor: (group norm) -> Q, K, V -> softmax(QK^T/sqrt(d))V -> out projection
     (-> + residual) (-> / rescale_output_factor).
 
-    ``attention_mask`` (optional) is anything ``scaled_dot_product_attention`` broadcasts to
-    ``(B, heads, N_q, N_kv)``: a boolean mask (True = attend) or an additive float bias.
+    ``attention_mask`` (optional) is a 4-d tensor that broadcasts to ``(B, heads, N_q, N_kv)``,
+    e.g. ``(B, 1, 1, N_kv)``: a boolean mask (True = attend) or an additive float bias.
     """
 
     def __call__(

@@ -340,8 +340,8 @@ class UNetMidBlock2D(nn.Module):
 class UNet2D(nn.Module):
     """The DDPM/ADM UNet: ``forward(x (B, in_channels, H, W), t, class_labels=None) -> (B, out_channels, H, W)``.
 
-    ``t``: timesteps in 0..T-1 (int or float), a tensor of shape ``(B,)`` or a scalar (used for the
-    whole batch). ``class_labels``: ``(B,)`` integers in ``0..num_class_embeds-1`` when the config
+    ``t``: timesteps in 0..T-1 (int or float), a tensor of shape ``(B,)`` or a scalar (a number,
+    a 0-d or a one-element tensor: used for the whole batch). ``class_labels``: ``(B,)`` integers in ``0..num_class_embeds-1`` when the config
     has ``num_class_embeds`` (``(B,)`` numbers for ``class_embed_type="timestep"``, ``(B,
     time_embed_dim)`` vectors for ``"identity"``); they must be absent otherwise. H and W must be
     multiples of ``config.downsampling_factor``.
@@ -420,8 +420,7 @@ class UNet2D(nn.Module):
                 f"times), got {tuple(x.shape[-2:])}"
             )
         b = x.shape[0]
-        if not torch.is_tensor(t):
-            t = torch.tensor(t, device=x.device)
+        t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1 and b != 1):
             t = t.reshape(1).expand(b)
         if t.ndim != 1 or t.shape[0] != b:
