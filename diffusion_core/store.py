@@ -55,6 +55,9 @@ RECIPES: dict[str, Recipe | str] = {
     "digit-classifier": "diffusion_core.evaluate.digits:DIGIT_CLASSIFIER",
     "digits-ddpm": "diffusion_core.recipes.digits:DIGITS_DDPM",
     "digits-ddpm-vlb": "diffusion_core.recipes.digits:DIGITS_DDPM_VLB",
+    "shapes-attributes": "diffusion_core.evaluate.attributes:SHAPES_ATTRIBUTES",
+    "shapes-clip": "diffusion_core.recipes.clip:SHAPES_CLIP",
+    "shapes-clip-judge": "diffusion_core.recipes.clip:SHAPES_CLIP_JUDGE",
 
 }
 
