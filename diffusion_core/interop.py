@@ -20,6 +20,8 @@ DIFFUSERS: dict[str, str] = {
     "UNet2DConditionModel": "diffusion_core.models.unet_cond:from_diffusers_unet_2d_condition",
     "AutoencoderKL": "diffusion_core.models.vae:from_diffusers_autoencoder_kl",
     "UNet2DModel": "diffusion_core.models.unet:from_diffusers_unet2d",
+    "DDPMScheduler": "diffusion_core.schedulers:from_diffusers_ddpm_scheduler",
+    "DDIMScheduler": "diffusion_core.schedulers:from_diffusers_ddim_scheduler",
 }
 
 # transformers class name -> "module:function(obj) -> diffusion_core object"

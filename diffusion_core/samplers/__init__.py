@@ -1,5 +1,8 @@
 """Samplers: short functions of (model, diffusion, x_T) that a chapter can print in full."""
 
 from .ancestral import ddpm_sample
+from .ddim import ddim_invert, ddim_sample, ddim_sigma, ddim_step, x0_eps_from_prediction
+from .interpolation import lerp, slerp
 
 __all__ = ["ddpm_sample"]
+__all__ += ["ddim_sample", "ddim_invert", "ddim_sigma", "ddim_step", "x0_eps_from_prediction", "slerp", "lerp"]
