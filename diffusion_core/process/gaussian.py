@@ -94,6 +94,10 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1.0 - self.alpha_bar_prev) * self.alphas.sqrt() / (1.0 - self.alpha_bar)
         # fixed_large uses beta_t, with beta_tilde_1 at t = 0 for a better decoder (Ho et al.'s code)
         self.large_variance = torch.cat([beta_tilde_for_log[:1].exp(), b[1:]])
+        self.log_betas = b.log()
+        self.log_large_variance = self.large_variance.log()
+        self.log_one_minus_alpha_bar = torch.log1p(-self.alpha_bar)
+        self._device_cache: dict = {}
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -123,11 +127,20 @@ class GaussianDiffusion:
     # ----------------------------------------------------------------------------- helpers
     def at(self, arr: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """arr[t] as a float tensor of x's dtype and device, shaped (B, 1, ..., 1) to broadcast."""
-        vals = arr.to(t.device)[t].to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
-        return vals.reshape(-1, *([1] * (x.ndim - 1)))
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        key = (id(arr), x.device, dtype)
+        table = self._device_cache.get(key)
+        if table is None or table[0] is not arr:  # one copy per (array, device, dtype), made once
+            table = (arr, arr.to(device=x.device, dtype=dtype))
+            self._device_cache[key] = table
+        return table[1][t.to(x.device)].reshape(-1, *([1] * (x.ndim - 1)))
 
     def check_t(self, t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
-        """Validate timesteps: integers in 0..T-1, shape (B,) with B = x.shape[0] (a scalar broadcasts)."""
+        """Validate timesteps: integers in 0..T-1, shape (B,) with B = x.shape[0] (a scalar broadcasts).
+
+        The range check reads t back from the device; samplers that build t themselves skip it
+        inside :meth:`p_mean_variance` with ``check=False``.
+        """
         t = torch.as_tensor(t, device=x.device)
         if t.is_floating_point():
             raise TypeError("timesteps t must be integers in 0..T-1, got a float tensor")
@@ -155,7 +168,7 @@ class GaussianDiffusion:
         t = self.check_t(t, x0)
         mean = self.at(self.sqrt_alpha_bar, t, x0) * x0
         var = self.at(1.0 - self.alpha_bar, t, x0)
-        return mean, var, self.at(torch.log1p(-self.alpha_bar), t, x0)
+        return mean, var, self.at(self.log_one_minus_alpha_bar, t, x0)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -218,7 +231,8 @@ class GaussianDiffusion:
     # ----------------------------------------------------------------------------- reverse process p
     def p_mean_variance(self, model_output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
                         clip_denoised: bool = True,
-                        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ModelPrediction:
+                        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        check: bool = True) -> ModelPrediction:
         """p(x_{t-1} | x_t) = N( mu_theta, Sigma_theta ) from the network's output at (x_t, t).
 
         mu_theta = mu_tilde_t(x_t, x0_hat): the posterior mean with x_0 replaced by its prediction,
@@ -226,16 +240,17 @@ class GaussianDiffusion:
         (DDPM eq. 11) when x0_hat is not clipped. ``clip_denoised`` clips x0_hat to [-1, 1];
         ``denoised_fn`` (e.g. dynamic thresholding, chapter 13) transforms it instead.
         """
-        t = self.check_t(t, xt)
+        if check:
+            t = self.check_t(t, xt)
         pred, v = self.split_output(model_output, xt)
         if self.variance == "fixed_small":
             log_var = self.at(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
         elif self.variance == "fixed_large":
-            log_var = self.at(self.large_variance.log(), t, xt).expand_as(xt)
+            log_var = self.at(self.log_large_variance, t, xt).expand_as(xt)
         else:
             # log Sigma = v' log beta_t + (1 - v') log beta_tilde_t,  v' = (v + 1) / 2   (Improved DDPM eq. 15)
             frac = (v + 1.0) / 2.0
-            log_var = frac * self.at(self.betas.log(), t, xt) + (1.0 - frac) * self.at(self.posterior_log_variance_clipped, t, xt)
+            log_var = frac * self.at(self.log_betas, t, xt) + (1.0 - frac) * self.at(self.posterior_log_variance_clipped, t, xt)
         x0, eps = self.predict_x0_eps(pred, xt, t)
         if denoised_fn is not None:
             x0 = denoised_fn(x0)
@@ -243,7 +258,8 @@ class GaussianDiffusion:
             x0 = x0.clamp(-1.0, 1.0)
         if denoised_fn is not None or clip_denoised:
             eps = self.eps_from_x0(xt, t, x0)
-        mean, _, _ = self.q_posterior_mean_variance(x0, xt, t)
+        # mu_theta = mu_tilde_t(x_t, x0_hat) = coef1 * x0_hat + coef2 * x_t
+        mean = self.at(self.posterior_mean_coef1, t, xt) * x0 + self.at(self.posterior_mean_coef2, t, xt) * xt
         return ModelPrediction(mean=mean, variance=log_var.exp(), log_variance=log_var, x0=x0, eps=eps)
 
     # ----------------------------------------------------------------------------- the bound and the losses

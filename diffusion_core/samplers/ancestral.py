@@ -24,13 +24,15 @@ def ddpm_sample(model: Callable[..., torch.Tensor], diffusion: GaussianDiffusion
                 keep_every: int | None = None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Run p(x_{t-1} | x_t) from x_T down to x_0. ``model(x_t, t, **model_kwargs)`` gives the network
     output; ``keep_every=k`` also returns the trajectory [x_T, ..., x_0] every k steps."""
+    if x_T.ndim < 2:
+        raise ValueError(f"x_T must be batched, (B, ...), got shape {tuple(x_T.shape)}")
     x = x_T
     kept = [x.cpu()] if keep_every else []
     steps = range(diffusion.T - 1, -1, -1)
     for i in tqdm(steps, desc="DDPM sampling", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         p = diffusion.p_mean_variance(model(x, diffusion.model_t(t), **(model_kwargs or {})), x, t,
-                                      clip_denoised=clip_denoised)
+                                      clip_denoised=clip_denoised, check=False)
         z = randn_like(x, generator) if i > 0 else torch.zeros_like(x)
         # x_{t-1} = mu_theta(x_t, t) + sigma_t z
         x = p.mean + (0.5 * p.log_variance).exp() * z
