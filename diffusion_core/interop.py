@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,3 +79,54 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
         raise CheckpointMismatchError(f"{what} does not match {type(model).__name__}: " + "; ".join(parts))
     model.load_state_dict(dict(state_dict), strict=True)
     return model
+
+
+def load_safetensors(model: nn.Module, path: str | Path, *, prefix: str = "") -> nn.Module:
+    """Load a ``.safetensors`` file into ``model`` strictly (keys under ``prefix`` only, prefix removed).
+    Safetensors holds tensors only, so nothing is unpickled."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path.name}: only .safetensors files are loaded (pickled .bin/.ckpt files never are)")
+    state = load_file(str(path))
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise CheckpointMismatchError(f"{path.name} has no keys under the prefix {prefix!r}")
+    return load_state_dict(model, state, what=path.name)
+
+
+def load_pretrained(path: str | Path, subfolder: str | None = None) -> Any:
+    """Load a diffusers or transformers model folder saved on disk (``config.json`` + safetensors)
+    and return the equivalent diffusion_core module with the same weights.
+
+    The folder's ``config.json`` says which class it holds (diffusers: ``_class_name``; transformers:
+    ``architectures``); the library's own ``from_pretrained`` reads it with ``use_safetensors=True``
+    (offline: a local folder needs no network) and the registry above converts it. A pipeline folder
+    takes ``subfolder="unet"``, ``"vae"`` or ``"text_encoder"``.
+    """
+    import json
+
+    folder = Path(path) / subfolder if subfolder else Path(path)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"no config.json in {folder}; for a pipeline folder pass subfolder='unet' (or 'vae', ...)")
+    config = json.loads(config_file.read_text())
+    if "_class_name" in config:
+        import diffusers
+
+        name = config["_class_name"]
+        if name not in DIFFUSERS or not hasattr(diffusers, name):
+            raise TypeError(f"{folder} holds a diffusers {name}; loadable: {', '.join(sorted(DIFFUSERS))}")
+        ref = getattr(diffusers, name).from_pretrained(str(folder), use_safetensors=True)
+        return from_diffusers(ref)
+    if config.get("architectures"):
+        import transformers
+
+        name = config["architectures"][0]
+        if name not in TRANSFORMERS or not hasattr(transformers, name):
+            raise TypeError(f"{folder} holds a transformers {name}; loadable: {', '.join(sorted(TRANSFORMERS))}")
+        ref = getattr(transformers, name).from_pretrained(str(folder), use_safetensors=True)
+        return from_transformers(ref)
+    raise ValueError(f"{config_file} names neither a diffusers class (_class_name) nor transformers architectures")
