@@ -38,3 +38,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         if cell.get("execution_count") is None and not cell.get("outputs") and "NBVAL_CHECK_OUTPUT" in cell.source:
             cell["execution_count"] = 0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The package's tests use tiny models: one thread is as fast as two, and immune to the
+    oversubscription that makes two threads crawl on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,14 +18,6 @@ from diffusion_core.profiles import Profile, UnknownProfileError, check_profile,
 from diffusion_core.train import EMA, TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ------------------------------------------------------------------ profiles
 def test_unknown_profile_names_the_choices(monkeypatch):
     with pytest.raises(UnknownProfileError, match="smoke, cpu, gpu"):

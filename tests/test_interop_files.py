@@ -8,14 +8,6 @@ import torch
 from diffusion_core import interop
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_diffusers_unet_and_vae_folders_load_with_the_same_outputs(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)

@@ -10,17 +10,6 @@ from diffusion_core.interop import from_diffusers  # noqa: E402
 from diffusion_core.models.unet_cond import UNet2DCondition  # noqa: E402
 from diffusion_core.models.vae import AutoencoderKL  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is as fast, and far faster when other jobs share the cores
-    (two OpenMP threads on an oversubscribed machine spin-wait for each other)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TOL = 1e-5
 
 

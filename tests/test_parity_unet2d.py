@@ -18,15 +18,6 @@ from diffusion_core.models.attention import Attention  # noqa: E402
 from diffusion_core.models.resnet import ResnetBlock2D  # noqa: E402
 from diffusion_core.models.unet import UNet2D, UNetConfig  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is as fast, and immune to oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 CONFIGS = {
     "ddpm-like-2-levels": dict(
         block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),

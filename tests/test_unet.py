@@ -13,15 +13,6 @@ from diffusion_core.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusion_core.models.unet import UNet2D, UNetConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is as fast, and immune to oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

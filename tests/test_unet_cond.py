@@ -9,17 +9,6 @@ from diffusion_core.models.attention import AttnProcessor
 from diffusion_core.models.transformer import Transformer2DModel
 from diffusion_core.models.unet_cond import CondUNetConfig, UNet2DCondition
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is as fast, and far faster when other jobs share the cores
-    (two OpenMP threads on an oversubscribed machine spin-wait for each other)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SMALL = dict(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=24,
              num_attention_heads=2, norm_num_groups=8)

@@ -9,16 +9,6 @@ from diffusion_core import presets
 from diffusion_core.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, compute_latent_scale
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is as fast, and far faster when other jobs share the cores
-    (two OpenMP threads on an oversubscribed machine spin-wait for each other)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("f", [1, 2, 4, 8])
 def test_encode_decode_shapes_for_every_downsampling_factor(f):
     torch.manual_seed(0)
