@@ -23,15 +23,6 @@ from diffusion_core.evaluate.attributes import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is as fast, and immune to oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def scenes():
     return ShapesWorld(resolution=32, seed=0, n_paraphrases=0, n_heldout_paraphrases=0).sample(24, seed=1)

@@ -12,14 +12,6 @@ from diffusion_core.recipes import clip as rc
 from diffusion_core.store import recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def config():
     c = rc.SHAPES_CLIP.config(dc.Profile("smoke", torch.device("cpu")))
