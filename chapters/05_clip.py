@@ -340,7 +340,7 @@ ax.legend(fontsize=8)
 viz.show(fig)
 equiv = claim.k_shot_equivalent(probes, zs["pair"]["ensemble"])
 print("zero-shot (ensemble) matches a linear probe with "
-      + (f"{equiv:.0f} labelled scenes per class" if equiv else "more labels than the largest k tried"))
+      + (f"about {equiv:.1f} labelled scenes per class" if equiv else "more labels than the largest k tried"))
 
 # %% [markdown]
 # Some held-out scenes and what zero-shot CLIP (with the ensemble) calls them:
@@ -372,16 +372,20 @@ for i in range(0, 16, 4):
 print({k: round(v, 4) for k, v in result["evaluator_accuracy"].items()})
 
 # %% [markdown]
-# **Reading the numbers.** Color is easy: zero-shot and probes both name it almost perfectly. Shape is
-# what the model has to work for, and the held-out pairs test whether it learned shape and color as
-# separate, composable concepts. At the `cpu` profile zero-shot CLIP names most held-out pairs among all
-# 48 (chance 2%), with no labelled image at all. The 48-way probe, supervised on the same features, scores
+# **Reading the numbers.** At the `cpu` profile (measured on a shared 2-core CPU) zero-shot CLIP names
+# 79% of the held-out pairs among all 48 (chance 2%) without a single labelled image; on pairs it did see
+# in training it reaches 87%, so composing two concepts into a new pair costs it about 8 points. Color is
+# perfect; shape (83%) is where the errors are. The 48-way probe, supervised on the same features, scores
 # exactly 0: a classifier can only predict the classes it was trained on, which is the paper's case for
-# language as the interface. The shape x color probe is the fair supervised baseline, and the k-shot curve
-# says how many labelled scenes per class zero-shot is worth. Prompt ensembling helps less here than on
-# ImageNet: our class names are never ambiguous ("crane" the bird or the machine), and every template
-# says the same thing; it mostly smooths the variation between templates (printed above). At `smoke`,
-# nothing is trained long enough to mean anything.
+# language as the interface. The fair supervised baseline is the shape x color probe: with every labelled
+# scene (3,000) it beats zero-shot, 96% to 79%, as a full linear probe beats zero-shot in the paper
+# (ImageNet, ViT-L/14@336: 85.4% against 76.2%); with few labels it does not, and zero-shot is worth about
+# 8 labelled scenes per class here (the paper: about 4, averaged over 20 datasets). Prompt ensembling gains
+# half a point (79.1% to 79.5%), far less than the paper's 3.5 on ImageNet: our class names are never
+# ambiguous ("crane" the bird or the machine) and all templates say the same thing, so averaging only
+# smooths the spread between single templates (77.6% to 80.4%). Retrieval among 500 fresh scenes is almost
+# solved (recall@1 98%, @5 100%); scenes holding a held-out pair are harder (91%). At `smoke`, nothing is
+# trained long enough to mean anything.
 #
 # ## Summary
 # - CLIP trains an image encoder and a text encoder so that matching pairs have the largest cosine

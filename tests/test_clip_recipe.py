@@ -69,3 +69,12 @@ def test_recall_at_k_on_known_rankings():
     sims = torch.eye(4).roll(1, dims=1)  # every row's best match is the wrong one
     r = rc.recall_at_k(sims, (1, 2))
     assert r["image_to_text_recall_at_1"] == 0.0 and r["image_to_text_recall_at_2"] == 1.0
+
+
+def test_k_shot_equivalent_interpolates_in_log_k():
+    from diffusion_core.experiments.clip import k_shot_equivalent
+
+    probes = {1: {"pair": 0.1}, 4: {"pair": 0.3}, 16: {"pair": 0.5}, "all": {"pair": 0.9}}
+    assert k_shot_equivalent(probes, 0.4) == pytest.approx(8.0)
+    assert k_shot_equivalent(probes, 0.05) == 1.0
+    assert k_shot_equivalent(probes, 0.6) is None

@@ -69,7 +69,7 @@ def _config(seed: int, data_seed: int):
             "heads": 4, "embed_dim": p.pick(smoke=64, cpu=64, gpu=128),
             "vocab_size": len(words) + len(WordTokenizer.SPECIALS), "vocab_digest": vocabulary_digest(words),
             "context_length": ShapesWorld(res).max_caption_words() + 2,
-            "steps": p.pick(smoke=200, cpu=1500, gpu=6000), "batch_size": p.pick(smoke=64, cpu=128, gpu=256),
+            "steps": p.pick(smoke=150, cpu=1500, gpu=6000), "batch_size": p.pick(smoke=64, cpu=128, gpu=256),
             "lr": p.pick(smoke=1e-3, cpu=1e-3, gpu=5e-4), "weight_decay": 0.1,
             "caption_prob": 0.4,  # else one of the scene's paraphrases (text augmentation)
             # half of every batch one-object scenes: there, captions differ only in a few words, and
