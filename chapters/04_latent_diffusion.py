@@ -1,0 +1,496 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Latent Diffusion
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/diffusion-from-the-papers/diffusion-from-the-papers/blob/main/chapters/04_latent_diffusion.ipynb)
+#
+# **Paper.** Robin Rombach, Andreas Blattmann, Dominik Lorenz, Patrick Esser, Björn Ommer.
+# *High-Resolution Image Synthesis with Latent Diffusion Models.* CVPR 2022.
+# [arXiv:2112.10752](https://arxiv.org/abs/2112.10752).
+#
+# **What you will learn.**
+# - Why a pixel-space diffusion model spends most of its compute on detail nobody sees, and how
+#   splitting the job in two (an autoencoder for perceptual compression, a diffusion model for
+#   the semantics) fixes it.
+# - The KL-regularised autoencoder: an encoder that outputs a diagonal Gaussian, the
+#   reparameterisation trick, the KL term towards $\mathcal N(0, I)$, and what its weight does to
+#   the latent space.
+# - Why the latents are rescaled to unit variance before diffusion (SD's famous 0.18215), and how
+#   to measure the factor.
+# - The claim in miniature: the same UNet, the same training budget, in pixel space and in latent
+#   spaces with downsampling factors $f = 2, 4, 8$: quality, training time and sampling time.
+# - Conditioning by cross-attention: a caption encoder $\tau_\theta$ whose tokens are the keys and
+#   values of the UNet's attention layers, trained jointly for text-to-image.
+#
+# **Prerequisites.** Chapter 01 (DDPM: the forward process, $\epsilon$-prediction) and chapter 03
+# (DDIM, used here for fast sampling). Attention ($\mathrm{softmax}(QK^\top/\sqrt d)V$) helps.
+#
+# **Run time.** `smoke` about 1 minute, `cpu` (a 2-core laptop) about 12 minutes, `gpu` about 15
+# minutes. The autoencoders and the text-to-image model are cached; chapters 06 to 09 reuse them.
+
+# %% [markdown]
+# ## Setup
+# One call picks the compute profile (`smoke`, `cpu` or `gpu`), the device and the seed. On Colab
+# the first cell installs the book's package without touching Colab's own torch.
+
+# %%
+import subprocess
+import sys
+
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:
+    # the package only: Colab's torch already meets its lower bound and is kept
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "git+https://github.com/diffusion-from-the-papers/diffusion-from-the-papers"], check=True)
+
+# %%
+import inspect
+import math
+
+import matplotlib.pyplot as plt
+import torch
+
+import diffusion_core as dc
+from diffusion_core import viz
+from diffusion_core.experiments import latent as claim
+from diffusion_core.models.vae import DiagonalGaussian, compute_latent_scale
+from diffusion_core.recipes import latent as recipes
+from diffusion_core.samplers import ddim_sample
+from diffusion_core.store import load
+from diffusion_core.widgets import explore
+
+profile = dc.setup()
+
+# %% [markdown]
+# ## 1. Two kinds of compression
+#
+# A likelihood-based model of images spends its capacity on every bit of every pixel. The paper's
+# Fig. 2 makes the point with the rate-distortion curve of a trained pixel-space diffusion model:
+# most of the bits go to *imperceptible* detail (high-frequency texture that a perceptual metric
+# barely registers), and only a small part to the *semantic* content (what is where). Training
+# and sampling still pay for all of it, at every one of hundreds of denoising steps, at full
+# resolution.
+#
+# Latent Diffusion splits the job:
+#
+# 1. **Perceptual compression.** An autoencoder $\mathcal E, \mathcal D$ is trained once to map an
+#    image $x \in \mathbb R^{H \times W \times 3}$ to a latent $z = \mathcal E(x) \in \mathbb R^{h \times w \times c}$
+#    with $h = H/f$, $w = W/f$, and back, $\tilde x = \mathcal D(z) \approx x$. It removes the detail
+#    that costs many bits and little meaning, and it keeps the 2-D structure, so the diffusion
+#    model can still be a convolutional UNet.
+# 2. **Semantic compression.** A diffusion model is trained on the latents, with the same objective
+#    as chapter 01 (LDM eq. 2):
+#
+# $$L_\text{LDM} = \mathbb E_{\mathcal E(x),\ \epsilon \sim \mathcal N(0, I),\ t}\Big[\big\| \epsilon - \epsilon_\theta(z_t, t) \big\|_2^2\Big].$$
+#
+# Sampling draws $z_T \sim \mathcal N(0, I)$, denoises in the latent space and decodes once at the
+# end. Everything in this chapter runs on the procedural world of shapes (its images at the
+# profile's resolution; 32x32 on a CPU):
+
+# %%
+world = recipes.world_for(profile, text=True)
+examples = world.fixed(16, seed=3)
+print(world, "- for example:", examples.captions[0])
+viz.show_images(examples.images, nrow=8, title="the shapes world")
+
+# %% [markdown]
+# ## 2. The KL-regularised autoencoder
+#
+# The encoder outputs, for every latent position and channel, a mean and a log-variance: a
+# diagonal Gaussian posterior $q_\phi(z \mid x) = \mathcal N(\mu(x), \operatorname{diag}\sigma^2(x))$.
+# A latent is drawn with the **reparameterisation** $z = \mu + \sigma \odot \epsilon$, $\epsilon \sim \mathcal N(0, I)$,
+# which keeps $z$ differentiable in $\mu$ and $\sigma$. A small KL term pulls the posterior towards
+# the standard normal:
+#
+# $$D_\text{KL}\big(q_\phi(z\mid x)\,\|\,\mathcal N(0, I)\big) = \tfrac12 \sum_i \big(\mu_i^2 + \sigma_i^2 - 1 - \log \sigma_i^2\big).$$
+#
+# The paper gives this term a *tiny* weight ($10^{-6}$ against a reconstruction loss summed over
+# pixels): the point is not a good generative VAE, but a latent space without wild scales or
+# directions of huge variance. (Its alternative, VQ-regularisation, quantises $z$ instead.)
+#
+# **Checks.** (a) The closed-form KL equals a Monte Carlo estimate of
+# $\mathbb E_q[\log q(z\mid x) - \log \mathcal N(z; 0, I)]$; (b) reparameterised samples have mean
+# $\mu$ and variance $\sigma^2$. `DiagonalGaussian` is the package's posterior.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+g = torch.Generator().manual_seed(0)
+params = torch.randn(2, 2 * 3, 2, 2, generator=g, dtype=torch.float64)  # (B, 2c, h, w): means, log-variances
+q = DiagonalGaussian(params)
+n_mc = 100_000
+q_rep = DiagonalGaussian(params.repeat(n_mc, 1, 1, 1))                    # n_mc copies of both posteriors
+z_mc = q_rep.sample(torch.Generator().manual_seed(1)).view(n_mc, *q.mean.shape)
+log_q = -0.5 * ((z_mc - q.mean) ** 2 / q.var + q.logvar + math.log(2 * math.pi))
+log_p = -0.5 * (z_mc**2 + math.log(2 * math.pi))
+kl_mc = (log_q - log_p).sum(dim=(2, 3, 4)).mean(0)                        # (B,)
+assert torch.allclose(kl_mc, q.kl(), rtol=0.02, atol=0.02), (kl_mc, q.kl())
+# (b) the reparameterisation: mean mu, variance sigma^2, per dimension
+assert torch.allclose(z_mc.mean(0), q.mean, atol=4 * (q.std / n_mc**0.5).max().item())
+assert torch.allclose(z_mc.var(0), q.var, rtol=0.02)
+
+# %% [markdown]
+# The loss the book trains with (`recipes.latent.vae_loss`). The paper's reconstruction term is an
+# L1 loss plus a perceptual (LPIPS) loss and a patch-based adversarial loss, which keep decoded
+# images sharp. Here: a squared error on the pixels and on the image gradients (finite
+# differences, a cheap stand-in for the perceptual term that rewards sharp edges), plus the KL.
+# On these images, mostly flat background with small objects, L1 alone is a poor start: its
+# optimum is a per-pixel *median*, and while the code carries no information about the objects,
+# the median is the background, so nothing pulls the encoder towards encoding them. Every term is
+# divided by the number of pixel values, so `beta_kl` is the paper's weight.
+
+# %%
+print(inspect.getsource(recipes.vae_loss))
+
+# %% [markdown]
+# ## 3. Training the autoencoders: f = 2, 4, 8
+#
+# One autoencoder per downsampling factor, each with $c = 4$ latent channels, the same widths per
+# level, trained by a fixed recipe (cached after the first run). The compression ratio is
+# $3HW / (c\,hw) = 3f^2/4$: 3x at $f = 2$, 12x at $f = 4$, 48x at $f = 8$.
+
+# %%
+vaes = {f: recipes.load_vae(f, profile) for f in recipes.VAE_FACTORS}
+held = recipes.heldout_images(profile)
+print(f"{'f':>2s} {'latent':>10s} {'ratio':>6s} {'params':>8s} {'L1':>6s} {'PSNR':>6s} {'KL/dim':>7s} "
+      f"{'std(z)':>7s} {'scale':>6s} {'train s':>8s}")
+vae_stats = {}
+for f, stored in vaes.items():
+    s = recipes.vae_statistics(stored.model, held)
+    vae_stats[f] = s
+    c, h, w = recipes.latent_shape(f, held.shape[-1])
+    print(f"{f:2d} {f'{c}x{h}x{w}':>10s} {held[0].numel() / (c * h * w):5.0f}x "
+          f"{sum(p.numel() for p in stored.model.parameters()):8,d} {s['rec_l1']:6.3f} {s['psnr']:6.1f} "
+          f"{s['kl_per_dim']:7.2f} {s['z_std']:7.3f} {stored.model.scaling_factor:6.3f} "
+          f"{stored.metrics['train_seconds']:8.0f}")
+
+# %%
+shown = held[:12]
+rows = [shown] + [claim.reconstruct(vaes[f].model, shown) for f in recipes.VAE_FACTORS]
+viz.show_images(torch.cat(rows), nrow=12, title="held-out scenes, then D(E(x)) for f = 2, 4, 8 (rows)")
+
+# %% [markdown]
+# What does a latent look like? Each of the four channels of $\mu(x)$ at $f = 4$, as a grey image:
+# the autoencoder keeps the layout (the objects are where they were) and spreads colour and shape
+# over the channels. This is why a UNet works as well on $z$ as on pixels.
+
+# %%
+vae4 = vaes[4].model
+with torch.no_grad():
+    mu = vae4.encode(shown[:6].to(profile.device)).mean.cpu()
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), gridspec_kw={"width_ratios": [1, 4]})
+viz.image_grid(shown[:6], nrow=1, ax=axes[0], title="x")
+lim = mu.abs().max()
+viz.image_grid((mu / lim).reshape(-1, 1, *mu.shape[-2:]), nrow=4, ax=axes[1], title="the 4 channels of mu(x), f = 4")
+viz.show(fig)
+
+# %% [markdown]
+# ## 4. What the KL weight does
+#
+# The same $f = 4$ autoencoder trained with a much larger KL weight. With the paper's tiny weight
+# the posterior is almost a point (small $\sigma$), the latents spread over whatever scale suits
+# the decoder, and reconstructions are good. A large weight makes the posterior closer to
+# $\mathcal N(0, I)$: fewer nats per latent dimension, a latent scale near 1, a broad $\sigma$, and
+# blurrier reconstructions, because the decoder now has to read through noise.
+
+# %%
+kl = claim.kl_weight_effect(profile)
+print(f"{'beta_KL':>8s} {'L1':>6s} {'PSNR':>6s} {'KL/dim':>7s} {'std(z)':>7s} {'std(mu)':>8s} {'mean sigma':>11s}")
+for beta, row in kl["rows"].items():
+    s = row["stats"]
+    print(f"{beta:8.0e} {s['rec_l1']:6.3f} {s['psnr']:6.1f} {s['kl_per_dim']:7.2f} {s['z_std']:7.3f} "
+          f"{s['mu_std']:8.3f} {s['sigma_mean']:11.3f}")
+viz.show_images(torch.cat([kl["images"]] + [row["reconstructions"] for row in kl["rows"].values()]), nrow=12,
+                title="x, then reconstructions for each KL weight (rows, small to large)")
+
+# %% [markdown]
+# ## 5. The latent scale
+#
+# The forward process $z_t = \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1-\bar\alpha_t}\,\epsilon$ was designed
+# for data of roughly unit variance (images in $[-1, 1]$). Its signal-to-noise ratio is
+# $\mathrm{SNR}(t) = \bar\alpha_t \operatorname{Var}(z_0) / (1 - \bar\alpha_t)$, so latents with a
+# standard deviation of 3 see a schedule 9 times less noisy at every step: the last step no
+# longer reaches pure noise, and sampling, which starts from $\mathcal N(0, I)$, starts from the
+# wrong distribution. LDM rescales the latents by $1/\hat\sigma$, with $\hat\sigma$ the standard
+# deviation of $z$ over a batch of training images (Sec. 4.3.2 and App. D.1; SD's 0.18215 is this
+# number for its autoencoder). `compute_latent_scale` measures it; the stores keeps it with each
+# autoencoder.
+#
+# **Check.** On held-out images, the scaled latents have unit variance.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for f_chk, stored_chk in vaes.items():
+    z_held = torch.cat([stored_chk.model.encode(held[i:i + 250].to(profile.device)).sample(
+        torch.Generator(device=profile.device).manual_seed(2)).cpu() for i in range(0, len(held), 250)])
+    scaled_std = (stored_chk.model.scaling_factor * z_held).std().item()
+    assert abs(scaled_std - 1.0) < 0.05, (f_chk, scaled_std)
+    # the factor is the one compute_latent_scale measures on the training images
+    train_x = recipes.training_set(profile).images(slice(0, 256)).to(profile.device)
+    again = compute_latent_scale(stored_chk.model, train_x, torch.Generator(device=profile.device).manual_seed(3))
+    assert abs(again / stored_chk.model.scaling_factor - 1.0) < 0.1, (f_chk, again, stored_chk.model.scaling_factor)
+
+# %%
+process = recipes.latent_diffusion()
+ab = process.alpha_bar
+snr = {"pixels": held.var().item()}
+snr.update({f"z, f = {f} (unscaled)": vae_stats[f]["z_std"] ** 2 for f in recipes.VAE_FACTORS})
+snr["z, scaled"] = 1.0
+fig, ax = plt.subplots(figsize=(6, 3.5))
+for name, var in snr.items():
+    ax.plot((ab * var / (1 - ab)).log10(), label=f"{name}: Var = {var:.2f}")
+ax.set(xlabel="t", ylabel="log10 SNR(t)", title="the same schedule, seen by data of different variance")
+ax.legend(fontsize=8)
+viz.show(fig)
+for f in recipes.VAE_FACTORS:
+    v = vae_stats[f]["z_std"] ** 2
+    print(f"f = {f}: std(z) = {vae_stats[f]['z_std']:.2f}, scale = {vaes[f].model.scaling_factor:.3f}; unscaled, "
+          f"z_T would have std {math.sqrt(ab[-1] * v + 1 - ab[-1]):.4f} instead of 1")
+
+# %% [markdown]
+# ## 6. Diffusion in the latent space
+#
+# Training is chapter 01's Algorithm 1 with $x_0$ replaced by $z_0 = s\,(\mu(x) + \sigma(x)\epsilon')$,
+# where $s$ is the latent scale: a fresh posterior sample every time an image is seen. The
+# autoencoder is frozen; the images are encoded once, so a training step never pays for the encoder.
+# Sampling is DDIM (chapter 03, $\eta = 0$) in the latent space, then one call of the decoder:
+# $x = \mathcal D(z_0 / s)$. Pixel samples are clipped to $[-1, 1]$ at every step; latents have no
+# fixed range and are not.
+
+# %%
+print(inspect.getsource(recipes.LatentCodes.sample))
+print(inspect.getsource(claim.decode))
+
+# %% [markdown]
+# ## 7. The claim in miniature: pixel space against f = 2, 4, 8
+#
+# The paper's Fig. 6 trains class-conditional ImageNet models in latent spaces with
+# $f \in \{1, 2, 4, 8, 16, 32\}$: $f = 1$ (pixels) improves slowly, $f = 4$ to $16$ reach good FID
+# far sooner, and $f = 32$ stalls, because its autoencoder already loses too much. Fig. 7 and
+# Tab. 8 add the cost: throughput, samples per second, grows steeply with $f$.
+#
+# Here every model gets the same UNet (chapter 01's, widths $(w, 2w, 2w)$, attention at the lowest
+# level; only its input and output channels differ), the same batch size and learning rate, and
+# the same **compute**: 100 CPU-seconds at `cpu` (about a minute on two cores), so a model in a
+# smaller space fits more steps into it (`recipes.latent.sweep_steps` first measures each model's
+# compute per step, all four in turn; on a CPU the clock is the process's CPU time, which other
+# programs on the machine barely change). That is the paper's claim in its plainest form: quality
+# for a given compute. The autoencoders are trained once, before, and reused (their seconds are in
+# section 3). For each $f$: the FD of 500 (`cpu`) decoded samples against real scenes, with the
+# shapes evaluator's features; the FD of the autoencoder's own reconstructions (the best a model
+# in that space can do); the steps taken, the training seconds (wall clock and compute), and the
+# sampling seconds per image (`benchmarks/run.py --chapter 04` prints the same numbers).
+
+# %%
+sweep = claim.f_sweep(profile)
+refs = sweep["references"]
+acc = sweep["evaluator_accuracy"]
+print(f"shapes evaluator, held-out accuracy: scene {acc.get('scene', float('nan')):.3f}, "
+      f"shape {acc.get('shape', float('nan')):.3f}, color {acc.get('color', float('nan')):.3f}")
+print(f"FD references: real scenes (floor) {refs['fd_floor']:.2f} | blurred 3x3 {refs['fd_blurred']:.2f} | "
+      f"Gaussian {refs['fd_gaussian']:.2f}")
+print()
+print(f"{'f':>2s} {'space':>9s} {'FD':>8s} {'FD autoenc.':>12s} {'steps x batch':>14s} {'train s':>8s} "
+      f"{'compute s':>10s} {'encode s':>9s} {'ms/image':>9s}")
+for f, row in sweep["rows"].items():
+    c, h, w = row["latent_shape"]
+    print(f"{f:2d} {f'{c}x{h}x{w}':>9s} {row['fd']:8.2f} {row['fd_autoencoder']:12.2f} "
+          f"{row['train_steps']:>8d} x {row['batch_size']:<3d} {row['train_seconds']:8.0f} "
+          f"{row['train_compute_seconds']:10.0f} {row['encode_seconds']:9.1f} {row['sample_seconds_per_image'] * 1000:9.1f}")
+print(f"(budget: {sweep['rows'][1]['budget_seconds']} compute seconds per model; 'encode s': encoding the "
+      "training set once; ms/image: DDIM sampling and decoding)")
+
+# %%
+fs = list(sweep["rows"])
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+axes[0].bar([str(f) for f in fs], [sweep["rows"][f]["fd"] for f in fs], label="samples")
+axes[0].plot([str(f) for f in fs], [sweep["rows"][f]["fd_autoencoder"] for f in fs], "k_", markersize=30,
+             label="autoencoder (ceiling)")
+axes[0].axhline(refs["fd_floor"], color="gray", ls=":", label="real scenes")
+axes[0].set(xlabel="f", ylabel="FD (lower is better)", title="quality for the same compute")
+axes[0].legend(fontsize=8)
+axes[1].bar([str(f) for f in fs], [sweep["rows"][f]["train_steps"] for f in fs], color="C1")
+axes[1].set(xlabel="f", ylabel="steps", title=f"steps in {sweep['rows'][1]['budget_seconds']} compute seconds")
+axes[2].bar([str(f) for f in fs], [sweep["rows"][f]["sample_seconds_per_image"] * 1000 for f in fs], color="C2")
+axes[2].set(xlabel="f", ylabel="ms per image", title=f"sampling ({sweep['rows'][1]['sampling_steps']} DDIM steps)")
+for ax in axes[1:]:
+    ax.set_yscale("log")
+viz.show(fig)
+
+# %%
+fig, axes = plt.subplots(1, len(fs), figsize=(3.2 * len(fs), 3.4))
+for ax, f in zip(axes, fs):
+    row = sweep["rows"][f]
+    viz.image_grid(row["samples"][:25], nrow=5, ax=ax, title=f"f = {f}: FD {row['fd']:.1f}")
+viz.show(fig)
+
+# %% [markdown]
+# **Reading the numbers.** Read the steps column first: for the same compute, the UNet in the
+# $f = 4$ space takes roughly ten times as many steps as in pixel space (it works on 16 times fewer
+# positions; small maps use a CPU less efficiently, so the gain is less than 16x), and it samples
+# about as much faster. That is where Latent Diffusion's advantage comes from, and the FD column
+# shows what it buys: with the same compute the pixel model has seen too few batches to draw
+# anything but coloured noise, the $f = 2$ model has got as far as colour patches, and the $f = 4$
+# model draws backgrounds and coloured objects in the grid's cells. The black marks, the
+# autoencoders' own FD, bound each latent model from below: at $f = 8$ (a 4x4 latent) the
+# autoencoder already blurs shapes and loses colours, and that ceiling, not the diffusion model,
+# limits its samples (their FD is close to the mark): the paper's LDM-32 in small. The best space
+# balances the two, as in the paper's Fig. 6. On the machine this chapter was written on (`cpu`,
+# two cores shared with other jobs) the FDs were 4530, 3011, 899 and 2238 for $f = 1, 2, 4, 8$,
+# against 441 for real scenes and 1587 for a Gaussian fitted to the pixels. (At `smoke` nothing is
+# trained long enough to mean anything; only the step counts and timings are in the right order.)
+#
+# Move the slider to watch samples of the $f = 4$ model being denoised, each latent $z_t$ decoded
+# as it is, $\mathcal D(z_t / s)$: the decoder turns noise in the latent into blotches, and the
+# scene settles in the last third of the steps.
+
+# %%
+ldm4 = load("shapes-ldm-f4", profile)
+z_T = torch.randn(8, *recipes.latent_shape(4, held.shape[-1]), generator=torch.Generator().manual_seed(5))
+_, traj = ddim_sample(ldm4.model.eval(), process, z_T.to(profile.device), claim.sampling_steps(profile),
+                            clip_denoised=False, progress=False, keep_every=1)
+
+
+def show_denoising(step: int = len(traj) - 1):
+    return viz.image_grid(claim.decode(vae4, traj[step]), nrow=8,
+                          title=f"D(z / s) after {step} of {len(traj) - 1} DDIM steps")
+
+
+explore(show_denoising, step=(0, len(traj) - 1, 1, len(traj) - 1))
+
+# %% [markdown]
+# ## 8. Conditioning by cross-attention
+#
+# To condition on a caption $y$, LDM turns it into a sequence of tokens $\tau_\theta(y) \in \mathbb R^{M \times d_\tau}$
+# with a transformer, and lets every spatial position of the UNet attend to them (eq. 3):
+#
+# $$\mathrm{Attention}(Q, K, V) = \mathrm{softmax}\Big(\frac{QK^\top}{\sqrt d}\Big) V,\quad
+# Q = W_Q\, \varphi_i(z_t),\ K = W_K\, \tau_\theta(y),\ V = W_V\, \tau_\theta(y),$$
+#
+# where $\varphi_i(z_t) \in \mathbb R^{N \times d_\epsilon^i}$ are the UNet's feature maps flattened
+# to $N = hw$ tokens. Each position mixes the caption tokens it finds relevant; the layer sits in
+# a spatial transformer block (self-attention, cross-attention, feed-forward) after the residual
+# blocks of the higher-resolution levels. The conditional objective is
+# $\mathbb E\,\|\epsilon - \epsilon_\theta(z_t, t, \tau_\theta(y))\|^2$, trained jointly in
+# $\theta$ for the UNet and the caption encoder.
+#
+# **Check.** One of the UNet's cross-attention layers (`attn2`) computes exactly this formula,
+# head by head.
+
+# %%
+t2i = load("shapes-ldm-t2i", profile)
+model_t2i = t2i.model.eval()
+tok = recipes.tokenizer_for(t2i.config)
+print(f"caption encoder: {sum(p.numel() for p in model_t2i.text_encoder.parameters()):,} parameters, "
+      f"{t2i.config['context_length']} tokens of width {t2i.config['text_width']}; UNet: "
+      f"{sum(p.numel() for p in model_t2i.unet.parameters()):,} parameters")
+print(f"cross-attention layers: {[name for name, _ in model_t2i.unet.cross_attentions()]}")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+name_chk, attn = next(iter(model_t2i.unet.cross_attentions()))
+g = torch.Generator().manual_seed(4)
+phi = torch.randn(2, 16, attn.query_dim, generator=g).to(profile.device)              # N = 16 positions
+with torch.no_grad():
+    ctx = model_t2i.encode_text(tok.encode(examples.captions[:2]).to(profile.device))  # tau_theta(y): (2, M, d)
+    out = attn(phi, ctx)
+    Q, K, V = attn.to_q(phi), attn.to_k(ctx), attn.to_v(ctx)
+    heads = []
+    for hd in range(attn.heads):
+        sl = slice(hd * attn.dim_head, (hd + 1) * attn.dim_head)
+        weights = torch.softmax(Q[..., sl] @ K[..., sl].transpose(1, 2) / math.sqrt(attn.dim_head), dim=-1)
+        heads.append(weights @ V[..., sl])
+    by_hand = attn.to_out[0](torch.cat(heads, dim=-1))
+assert torch.allclose(out, by_hand, atol=1e-5), (out - by_hand).abs().max()
+
+# %% [markdown]
+# ## 9. Text-to-image on the shapes world
+#
+# The caption encoder is CLIP's text transformer (chapter 05 trains it contrastively; here it is
+# trained from scratch, jointly with the UNet, as LDM's $\tau_\theta$ was for LAION) over the
+# world's word tokens. It feeds a `UNet2DCondition` with cross-attention at the two higher levels
+# and in the middle, in the $f = 4$ latent space. During training the caption is replaced by the
+# empty caption 10% of the time, so the same network also predicts $\epsilon$ without a caption:
+# that allows classifier-free guidance, $\hat\epsilon = \epsilon_\emptyset + s(\epsilon_y - \epsilon_\emptyset)$,
+# which chapter 06 derives; here we only compare $s = 1$ (the plain conditional model) with $s = 3$.
+
+# %%
+captions = ["a large red circle at the top left", "a small blue square in the center",
+            "a large yellow triangle at the bottom right", "a large white ring on the left",
+            "a large green cross at the top and a large purple diamond at the bottom"]
+vae_t2i = recipes.load_vae(t2i.config["f"], profile).model
+n_each = 6
+fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+for ax, s in zip(axes, claim.guidance_scales(profile)):
+    imgs = claim.generate_from_captions(t2i, vae_t2i, [c for c in captions for _ in range(n_each)],
+                                        claim.sampling_steps(profile), scale=s, seed=1)
+    viz.image_grid(imgs, nrow=n_each, ax=ax, title=f"guidance s = {s:g}")
+viz.show(fig)
+for i, c in enumerate(captions):
+    print(f"row {i + 1}: {c}")
+
+# %% [markdown]
+# **Caption accuracy.** For 300 (`cpu`) unseen scenes of the training distribution, one sample per
+# caption; the shapes evaluator (an attribute classifier trained by the package, chapter 05) says
+# whether the sample shows exactly the objects of the caption: each object's shape, colour, size
+# and position, and nothing else. Beside it, the same per attribute, the real images (the
+# ceiling: the evaluator's own errors) and the samples judged against *other* captions (what a
+# model that ignored its caption would score).
+
+# %%
+t2i_result = claim.text_to_image(profile)
+real = t2i_result["real"]
+attrs = ["caption", "shape", "color", "size", "position"]
+print(f"{'':22s}" + "".join(f"{a:>10s}" for a in attrs) + f"{'FD':>8s}")
+print(f"{'real images':22s}" + "".join(f"{real[a]:10.2f}" for a in attrs))
+for s, row in t2i_result["rows"].items():
+    print(f"{f'samples, s = {s:g}':22s}" + "".join(f"{row['accuracy'][a]:10.2f}" for a in attrs) + f"{row['fd']:8.2f}")
+    print(f"{'  vs shuffled captions':22s}" + "".join(f"{row['shuffled'][a]:10.2f}" for a in attrs))
+print(f"\n{t2i_result['n']} captions, {t2i_result['sampling_steps']} DDIM steps; trained {t2i_result['train_steps']} "
+      f"steps in {t2i_result['train_seconds']:.0f} s")
+
+# %% [markdown]
+# **Reading the numbers.** The shuffled-caption rows are the baseline: what samples score against
+# captions they were not generated from. Attributes the model reads from its caption score above
+# that baseline; the gap is what cross-attention carries into the image. Position and colour are
+# the easiest (one word each, and a coloured blob in the right cell is enough), the exact shape is
+# the hardest (a few latent pixels at $f = 4$), and a whole caption, every object right and nothing
+# extra, is the hardest test of all: real images pass it only as often as the evaluator is right.
+# Guidance ($s = 3$) pushes samples towards their caption at some cost in variety (chapter 06
+# measures that trade).
+#
+# ## Summary
+# - Latent Diffusion trains the diffusion model in the latent space of a frozen autoencoder that
+#   removes perceptually irrelevant detail but keeps the 2-D layout; the objective and the
+#   samplers are unchanged.
+# - The KL-regularised autoencoder outputs a diagonal Gaussian; a tiny KL weight keeps the latent
+#   space tame without costing reconstruction quality; a large one blurs it.
+# - Latents are rescaled to unit variance ($s = 1/\hat\sigma$) so that the noise schedule means
+#   what it was designed to mean.
+# - For the same compute, a latent space with moderate downsampling ($f = 4$ to $16$ in the paper)
+#   gives far better samples than pixel space, because each step is far cheaper and the model
+#   takes many more; too large an $f$ is capped by what its autoencoder keeps.
+# - Cross-attention to the tokens of a jointly trained caption encoder turns the UNet into a
+#   text-to-image model.
+#
+# ## Exercises
+# 1. Train the $f = 4$ autoencoder with `init_logvar = 0` (the default initialisation) in its
+#    recipe config and compare the first 300 steps of reconstructions. Why does the start matter?
+# 2. Drop the latent scale (set `scaling_factor = 1` before `LatentCodes`) and retrain `shapes-ldm-f4`.
+#    Where do the samples go wrong, and how does the SNR plot of section 5 explain it?
+# 3. Give every model of the sweep the same number of *steps* instead of the same compute (the
+#    paper's Fig. 6): set `min_steps` and `max_steps` to one number in `recipes.latent._ldm_config`.
+#    How does the FD ranking change, and how long does the pixel model now train?
+# 4. Replace cross-attention by concatenating a pooled caption embedding to the time embedding
+#    (a single vector). Which attributes does the model still get right, and which does it lose?

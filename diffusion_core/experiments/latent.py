@@ -1,0 +1,237 @@
+"""Chapter 04's claims in miniature: Latent Diffusion (Rombach et al. 2022).
+
+1. :func:`f_sweep` (the paper's Figs. 6-7 and Tab. 8 in small): the same UNet, with the same batch
+   size and the same compute (CPU seconds on a CPU), in pixel space (f = 1) and in the latent spaces
+   of KL autoencoders with f = 2, 4, 8 (a model in a smaller space fits more steps into it). For
+   each f: FD of decoded samples (the shapes evaluator), the autoencoder's own FD (its
+   reconstructions: the best a model in that space can reach), the steps taken, training seconds
+   and sampling seconds per image. The paper: f = 1 trains and samples slowest; f = 4-16 reach
+   good quality fastest; too large an f caps quality at what the autoencoder keeps.
+2. :func:`text_to_image`: cross-attention to a caption transformer (LDM Sec. 3.3) in the f = 4
+   latent space; caption accuracy judged by the shapes evaluator, with and without guidance.
+3. :func:`step_cost`: one sampling step (a UNet forward) in the f = 4 latent space against one in
+   pixel space, at the same image size.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from ..evaluate.attributes import ShapesEvaluator, shapes_evaluator
+from ..models.vae import AutoencoderKL
+from ..profiles import Profile
+from ..recipes import latent as R
+from ..samplers.ddim import ddim_sample
+from ..samplers.guidance import cfg_eps
+from ..store import Stored, load
+
+PAPER = {  # LDM Tab. 8 / Fig. 6 (ImageNet, class-conditional, 2M steps): the qualitative ordering
+    "fig6": "LDM-1 needs far longer training than LDM-4..16; LDM-32 is capped by its first stage",
+}
+
+
+def sampling_steps(profile: Profile) -> int:
+    """DDIM steps (eta = 0) for every model of the chapter."""
+    return profile.pick(smoke=5, cpu=25, gpu=100)
+
+
+def fd_sample_count(profile: Profile) -> int:
+    return profile.pick(smoke=64, cpu=500, gpu=2000)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def decode(vae: AutoencoderKL | None, x0: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    """A diffusion sample -> an image in [-1, 1]: ``D(x0 / scale)`` (identity for pixel models)."""
+    if vae is None:
+        return x0.clamp(-1, 1)
+    dev = _device(vae)
+    return torch.cat([vae.eval().decode(x0[i:i + batch].to(dev) / vae.scaling_factor).clamp(-1, 1).cpu()
+                      for i in range(0, len(x0), batch)])
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, vae: AutoencoderKL | None, f: int, resolution: int, n: int, steps: int,
+             seed: int = 0, batch: int = 250, progress: bool = False,
+             model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+    """``n`` images (n, 3, R, R) in [-1, 1] from an unconditional model in the space of factor ``f``:
+    DDIM (eta = 0) in that space, then the decoder. Pixel samples are clipped at every step (x0_hat in
+    [-1, 1]); latents are not, they have no fixed range."""
+    model.eval()
+    dev = _device(model)
+    shape = R.latent_shape(f, resolution)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, batch):
+        x_T = torch.randn(min(batch, n - i), *shape, generator=g).to(dev)
+        x0 = ddim_sample(model, R.latent_diffusion(), x_T, steps, eta=0.0, clip_denoised=(f == 1),
+                         progress=progress, model_kwargs=model_kwargs)
+        out.append(decode(vae, x0.cpu()))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    """``D(mean of q(z | x))``, clipped to [-1, 1]: (N, 3, R, R) on the CPU."""
+    dev = _device(vae)
+    return torch.cat([vae.eval()(images[i:i + batch].to(dev)).clamp(-1, 1).cpu() for i in range(0, len(images), batch)])
+
+
+def kl_weight_effect(profile: Profile, n_shown: int = 12) -> dict[str, Any]:
+    """The f = 4 autoencoder at each KL weight of :data:`recipes.latent.KL_WEIGHTS`: its statistics on
+    held-out scenes (reconstruction error, KL per latent dimension, spread of z, of mu, mean sigma)
+    and reconstructions of ``n_shown`` of them."""
+    held = R.heldout_images(profile)
+    rows = {}
+    for beta in R.KL_WEIGHTS:
+        stored = load(R.kl_recipe_name(beta), profile)
+        rows[beta] = {"stats": R.vae_statistics(stored.model, held),
+                      "reconstructions": reconstruct(stored.model, held[:n_shown]),
+                      "train_seconds": stored.metrics.get("train_seconds")}
+    return {"rows": rows, "images": held[:n_shown]}
+
+
+def evaluate_factor(f: int, profile: Profile, evaluator: ShapesEvaluator, seed: int = 0,
+                    progress: bool = True) -> dict[str, Any]:
+    """One row of the sweep: FD of samples and of reconstructions, the timings, the model's size."""
+    stored = load(f"shapes-ldm-f{f}", profile)
+    vae = None if f == 1 else R.load_vae(f, profile).model
+    n, steps, res = fd_sample_count(profile), sampling_steps(profile), stored.config["resolution"]
+    start = time.perf_counter()
+    samples = generate(stored.model, vae, f, res, n, steps, seed=seed, progress=progress)
+    sample_seconds = time.perf_counter() - start
+    held = R.heldout_images(profile, n)
+    recon = held if vae is None else reconstruct(vae, held)
+    m = stored.metrics
+    return {
+        "fd": evaluator.fd(samples), "fd_autoencoder": evaluator.fd(recon),
+        "rec_l1": (recon - held).abs().mean().item(),
+        "train_seconds": m.get("train_seconds"), "train_compute_seconds": m.get("train_compute_seconds"),
+        "encode_seconds": m.get("encode_seconds", 0.0),
+        "train_steps": m.get("steps"), "batch_size": stored.config["batch_size"],
+        "budget_seconds": stored.config["budget_seconds"],
+        "sample_seconds": sample_seconds, "sample_seconds_per_image": sample_seconds / n,
+        "sampling_steps": steps, "n_samples": n, "latent_shape": R.latent_shape(f, res),
+        "unet_parameters": sum(p.numel() for p in stored.model.parameters()),
+        "final_loss": m.get("final_loss"), "trained_now": stored.trained_now, "samples": samples[:64],
+    }
+
+
+def f_sweep(profile: Profile, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """The sweep over f = 1, 2, 4, 8 at an equal training budget (same UNet, batch, compute seconds)."""
+    evaluator = shapes_evaluator(profile)
+    refs = evaluator.references(n=fd_sample_count(profile), seed=seed)
+    rows = {f: evaluate_factor(f, profile, evaluator, seed, progress) for f in R.FACTORS}
+    return {"rows": rows, "references": refs, "evaluator_accuracy": evaluator.accuracy}
+
+
+# ------------------------------------------------------------------------------------------------
+# Text-to-image
+# ------------------------------------------------------------------------------------------------
+
+def guidance_scales(profile: Profile) -> tuple[float, ...]:
+    """1 = the conditional model as trained; > 1 guided (classifier-free guidance, chapter 06)."""
+    return (1.0, 3.0)
+
+
+@torch.no_grad()
+def generate_from_captions(stored: Stored, vae: AutoencoderKL, captions: list[str], steps: int,
+                           scale: float = 1.0, seed: int = 0, batch: int = 250,
+                           progress: bool = False) -> torch.Tensor:
+    """Images (len(captions), 3, R, R) in [-1, 1] from the text-to-image model: DDIM (eta = 0) in
+    the latent space with ``eps = eps_u + scale (eps_c - eps_u)`` (scale 1: no guidance), decoded."""
+    model = stored.model.eval()
+    c = stored.config
+    tok = R.tokenizer_for(c)
+    dev = _device(model)
+    shape = R.latent_shape(c["f"], c["resolution"])
+    null = model.encode_text(tok.encode([R.NULL_CAPTION]).to(dev))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(captions), batch):
+        ctx = model.encode_text(tok.encode(captions[i:i + batch]).to(dev))
+        x_T = torch.randn(len(ctx), *shape, generator=g).to(dev)
+
+        def eps(x, t, ctx=ctx):
+            return cfg_eps(lambda xx, tt, cc: model(xx, tt, context=cc), x, t, ctx, null, scale)
+
+        z0 = ddim_sample(eps, R.latent_diffusion(), x_T, steps, eta=0.0, clip_denoised=False, progress=progress)
+        out.append(decode(vae, z0.cpu()))
+    return torch.cat(out)
+
+
+def _per_attribute(evaluator: ShapesEvaluator, images: torch.Tensor, scenes) -> dict[str, float]:
+    acc = {"caption": evaluator.caption_accuracy(images, scenes)}
+    for a in ("shape", "color", "size", "position"):
+        acc[a] = evaluator.caption_accuracy(images, scenes, attributes=(a,))
+    return acc
+
+
+def text_to_image(profile: Profile, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Caption accuracy of the text-to-image model on unseen scenes of the training distribution
+    (every object's shape, color, size and position right, nothing extra), per guidance scale;
+    with the real images (the ceiling) and the samples judged against shuffled captions (what a
+    model that ignored its caption would score)."""
+    evaluator = shapes_evaluator(profile)
+    stored = load("shapes-ldm-t2i", profile)
+    vae = R.load_vae(stored.config["f"], profile).model
+    n = profile.pick(smoke=32, cpu=300, gpu=1000)
+    scenes = R.world_for(profile, text=True).fixed(n, seed=1, split="train")
+    steps = sampling_steps(profile)
+    rows = {}
+    perm = torch.roll(torch.arange(n), 1)
+    for s in guidance_scales(profile):
+        start = time.perf_counter()
+        images = generate_from_captions(stored, vae, scenes.captions, steps, s, seed=seed, progress=progress)
+        seconds = time.perf_counter() - start
+        rows[s] = {"accuracy": _per_attribute(evaluator, images, scenes),
+                   "shuffled": _per_attribute(evaluator, images, scenes[perm]),
+                   "fd": evaluator.fd(images), "sample_seconds_per_image": seconds / n, "samples": images[:32]}
+    return {"rows": rows, "real": _per_attribute(evaluator, scenes.images, scenes), "captions": scenes.captions[:32],
+            "n": n, "sampling_steps": steps, "train_seconds": stored.metrics.get("train_seconds"),
+            "train_steps": stored.config["steps"], "trained_now": stored.trained_now,
+            "parameters": {"text_encoder": sum(p.numel() for p in stored.model.text_encoder.parameters()),
+                           "unet": sum(p.numel() for p in stored.model.unet.parameters())}}
+
+
+# ------------------------------------------------------------------------------------------------
+# Speed
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def step_cost(profile: Profile, f: int = 4, batch: int = 32, repeats: int | None = None, warmup: int = 2
+              ) -> dict[str, float]:
+    """Median compute seconds (CPU time on one thread on a CPU, wall time on a GPU) of one UNet
+    forward (one sampling step) for the sweep's UNet in the latent space of factor ``f`` and in
+    pixel space, same image size and batch, alternating the two.
+    Returns ``{"latent_s", "pixel_s", "ratio"}`` with ratio = latent / pixel."""
+    repeats = repeats or profile.pick(smoke=3, cpu=10, gpu=20)
+    dev = profile.device
+    models, inputs = {}, {}
+    for name, k in (("latent", f), ("pixel", 1)):
+        c = R.LDM_RECIPES[k].config(profile)
+        models[name] = R.build_ldm(c).to(dev).eval()
+        inputs[name] = torch.randn(batch, *R.latent_shape(k, c["resolution"]), device=dev)
+    t = torch.full((batch,), 500, device=dev)
+    clock = R.compute_clock(dev)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with R.one_cpu_thread(dev):
+        for i in range(warmup + repeats):
+            for name, m in models.items():
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                start = clock()
+                m(inputs[name], t)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times[name].append(clock() - start)
+    lat, pix = statistics.median(times["latent"]), statistics.median(times["pixel"])
+    return {"latent_s": lat, "pixel_s": pix, "ratio": lat / pix}

@@ -1,0 +1,588 @@
+"""Latent Diffusion on the shapes world (chapter 04; Rombach et al. 2022). Later chapters reuse these.
+
+Three kinds of stored models, each trained by a fixed recipe on first use and cached:
+
+* ``shapes-vae-f{f}`` (f = 2, 4, 8): the KL-regularised autoencoder of LDM Sec. 3.1, trained with
+
+      L = |x - D(z)|_1 + lambda_edge |grad x - grad D(z)|_1 + beta_KL KL(q(z|x) || N(0, I)),
+      z = mu(x) + sigma(x) eps                                                 (reparameterised)
+
+  every term summed over an image and divided by its number of pixel values (C H W), so that
+  ``beta_KL`` means what it means in the LDM code, where both terms are sums per image
+  (``kl_weight = 1e-6`` there). The paper adds a perceptual (LPIPS) and a patch-GAN term to
+  keep reconstructions sharp; the L1 on image gradients (finite differences) is a cheap stand-in
+  for them here. The latent scale ``1 / std(z)`` (LDM Sec. 4.3.2, App. D.1) is measured on
+  training images after training and kept in the stored metrics; :func:`load_vae` sets it.
+* ``shapes-ldm-f{f}`` (f = 1, 2, 4, 8): an unconditional eps-prediction UNet trained in the
+  (scaled) latent space of ``shapes-vae-f{f}``; f = 1 is pixel diffusion with no autoencoder. Every
+  f gets the same network, batch size, optimiser and the same *compute* budget: the steps are the
+  budget divided by the model's compute seconds per step measured on the machine (CPU time on a
+  CPU, :func:`sweep_steps`), so a model in a smaller space takes more steps. The steps taken are
+  kept in the stored metrics.
+* ``shapes-ldm-t2i``: text-to-image in the f = 4 latent space: a small caption transformer
+  (CLIP's text tower, trained from scratch jointly with the UNet) feeds the cross-attention of a
+  ``UNet2DCondition``; captions are dropped 10% of the time so that classifier-free guidance
+  (chapter 06) can be used at sampling time.
+
+The training data is one fixed set of rendered scenes per profile (:func:`training_set`),
+encoded once by the autoencoder (the posterior's mean and std are kept; every step draws a fresh
+``z = mu + sigma eps``), so a diffusion step never pays for the encoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.shapes import ShapesWorld
+from ..models.clip import CLIPTextConfig, CLIPTextModel
+from ..models.tokenizers import WordTokenizer
+from ..models.unet import UNet2D
+from ..models.unet_cond import CondUNetConfig, UNet2DCondition
+from ..models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, compute_latent_scale
+from ..process.gaussian import GaussianDiffusion
+from ..profiles import Profile
+from ..samplers.guidance import drop_condition
+from ..store import Recipe, Stored, load, register
+from ..train import TrainConfig, train
+from .digits import unet_config
+
+FACTORS = (1, 2, 4, 8)           # the downsampling factors of the sweep (1: pixel space)
+VAE_FACTORS = (2, 4, 8)
+T2I_FACTOR = 4                    # the latent space of the text-to-image model
+LATENT_CHANNELS = 4
+VAE_WIDTHS = (8, 16, 32, 32)      # per level (CPU profiles); the first log2(f) + 1 are used
+DEFAULT_BETA_KL = 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# The data
+# ------------------------------------------------------------------------------------------------
+
+def resolution_for(p: Profile) -> int:
+    return p.pick(smoke=32, cpu=32, gpu=64)
+
+
+def world_for(p: Profile, text: bool = False) -> ShapesWorld:
+    """The shapes world at the profile's resolution (seed 0 for every profile, so images agree)."""
+    n_par = 4 if text else 0
+    return ShapesWorld(resolution=resolution_for(p), seed=0, n_paraphrases=n_par,
+                       n_heldout_paraphrases=0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 (0..255), a quarter of the memory."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (0..255) -> float images in [-1, 1]."""
+    return x.float() / 127.5 - 1.0
+
+
+@dataclass
+class TrainingSet:
+    """The fixed training scenes of a profile: ``pixels`` (N, 3, R, R) uint8, and per scene its
+    ``captions`` and training ``paraphrases``. ``images(index)`` gives them in [-1, 1]."""
+
+    pixels: torch.Tensor
+    captions: list[str]
+    paraphrases: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def images(self, index: torch.Tensor | slice | None = None) -> torch.Tensor:
+        return from_uint8(self.pixels if index is None else self.pixels[index])
+
+
+@lru_cache(maxsize=2)
+def _training_set(resolution: int, n: int, chunk: int = 1000) -> TrainingSet:
+    world = ShapesWorld(resolution=resolution, seed=0, n_paraphrases=4, n_heldout_paraphrases=0)
+    pixels, captions, paraphrases = [], [], []
+    for k, start in enumerate(range(0, n, chunk)):
+        scenes = world.sample(min(chunk, n - start), seed=1000 + k)
+        pixels.append(to_uint8(scenes.images))
+        captions += scenes.captions
+        paraphrases += scenes.paraphrases
+    return TrainingSet(torch.cat(pixels), captions, paraphrases)
+
+
+def training_set(p: Profile) -> TrainingSet:
+    """The fixed training set of every recipe here (rendered once per process, kept as uint8)."""
+    return _training_set(resolution_for(p), p.pick(smoke=512, cpu=8000, gpu=16000))
+
+
+def heldout_images(p: Profile, n: int | None = None) -> torch.Tensor:
+    """Held-out scenes (the world's fixed evaluation stream): (n, 3, R, R) in [-1, 1]."""
+    n = n or p.pick(smoke=128, cpu=1000, gpu=2000)
+    return world_for(p).fixed(n, seed=0).images
+
+
+def _image_batches(data: TrainingSet, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield data.images(torch.randint(0, len(data), (batch_size,), generator=g))
+
+
+# ------------------------------------------------------------------------------------------------
+# The autoencoder
+# ------------------------------------------------------------------------------------------------
+
+def vae_config(f: int, resolution: int, latent_channels: int = LATENT_CHANNELS,
+               widths: tuple[int, ...] = VAE_WIDTHS) -> VAEConfig:
+    """The book's small KL autoencoder with downsampling factor ``f``: one residual block per level
+    (two in the decoder), widths ``widths[:log2(f) + 1]``, self-attention at the lowest resolution."""
+    n = {1: 1, 2: 2, 4: 3, 8: 4}[f]
+    return VAEConfig(block_out_channels=widths[:n], layers_per_block=1, latent_channels=latent_channels,
+                     norm_num_groups=8, sample_size=resolution, scaling_factor=1.0)
+
+
+def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finite differences along W and H: ``(B, C, H, W-1)`` and ``(B, C, H-1, W)``."""
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, beta_kl: float, edge_weight: float = 1.0,
+             generator: torch.Generator | None = None, rec: str = "l2") -> dict[str, torch.Tensor]:
+    """The autoencoder's loss terms, each a per-pixel-value mean over the batch (scalars):
+
+        rec  = mean |x - D(z)|                    z = mu + sigma eps ~ q(z | x)
+        edge = mean |grad x - grad D(z)|          (a cheap stand-in for LDM's perceptual loss)
+        kl   = KL(q(z | x) || N(0, I)) / (C H W)  (nats per pixel value)
+        loss = rec + edge_weight * edge + beta_kl * kl
+    """
+    posterior: DiagonalGaussian = vae.encode(x)
+    z = posterior.sample(generator)
+    x_hat = vae.decode(z)
+    err = {"l1": lambda d: d.abs().mean(), "l2": lambda d: d.pow(2).mean(),
+           "l1+l2": lambda d: d.abs().mean() + d.pow(2).mean()}[rec]
+    (gx, gy), (hx, hy) = image_gradients(x), image_gradients(x_hat)
+    edge = 0.5 * (err(gx - hx) + err(gy - hy))
+    rec = err(x - x_hat)
+    kl = posterior.kl().mean() / x[0].numel()
+    return {"loss": rec + edge_weight * edge + beta_kl * kl, "rec": rec, "edge": edge, "kl": kl}
+
+
+def _vae_config(f: int, beta_kl: float = DEFAULT_BETA_KL):
+    def config(p: Profile) -> dict[str, Any]:
+        return {"f": f, "resolution": resolution_for(p), "latent_channels": LATENT_CHANNELS,
+                "widths": list(p.pick(smoke=VAE_WIDTHS, cpu=VAE_WIDTHS, gpu=(32, 64, 128, 128))),
+                "beta_kl": beta_kl, "rec": "l2", "edge_weight": 1.0, "init_logvar": -6.0,
+                "steps": p.pick(smoke=40, cpu=1500, gpu=2500), "batch_size": p.pick(smoke=8, cpu=16, gpu=32),
+                "lr": p.pick(smoke=5e-3, cpu=5e-3, gpu=2e-3), "seed": 0}
+    return config
+
+
+def build_vae(c: dict[str, Any]) -> AutoencoderKL:
+    """A fresh autoencoder whose posterior starts narrow: the log-variance half of ``quant_conv``'s
+    bias is ``c["init_logvar"]`` (sigma = exp(init_logvar / 2)). With the default bias of 0, every
+    latent starts as mostly noise (sigma = 1 against small means) and the decoder learns nothing
+    until the encoder's means grow; a narrow start makes it an ordinary autoencoder from step one,
+    and the KL term is then free to widen sigma again."""
+    torch.manual_seed(c["seed"])
+    vae = AutoencoderKL(vae_config(c["f"], c["resolution"], c["latent_channels"], tuple(c["widths"])))
+    with torch.no_grad():
+        vae.quant_conv.bias[c["latent_channels"]:].fill_(c.get("init_logvar", 0.0))
+    return vae
+
+
+@torch.no_grad()
+def vae_statistics(vae: AutoencoderKL, images: torch.Tensor, batch: int = 250, seed: int = 0) -> dict[str, float]:
+    """What the autoencoder does to ``images`` (N, 3, H, W): reconstruction error (L1 and PSNR, of
+    the posterior mean), KL per latent dimension, the spread of the latents ``z ~ q(z | x)`` (std
+    over everything), of their means across images, and the mean posterior std ``sigma``."""
+    vae.eval()
+    dev = next(vae.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    l1, mse, kl, zs, mus, sig = 0.0, 0.0, 0.0, [], [], []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].to(dev)
+        q = vae.encode(x)
+        x_hat = vae.decode(q.mode()).clamp(-1, 1)
+        l1 += (x - x_hat).abs().mean((1, 2, 3)).sum().item()
+        mse += ((x - x_hat) / 2).pow(2).mean((1, 2, 3)).sum().item()   # in [0, 1] units, for PSNR
+        kl += (q.kl() / q.mean[0].numel()).sum().item()
+        zs.append(q.sample(g).cpu())
+        mus.append(q.mean.cpu())
+        sig.append(q.std.mean((1, 2, 3)).cpu())
+    n = len(images)
+    z = torch.cat(zs)
+    return {"rec_l1": l1 / n, "psnr": 10 * math.log10(1.0 / max(mse / n, 1e-12)), "kl_per_dim": kl / n,
+            "z_std": z.std().item(), "z_mean": z.mean().item(), "mu_std": torch.cat(mus).std().item(),
+            "sigma_mean": torch.cat(sig).mean().item()}
+
+
+def train_vae(vae: AutoencoderKL, c: dict[str, Any], p: Profile, progress: bool = True) -> dict[str, Any]:
+    data = training_set(p)
+    g = torch.Generator(device=p.device).manual_seed(c["seed"])
+    torch.manual_seed(c["seed"])
+
+    def loss_fn(m, x):
+        return vae_loss(m, x, c["beta_kl"], c["edge_weight"], g, c["rec"])["loss"]
+
+    cfg = TrainConfig(steps=c["steps"], lr=c["lr"], ema_decay=0.0, warmup_steps=min(100, c["steps"] // 5),
+                      final_lr_fraction=0.05, desc=f"KL autoencoder f={c['f']}")
+    res = train(vae, loss_fn, _image_batches(data, c["batch_size"], c["seed"]), cfg, p, progress=progress)
+    vae.eval()
+    scale_images = data.images(slice(0, p.pick(smoke=256, cpu=1000, gpu=2000))).to(p.device)
+    scale = compute_latent_scale(vae, scale_images, torch.Generator(device=p.device).manual_seed(1))
+    tail = res.losses[-50:]
+    out = {"final_loss": round(sum(tail) / len(tail), 5), "train_seconds": round(res.seconds, 1),
+           "latent_scale": scale}
+    out.update({k: round(v, 5) for k, v in vae_statistics(vae, heldout_images(p, 500)).items()})
+    return out
+
+
+def _train_vae(vae: AutoencoderKL, c: dict[str, Any], p: Profile) -> dict[str, Any]:
+    return train_vae(vae, c, p)
+
+
+def load_vae(f: int, profile: Profile | None = None, verbose: bool = True) -> Stored:
+    """The stored autoencoder ``shapes-vae-f{f}`` with its ``scaling_factor`` set to the latent
+    scale measured on data after training (in ``stored.metrics["latent_scale"]``)."""
+    stored = load(f"shapes-vae-f{f}", profile, verbose=verbose)
+    stored.model.scaling_factor = float(stored.metrics["latent_scale"])
+    return stored
+
+
+VAE_RECIPES = {
+    f: register(Recipe(f"shapes-vae-f{f}", 1, _vae_config(f), build_vae, _train_vae,
+                       f"KL autoencoder on shapes, downsampling factor {f}, {LATENT_CHANNELS} latent channels"))
+    for f in VAE_FACTORS
+}
+SHAPES_VAE_F2, SHAPES_VAE_F4, SHAPES_VAE_F8 = (VAE_RECIPES[f] for f in VAE_FACTORS)
+
+# the f = 4 autoencoder again with a large KL weight (chapter 04, section 4); the default weight's
+# model is shapes-vae-f4 itself
+STRONG_BETA_KL = 0.1
+KL_WEIGHTS = (DEFAULT_BETA_KL, STRONG_BETA_KL)
+SHAPES_VAE_F4_KL01 = register(Recipe("shapes-vae-f4-kl0.1", 1, _vae_config(4, STRONG_BETA_KL), build_vae, _train_vae,
+                                     "shapes-vae-f4 trained with KL weight 0.1 instead of 1e-5"))
+
+
+def kl_recipe_name(beta_kl: float) -> str:
+    return "shapes-vae-f4" if beta_kl == DEFAULT_BETA_KL else f"shapes-vae-f4-kl{beta_kl:g}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Diffusion in the latent space (f = 1: pixels)
+# ------------------------------------------------------------------------------------------------
+
+def latent_diffusion() -> GaussianDiffusion:
+    """The process of every model here: DDPM's linear schedule, T = 1000, eps-prediction."""
+    return GaussianDiffusion.from_schedule("linear", 1000, prediction="eps", variance="fixed_small")
+
+
+def latent_shape(f: int, resolution: int) -> tuple[int, int, int]:
+    """(C, H, W) of the space a model with downsampling factor ``f`` diffuses in."""
+    return (3 if f == 1 else LATENT_CHANNELS, resolution // f, resolution // f)
+
+
+def sweep_unet_config(f: int, resolution: int, width: int) -> Any:
+    """The same UNet for every f (widths (w, 2w, 2w), attention at the lowest level: chapter 01's),
+    only its input size and channels follow the space it works in."""
+    c, h, _ = latent_shape(f, resolution)
+    return dataclasses.replace(unet_config(width, h, c, dropout=0.0), in_channels=c)
+
+
+class LatentCodes:
+    """A fixed image set encoded once: the posterior's mean and std, ``(N, c, h, w)`` each, and the
+    latent scale. :meth:`sample` draws ``scale * (mu + sigma eps)`` for a batch of indices (the
+    diffusion model's x_0); with no autoencoder (f = 1) it returns the images themselves.
+    ``images``: (N, 3, R, R) in [-1, 1], or uint8 (0..255, converted batch by batch)."""
+
+    def __init__(self, images: torch.Tensor, vae: AutoencoderKL | None, batch: int = 250):
+        self.vae = vae
+        self.scale = 1.0 if vae is None else float(vae.scaling_factor)
+        self.std: torch.Tensor | None = None
+        start = time.perf_counter()
+        if vae is None:
+            self.mean = images
+        else:
+            dev = next(vae.parameters()).device
+            mus, stds = [], []
+            with torch.no_grad():
+                for i in range(0, len(images), batch):
+                    q = vae.eval().encode(_as_float(images[i:i + batch]).to(dev))
+                    mus.append(q.mean.cpu())
+                    stds.append(q.std.cpu())
+            self.mean, self.std = torch.cat(mus), torch.cat(stds)
+        self.seconds = time.perf_counter() - start
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def sample(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        mu = self.mean[index]
+        if self.std is None:
+            return _as_float(mu)
+        eps = torch.randn(mu.shape, generator=generator)
+        return self.scale * (mu + self.std[index] * eps)
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            yield self.sample(torch.randint(0, len(self), (batch_size,), generator=g), g)
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return from_uint8(x) if x.dtype == torch.uint8 else x
+
+
+def _vae_for(f: int, p: Profile) -> AutoencoderKL | None:
+    return None if f == 1 else load_vae(f, p).model
+
+
+def _ldm_config(f: int):
+    def config(p: Profile) -> dict[str, Any]:
+        c = {"f": f, "resolution": resolution_for(p), "width": p.pick(smoke=16, cpu=32, gpu=64),
+             "budget_seconds": p.pick(smoke=4, cpu=100, gpu=60),
+             "min_steps": p.pick(smoke=10, cpu=100, gpu=1000), "max_steps": p.pick(smoke=200, cpu=6000, gpu=60000),
+             "batch_size": p.pick(smoke=16, cpu=32, gpu=128),
+             "lr": 1e-3, "ema_decay": p.pick(smoke=0.99, cpu=0.999, gpu=0.9995), "seed": 0}
+        if f > 1:  # the autoencoder is part of the model: retrain when its recipe changes
+            r = VAE_RECIPES[f]
+            c["vae"] = {"recipe": r.name, "version": r.version, **r.config(p)}
+        return c
+    return config
+
+
+def build_ldm(c: dict[str, Any]) -> UNet2D:
+    torch.manual_seed(c["seed"])
+    return UNet2D(sweep_unet_config(c["f"], c["resolution"], c["width"]))
+
+
+def compute_clock(device: torch.device) -> Any:
+    """The clock a compute budget is measured with: CPU time of this process on a CPU (all its
+    threads; unlike wall time it barely changes when other programs share the machine), wall
+    time on a GPU (the caller synchronises)."""
+    return time.process_time if device.type == "cpu" else time.perf_counter
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """On a CPU, run the block on one thread: a measurement of compute then counts work, not the
+    spin-waiting of threads on a machine that other programs share."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def step_seconds(configs: dict[int, dict[str, Any]], p: Profile, repeats: int = 5, warmup: int = 2) -> dict[int, float]:
+    """Compute seconds (:func:`compute_clock`; one thread on a CPU) of one training step (forward,
+    backward, clipping, AdamW, EMA) of each sweep model, on random inputs of its space; the models
+    take turns and each number is a median."""
+    import copy
+    import statistics
+
+    diffusion = latent_diffusion()
+    dev = p.device
+    state = {}
+    for f, c in configs.items():
+        m = build_ldm(c).to(dev).train()
+        if dev.type == "cpu":
+            m = m.to(memory_format=torch.channels_last)
+        x0 = torch.randn(c["batch_size"], *latent_shape(f, c["resolution"]), device=dev)
+        state[f] = (m, copy.deepcopy(m), torch.optim.AdamW(m.parameters(), lr=1e-4), x0)
+    clock = compute_clock(dev)
+    times: dict[int, list[float]] = {f: [] for f in configs}
+    with one_cpu_thread(dev):
+        _time_steps(state, diffusion, clock, times, dev, warmup, repeats)
+    return {f: statistics.median(t) for f, t in times.items()}
+
+
+def _time_steps(state: dict, diffusion: GaussianDiffusion, clock: Any, times: dict, dev: torch.device,
+                warmup: int, repeats: int) -> None:
+    for i in range(warmup + repeats):
+        for f, (m, ema, opt, x0) in state.items():
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = clock()
+            loss = diffusion.training_losses(m, x0)["loss"].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0, foreach=True)
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(m.parameters()), 0.001)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[f].append(clock() - start)
+
+
+_STEP_SECONDS: dict[tuple, dict[int, float]] = {}
+
+
+def sweep_steps(c: dict[str, Any], p: Profile) -> tuple[int, float]:
+    """How many steps model ``c`` gets for its compute budget on this machine, and its compute
+    seconds per step.
+    The step times of all four sweep models are measured together once per process."""
+    key = (p.name, str(p.device))
+    if key not in _STEP_SECONDS:
+        _STEP_SECONDS[key] = step_seconds({f: LDM_RECIPES[f].config(p) for f in FACTORS}, p)
+    sec = _STEP_SECONDS[key][c["f"]]
+    steps = int(min(max(c["budget_seconds"] / sec, c["min_steps"]), c["max_steps"]))
+    return steps, sec
+
+
+def _train_ldm(model: UNet2D, c: dict[str, Any], p: Profile) -> dict[str, Any]:
+    """An equal compute budget: the steps are ``budget_seconds`` divided by this model's measured
+    compute seconds per step (so a model in a small latent space takes more steps)."""
+    codes = LatentCodes(training_set(p).pixels, _vae_for(c["f"], p))
+    steps, sec = sweep_steps(c, p)
+    diffusion = latent_diffusion()
+    g = torch.Generator(device=p.device).manual_seed(c["seed"])
+    torch.manual_seed(c["seed"])
+
+    def loss_fn(m, x0):
+        return diffusion.training_losses(m, x0, generator=g)["loss"].mean()
+
+    cfg = TrainConfig(steps=steps, lr=c["lr"], ema_decay=c["ema_decay"], warmup_steps=min(100, steps // 5),
+                      desc=f"diffusion, f={c['f']} ({steps} steps)")
+    clock = compute_clock(p.device)
+    start = clock()
+    res = train(model, loss_fn, codes.batches(c["batch_size"], c["seed"]), cfg, p)
+    compute = clock() - start
+    model.load_state_dict(res.ema.state_dict())  # the store keeps the EMA weights
+    tail = res.losses[-100:]
+    return {"final_loss": round(sum(tail) / len(tail), 5), "train_seconds": round(res.seconds, 1),
+            "train_compute_seconds": round(compute, 1), "encode_seconds": round(codes.seconds, 1),
+            "steps": steps, "step_compute_seconds": round(sec, 5), "batch_size": c["batch_size"],
+            "latent_scale": codes.scale}
+
+
+LDM_RECIPES = {
+    f: register(Recipe(f"shapes-ldm-f{f}", 1, _ldm_config(f), build_ldm, _train_ldm,
+                       "pixel diffusion on shapes" if f == 1 else
+                       f"unconditional diffusion in the f={f} latent space of shapes-vae-f{f}"))
+    for f in FACTORS
+}
+SHAPES_LDM_F1, SHAPES_LDM_F2, SHAPES_LDM_F4, SHAPES_LDM_F8 = (LDM_RECIPES[f] for f in FACTORS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Text-to-image: cross-attention to a caption encoder, in the f = 4 latent space
+# ------------------------------------------------------------------------------------------------
+
+NULL_CAPTION = ""   # the unconditional "caption": <start> <end> <pad> ... (chapter 06 guides with it)
+
+
+class TextToImageUNet(nn.Module):
+    """``eps_theta(z_t, t, tau_theta(y))`` (LDM eq. 3): a caption transformer ``tau_theta`` (CLIP's
+    text tower, from scratch) whose token states ``(B, N, d)`` are the keys and values of the
+    UNet's cross-attention layers. ``forward(z_t, t, input_ids) -> eps``."""
+
+    def __init__(self, text_config: CLIPTextConfig, unet_config: CondUNetConfig):
+        super().__init__()
+        self.text_encoder = CLIPTextModel(text_config)
+        self.unet = UNet2DCondition(unet_config)
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, N) token ids -> (B, N, d) the states the UNet attends to."""
+        return self.text_encoder(input_ids).last_hidden_state
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        if context is None:
+            context = self.encode_text(input_ids)
+        return self.unet(x, t, encoder_hidden_states=context)
+
+
+def tokenizer_for(c: dict[str, Any]) -> WordTokenizer:
+    """The word tokenizer of a text-to-image config: the shapes world's training vocabulary."""
+    return WordTokenizer(ShapesWorld.vocabulary(heldout=False), c["context_length"])
+
+
+def _t2i_config(p: Profile) -> dict[str, Any]:
+    f, r = T2I_FACTOR, VAE_RECIPES[T2I_FACTOR]
+    res = resolution_for(p)
+    return {
+        "f": f, "resolution": res, "width": p.pick(smoke=16, cpu=32, gpu=64),
+        "text_width": p.pick(smoke=32, cpu=64, gpu=128), "text_layers": p.pick(smoke=1, cpu=2, gpu=4),
+        "context_length": world_for(p, text=True).max_caption_words() + 2,
+        "p_uncond": 0.1, "paraphrases": True,
+        "steps": p.pick(smoke=60, cpu=1500, gpu=5000), "batch_size": p.pick(smoke=16, cpu=32, gpu=64),
+        "lr": 1e-3, "ema_decay": p.pick(smoke=0.99, cpu=0.999, gpu=0.9995), "seed": 0,
+        "vae": {"recipe": r.name, "version": r.version, **r.config(p)},
+    }
+
+
+def build_t2i(c: dict[str, Any]) -> TextToImageUNet:
+    torch.manual_seed(c["seed"])
+    tok = tokenizer_for(c)
+    heads = 4
+    text = CLIPTextConfig.tiny(vocab_size=tok.vocab_size, max_position_embeddings=c["context_length"],
+                               hidden_size=c["text_width"], intermediate_size=2 * c["text_width"],
+                               num_hidden_layers=c["text_layers"], num_attention_heads=heads,
+                               eos_token_id=tok.end_id, projection_dim=None)
+    w = c["width"]
+    unet = CondUNetConfig(
+        sample_size=c["resolution"] // c["f"], in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        block_out_channels=(w, 2 * w, 2 * w),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1, cross_attention_dim=c["text_width"], num_attention_heads=heads, norm_num_groups=8,
+    )
+    return TextToImageUNet(text, unet)
+
+
+def caption_ids(scenes: Any, tokenizer: WordTokenizer, paraphrases: bool = True) -> torch.Tensor:
+    """(N, V, L) token ids: per scene its caption and (``paraphrases``) its training paraphrases
+    (``scenes``: anything with ``captions`` and ``paraphrases``, e.g. a :class:`TrainingSet`)."""
+    texts = [[cap, *(par if paraphrases else [])] for cap, par in zip(scenes.captions, scenes.paraphrases)]
+    V = min(len(t) for t in texts)
+    return tokenizer.encode([t for row in texts for t in row[:V]]).view(len(texts), V, -1)
+
+
+def _train_t2i(model: TextToImageUNet, c: dict[str, Any], p: Profile) -> dict[str, Any]:
+    data = training_set(p)
+    tok = tokenizer_for(c)
+    codes = LatentCodes(data.pixels, _vae_for(c["f"], p))
+    ids = caption_ids(data, tok, c["paraphrases"])
+    null_ids = tok.encode([NULL_CAPTION])[0]
+    diffusion = latent_diffusion()
+    g = torch.Generator(device=p.device).manual_seed(c["seed"])
+    torch.manual_seed(c["seed"])
+
+    def stream():
+        gb = torch.Generator().manual_seed(c["seed"])
+        while True:
+            i = torch.randint(0, len(codes), (c["batch_size"],), generator=gb)
+            v = torch.randint(0, ids.shape[1], (c["batch_size"],), generator=gb)
+            yield codes.sample(i, gb), ids[i, v]
+
+    def loss_fn(m, batch):
+        x0, y = batch
+        y = drop_condition(y, null_ids.to(y.device), c["p_uncond"], g)   # Ho & Salimans: train both at once
+        return diffusion.training_losses(m, x0, generator=g, model_kwargs={"input_ids": y})["loss"].mean()
+
+    cfg = TrainConfig(steps=c["steps"], lr=c["lr"], ema_decay=c["ema_decay"], warmup_steps=min(100, c["steps"] // 5),
+                      desc="text-to-image latent diffusion")
+    res = train(model, loss_fn, stream(), cfg, p)
+    model.load_state_dict(res.ema.state_dict())
+    tail = res.losses[-100:]
+    return {"final_loss": round(sum(tail) / len(tail), 5), "train_seconds": round(res.seconds, 1),
+            "encode_seconds": round(codes.seconds, 1), "steps": c["steps"], "batch_size": c["batch_size"],
+            "latent_scale": codes.scale}
+
+
+SHAPES_LDM_T2I = register(Recipe("shapes-ldm-t2i", 1, _t2i_config, build_t2i, _train_t2i,
+                                 "text-to-image diffusion in the f=4 latent space of shapes-vae-f4: a caption "
+                                 "transformer trained jointly with a cross-attention UNet, 10% caption dropout"))
