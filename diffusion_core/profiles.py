@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TypeVar
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 
 PROFILES = ("smoke", "cpu", "gpu")
 ENV_VAR = "DIFFUSION_PROFILE"
+AMP_ENV_VAR = "DIFFUSION_AMP"   # "0" turns mixed precision off, "1" forces it on (CPU without native bf16: slow)
 
 T = TypeVar("T")
 
@@ -54,6 +56,30 @@ def default_device(profile: str) -> torch.device:
     return torch.device("cpu")
 
 
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), so that autocast speeds
+    convolutions up rather than emulating them. Measured on the book's 2-core reference machine
+    (AVX512-BF16): a training step of chapter 01's UNet 1.6x faster, sampling 2.2x."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def amp_enabled(device: torch.device) -> bool:
+    """Mixed precision (bfloat16 autocast) for ``device``: on CUDA, and on CPUs with native bf16;
+    ``$DIFFUSION_AMP`` = 0 / 1 overrides. Never on MPS."""
+    env = os.environ.get(AMP_ENV_VAR, "").strip()
+    if env not in ("", "0", "1"):
+        raise ValueError(f"{AMP_ENV_VAR} must be 0 or 1, got {env!r}")
+    if device.type not in ("cuda", "cpu"):
+        return False
+    if env:
+        return env == "1"
+    return device.type == "cuda" or cpu_has_native_bf16()
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -65,7 +91,9 @@ def seed_everything(seed: int) -> None:
 class Profile:
     """The compute profile a chapter runs under.
 
-    ``name`` is one of ``smoke``, ``cpu``, ``gpu``; ``amp`` turns on mixed precision (CUDA only).
+    ``name`` is one of ``smoke``, ``cpu``, ``gpu``; ``amp`` is whether training and sampling run
+    under bfloat16 autocast (:func:`amp_enabled`: CUDA, or a CPU with native bf16). Likelihoods
+    (bits/dim) are always computed in float32.
     """
 
     name: str
@@ -74,7 +102,13 @@ class Profile:
 
     @property
     def amp(self) -> bool:
-        return self.device.type == "cuda"
+        return amp_enabled(self.device)
+
+    def autocast(self) -> torch.autocast:
+        """``with profile.autocast(): ...``: bfloat16 autocast where :attr:`amp` is on, else a no-op.
+        Model outputs come back in bfloat16; the diffusion arithmetic around them promotes to float32."""
+        return torch.autocast(self.device.type if self.device.type in ("cuda", "cpu") else "cpu",
+                              dtype=torch.bfloat16, enabled=self.amp)
 
     def pick(self, *, smoke: T, cpu: T, gpu: T) -> T:
         """The value for this profile: ``profile.pick(smoke=200, cpu=6000, gpu=40000)``."""
@@ -98,13 +132,14 @@ def setup(profile: str | None = None, seed: int = 0, device: str | torch.device 
     """The one call a chapter makes first: pick the profile, the device and the seed.
 
     ``profile=None`` detects it (``$DIFFUSION_PROFILE``, else ``gpu`` with CUDA, else ``cpu``).
-    On CPU, torch uses every core (``threads`` overrides); results are deterministic for a seed.
+    On CPU, torch uses every core (``threads``, else ``$OMP_NUM_THREADS``, overrides); results are
+    deterministic for a seed.
     """
     global _CURRENT
     name = check_profile(profile) if profile is not None else detect_profile()
     dev = torch.device(device) if device is not None else default_device(name)
     if dev.type == "cpu":
-        torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+        torch.set_num_threads(threads or _threads_from_env() or max(1, os.cpu_count() or 1))
     seed_everything(seed)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -113,6 +148,15 @@ def setup(profile: str | None = None, seed: int = 0, device: str | torch.device 
     if verbose:
         print(_CURRENT)
     return _CURRENT
+
+
+def _threads_from_env() -> int | None:
+    """``$OMP_NUM_THREADS`` when set to a positive integer (a shared machine's way to ask for fewer)."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return n if n > 0 else None
 
 
 def current() -> Profile:

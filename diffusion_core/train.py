@@ -66,6 +66,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True
     grad_clip: float = 1.0
+    cpu_amp: bool = False  # bf16 autocast on a CPU with native bf16 too (profile.amp); CUDA always uses it
     channels_last: bool = False  # measured slower with this UNet on CPU (GroupNorm); an option for GPUs
     log_every: int = 50
     desc: str = "training"
@@ -102,7 +103,8 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], b
     """Train ``model`` in place for ``config.steps`` steps on ``batches`` (an iterator).
 
     ``loss_fn(model, batch)`` returns a scalar loss; batches are moved to the profile's device.
-    Mixed precision (bfloat16 autocast) is used on CUDA. ``callback(step, model, ema)`` runs
+    Mixed precision (bfloat16 autocast) is used on CUDA, and on a CPU with native bf16 when
+    ``config.cpu_amp`` asks for it (``profile.amp`` says whether the machine has it). ``callback(step, model, ema)`` runs
     every ``log_every`` steps (e.g. to measure adherence during training, chapter 07).
     """
     profile = profile or current()
@@ -120,7 +122,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], b
     opt = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
                             foreach=True, fused=False if device.type == "cpu" else None)
     ema = EMA(model, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
-    use_amp = profile.amp and device.type == "cuda"
+    use_amp = profile.amp and (device.type != "cpu" or config.cpu_amp)
     losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc=config.desc, disable=not progress, leave=False)

@@ -43,6 +43,56 @@ def test_setup_seeds_and_pick_chooses_per_profile():
     assert replace(p, name="gpu").pick(smoke=1, cpu=2, gpu=3) == 3
 
 
+def test_amp_follows_the_device_and_the_environment_variable(monkeypatch):
+    from diffusion_core.profiles import amp_enabled, cpu_has_native_bf16
+    cpu = Profile("cpu", torch.device("cpu"))
+    monkeypatch.delenv("DIFFUSION_AMP", raising=False)
+    assert cpu.amp == cpu_has_native_bf16()
+    assert amp_enabled(torch.device("cuda"))
+    assert not amp_enabled(torch.device("mps"))
+    monkeypatch.setenv("DIFFUSION_AMP", "0")
+    assert not cpu.amp and not amp_enabled(torch.device("cuda"))
+    with cpu.autocast():
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
+    monkeypatch.setenv("DIFFUSION_AMP", "1")
+    assert cpu.amp
+    with cpu.autocast():
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
+    monkeypatch.setenv("DIFFUSION_AMP", "yes")
+    with pytest.raises(ValueError, match="DIFFUSION_AMP"):
+        amp_enabled(torch.device("cpu"))
+
+
+def test_training_uses_bf16_on_cpu_only_when_the_recipe_asks(monkeypatch):
+    monkeypatch.setenv("DIFFUSION_AMP", "1")
+    seen = []
+
+    def loss_fn(m, x):
+        y = m(x)
+        seen.append(y.dtype)
+        return y.float().pow(2).mean()
+
+    p = Profile("smoke", torch.device("cpu"))
+    for cpu_amp in (False, True):
+        model = nn.Linear(3, 3)
+        train(model, loss_fn, iter(lambda: torch.randn(4, 3), None), TrainConfig(steps=2, cpu_amp=cpu_amp,
+              ema_decay=0.0), p, progress=False)
+        assert model.weight.dtype == torch.float32  # autocast never changes the stored weights
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2
+
+
+def test_setup_honours_omp_num_threads(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        dc.setup("smoke", verbose=False)
+        assert torch.get_num_threads() == 1
+        dc.setup("smoke", verbose=False, threads=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------ store
 class _Tiny(nn.Module):
     def __init__(self, width: int):

@@ -15,7 +15,7 @@ import torch
 from ..data.digits import digits
 from ..evaluate.digits import DigitEvaluator, digit_evaluator
 from ..process.gaussian import GaussianDiffusion
-from ..profiles import Profile
+from ..profiles import Profile, current
 from ..recipes.digits import diffusion_for
 from ..samplers.ancestral import ddpm_sample
 from ..store import Stored, load
@@ -43,8 +43,10 @@ def sampling_process(diffusion: GaussianDiffusion, steps: int) -> GaussianDiffus
 
 @torch.no_grad()
 def sample_digits(stored: Stored, n: int, steps: int, seed: int = 0, batch: int = 1000,
-                  progress: bool = True) -> torch.Tensor:
-    """``n`` samples (n, 1, R, R) of a stored digit model by ancestral sampling in ``steps`` steps."""
+                  progress: bool = True, profile: Profile | None = None) -> torch.Tensor:
+    """``n`` samples (n, 1, R, R) of a stored digit model by ancestral sampling in ``steps`` steps,
+    the network under the profile's mixed precision (bf16 where the machine has it)."""
+    profile = profile or current()
     model = stored.model.eval()
     dev = next(model.parameters()).device
     process = sampling_process(diffusion_for(stored.config), steps)
@@ -53,7 +55,8 @@ def sample_digits(stored: Stored, n: int, steps: int, seed: int = 0, batch: int 
     out = []
     for i in range(0, n, batch):
         x_T = torch.randn(min(batch, n - i), 1, R, R, generator=g, device=dev)
-        out.append(ddpm_sample(model, process, x_T, generator=g, progress=progress).cpu())
+        with profile.autocast():
+            out.append(ddpm_sample(model, process, x_T, generator=g, progress=progress).float().cpu())
     return torch.cat(out)
 
 
@@ -83,7 +86,7 @@ def evaluate_model(name: str, profile: Profile, evaluator: DigitEvaluator | None
     stored = load(name, profile)
     steps = sampling_steps(profile)
     start = time.perf_counter()
-    samples = sample_digits(stored, fd_sample_count(profile), steps, seed=seed, progress=progress)
+    samples = sample_digits(stored, fd_sample_count(profile), steps, seed=seed, progress=progress, profile=profile)
     sample_seconds = time.perf_counter() - start
     result = {"fd": evaluator.fd(samples), "accuracy_spread": _class_spread(evaluator, samples),
               "sample_seconds": sample_seconds, "sampling_steps": steps, "n_samples": len(samples),

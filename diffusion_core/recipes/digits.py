@@ -68,14 +68,15 @@ def _train(model: UNet2D, c: dict[str, Any], p: Profile) -> dict[str, Any]:
         return diffusion.training_losses(m, x0, loss=c["loss"], generator=g)["loss"].mean()
 
     cfg = TrainConfig(steps=c["steps"], lr=c["lr"], ema_decay=c["ema_decay"], warmup_steps=min(200, c["steps"] // 5),
-                      desc=f"digits DDPM ({c['loss']})")
+                      cpu_amp=True, desc=f"digits DDPM ({c['loss']})")
     res = train(model, loss_fn, batches(x, c["batch_size"], c["seed"]), cfg, p)
     model.load_state_dict(res.ema.state_dict())  # the store keeps the EMA weights
     tail = res.losses[-100:]
-    return {"final_loss": round(sum(tail) / len(tail), 5), "train_seconds": round(res.seconds, 1)}
+    return {"final_loss": round(sum(tail) / len(tail), 5), "train_seconds": round(res.seconds, 1),
+            "amp": bool(p.amp)}
 
 
-DIGITS_DDPM = register(Recipe("digits-ddpm", 1, _config("simple"), _build, _train,
+DIGITS_DDPM = register(Recipe("digits-ddpm", 2, _config("simple"), _build, _train,
                               "DDPM on 16x16 digits: linear schedule, T=1000, eps-prediction, L_simple"))
-DIGITS_DDPM_VLB = register(Recipe("digits-ddpm-vlb", 1, _config("vlb"), _build, _train,
+DIGITS_DDPM_VLB = register(Recipe("digits-ddpm-vlb", 2, _config("vlb"), _build, _train,
                                   "the same UNet and budget trained on the true variational bound L_vlb"))
