@@ -55,6 +55,8 @@ RECIPES: dict[str, Recipe | str] = {
     "digit-classifier": "diffusion_core.evaluate.digits:DIGIT_CLASSIFIER",
     "digits-ddpm": "diffusion_core.recipes.digits:DIGITS_DDPM",
     "digits-ddpm-vlb": "diffusion_core.recipes.digits:DIGITS_DDPM_VLB",
+    "digits-iddpm-hybrid": "diffusion_core.recipes.improved:DIGITS_IDDPM_HYBRID",
+    "digits-iddpm-hybrid-linear": "diffusion_core.recipes.improved:DIGITS_IDDPM_HYBRID_LINEAR",
     "shapes-vae-f2": "diffusion_core.recipes.latent:SHAPES_VAE_F2",
     "shapes-vae-f4": "diffusion_core.recipes.latent:SHAPES_VAE_F4",
     "shapes-vae-f8": "diffusion_core.recipes.latent:SHAPES_VAE_F8",

@@ -82,7 +82,7 @@ class GaussianDiffusion:
         self.sqrt_recipm1_alpha_bar = (1.0 / self.alpha_bar - 1.0).sqrt()
         # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t   (zero at t = 0)
         self.posterior_variance = b * (1.0 - self.alpha_bar_prev) / (1.0 - self.alpha_bar)
-        # log beta_tilde with its t = 0 value (zero) replaced by t = 1's, so the log stays finite
+        # beta_tilde with its t = 0 value (zero) replaced by t = 1's, so that its log stays finite
         beta_tilde_for_log = self.posterior_variance.clone()
         if T > 1:
             beta_tilde_for_log[0] = self.posterior_variance[1]
@@ -93,7 +93,7 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = b * self.alpha_bar_prev.sqrt() / (1.0 - self.alpha_bar)
         self.posterior_mean_coef2 = (1.0 - self.alpha_bar_prev) * self.alphas.sqrt() / (1.0 - self.alpha_bar)
         # fixed_large uses beta_t, with beta_tilde_1 at t = 0 for a better decoder (Ho et al.'s code)
-        self.large_variance = torch.cat([beta_tilde_for_log[:1].exp(), b[1:]])
+        self.large_variance = torch.cat([beta_tilde_for_log[:1], b[1:]])
         self.log_betas = b.log()
         self.log_large_variance = self.large_variance.log()
         self.log_one_minus_alpha_bar = torch.log1p(-self.alpha_bar)
