@@ -29,13 +29,16 @@ def run(profile: Profile) -> dict:
               f"(shuffled captions {row['shuffled']['caption']:.3f}), per attribute "
               + ", ".join(f"{k} {v:.2f}" for k, v in row["accuracy"].items() if k != "caption")
               + f"; FD {row['fd']:.3f}")
-    print(f"real images: caption accuracy {t2i['real']['caption']:.3f}")
+    print(f"real images: caption accuracy {t2i['real']['caption']:.3f}; FD floor (one-object scenes, "
+          f"n = {t2i['n']}) {t2i['fd_floor']:.3f}")
     repeats = profile.pick(smoke=3, cpu=10, gpu=20)
     unet = cond_unet_fwd_bwd_vs_diffusers(mid_unet_config(), batch=2, repeats=repeats, device=profile.device)
     vae = vae_fwd_bwd_vs_diffusers(mid_vae_config(), batch=2, repeats=repeats, device=profile.device)
     step = claim.step_cost(profile)
+    step_amp = claim.step_cost(profile, mixed_precision=True)
     print(f"UNet2DCondition fwd+bwd vs diffusers: {unet['ratio']:.3f}; AutoencoderKL: {vae['ratio']:.3f}; "
-          f"one sampling step f=4 / pixel: {step['ratio']:.3f}")
+          f"one sampling step f=4 / pixel: {step['ratio']:.3f} in float32 ({step['latent_s'] * 1000:.1f} / "
+          f"{step['pixel_s'] * 1000:.1f} ms), {step_amp['ratio']:.3f} under mixed precision")
     rows = sweep["rows"]
     guided = max(t2i["rows"])
     metrics = {
@@ -54,10 +57,14 @@ def run(profile: Profile) -> dict:
         "caption_accuracy_by_attribute": t2i["rows"][1.0]["accuracy"],
         "caption_accuracy_shuffled": t2i["rows"][1.0]["shuffled"]["caption"],
         "caption_accuracy_real": t2i["real"]["caption"],
+        "t2i_fd_by_scale": {s: r["fd"] for s, r in t2i["rows"].items()}, "t2i_fd_floor": t2i["fd_floor"],
+        "t2i_n": t2i["n"],
         "t2i_train_seconds": t2i["train_seconds"], "t2i_train_steps": t2i["train_steps"],
         "trained_now": any(r["trained_now"] for r in rows.values()) or t2i["trained_now"],
     }
     speed = {"cond_unet_fwd_bwd_vs_diffusers": unet["ratio"], "vae_fwd_bwd_vs_diffusers": vae["ratio"],
              "latent_vs_pixel_step_cost": step["ratio"],
-             "latent_step_ms": step["latent_s"] * 1000, "pixel_step_ms": step["pixel_s"] * 1000}
+             "latent_step_ms": step["latent_s"] * 1000, "pixel_step_ms": step["pixel_s"] * 1000,
+             "latent_vs_pixel_step_cost_mixed_precision": step_amp["ratio"],
+             "cond_unet_fwd_bwd_ms": unet["ours_s"] * 1000, "vae_fwd_bwd_ms": vae["ours_s"] * 1000}
     return {"metrics": metrics, "speed": speed}

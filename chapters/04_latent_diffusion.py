@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -37,7 +39,7 @@
 # **Prerequisites.** Chapter 01 (DDPM: the forward process, $\epsilon$-prediction) and chapter 03
 # (DDIM, used here for fast sampling). Attention ($\mathrm{softmax}(QK^\top/\sqrt d)V$) helps.
 #
-# **Run time.** `smoke` about 1 minute, `cpu` (a 2-core laptop) about 12 minutes, `gpu` about 15
+# **Run time.** `smoke` about 1 minute, `cpu` (a 2-core laptop) about 15 minutes (an estimate), `gpu` about 15
 # minutes. The autoencoders and the text-to-image model are cached; chapters 06 to 09 reuse them.
 
 # %% [markdown]
@@ -346,9 +348,10 @@ viz.show(fig)
 # autoencoders' own FD, bound each latent model from below: at $f = 8$ (a 4x4 latent) the
 # autoencoder already blurs shapes and loses colours, and that ceiling, not the diffusion model,
 # limits its samples (their FD is close to the mark): the paper's LDM-32 in small. The best space
-# balances the two, as in the paper's Fig. 6. On the machine this chapter was written on (`cpu`,
-# two cores shared with other jobs) the FDs were 4530, 3011, 899 and 2238 for $f = 1, 2, 4, 8$,
-# against 441 for real scenes and 1587 for a Gaussian fitted to the pixels. (At `smoke` nothing is
+# balances the two, as in the paper's Fig. 6. A first, exploratory `cpu` run (two cores shared with
+# other jobs, not yet reproduced by `benchmarks/run.py --chapter 04 --profile cpu`, so treat these as
+# provisional) gave FDs of 4530, 3011, 899 and 2238 for $f = 1, 2, 4, 8$, against 441 for real
+# scenes and 1587 for a Gaussian fitted to the pixels. (At `smoke` nothing is
 # trained long enough to mean anything; only the step counts and timings are in the right order.)
 #
 # Move the slider to watch samples of the $f = 4$ model being denoised, each latent $z_t$ decoded
@@ -403,7 +406,8 @@ name_chk, attn = next(iter(model_t2i.unet.cross_attentions()))
 g = torch.Generator().manual_seed(4)
 phi = torch.randn(2, 16, attn.query_dim, generator=g).to(profile.device)              # N = 16 positions
 with torch.no_grad():
-    ctx = model_t2i.encode_text(tok.encode(examples.captions[:2]).to(profile.device))  # tau_theta(y): (2, M, d)
+    ctx = model_t2i.encode_text(tok.encode(["a large red circle at the top left",        # tau_theta(y): (2, M, d)
+                                            "a small blue ring in the center"]).to(profile.device))
     out = attn(phi, ctx)
     Q, K, V = attn.to_q(phi), attn.to_k(ctx), attn.to_v(ctx)
     heads = []
@@ -419,8 +423,16 @@ assert torch.allclose(out, by_hand, atol=1e-5), (out - by_hand).abs().max()
 #
 # The caption encoder is CLIP's text transformer (chapter 05 trains it contrastively; here it is
 # trained from scratch, jointly with the UNet, as LDM's $\tau_\theta$ was for LAION) over the
-# world's word tokens. It feeds a `UNet2DCondition` with cross-attention at the two higher levels
-# and in the middle, in the $f = 4$ latent space. During training the caption is replaced by the
+# world's word tokens. It feeds a `UNet2DCondition` with cross-attention at the 4x4 level and in
+# the middle, in the $f = 4$ latent space of section 3's autoencoder. To fit a CPU budget the model
+# learns one-object scenes, whose captions (and their paraphrases: "a big box in green near the
+# bottom") name four things: shape, colour, size and position. Two choices differ from the sweep
+# above. The process uses LDM's own "scaled linear" schedule ($\beta$ from 0.00085 to 0.012, linear
+# in $\sqrt\beta$, Stable Diffusion's), which destroys an 8x8 latent far more slowly than DDPM's
+# schedule, so more of the training steps see noise levels where the caption still matters. And the
+# UNet gets two extra input channels, the x and y coordinate of every latent position (CoordConv):
+# convolutions are translation-equivariant, so without them "top left" can only be inferred from
+# the zero padding at the borders. During training the caption is replaced by the
 # empty caption 10% of the time, so the same network also predicts $\epsilon$ without a caption:
 # that allows classifier-free guidance, $\hat\epsilon = \epsilon_\emptyset + s(\epsilon_y - \epsilon_\emptyset)$,
 # which chapter 06 derives; here we only compare $s = 1$ (the plain conditional model) with $s = 3$.
@@ -428,7 +440,7 @@ assert torch.allclose(out, by_hand, atol=1e-5), (out - by_hand).abs().max()
 # %%
 captions = ["a large red circle at the top left", "a small blue square in the center",
             "a large yellow triangle at the bottom right", "a large white ring on the left",
-            "a large green cross at the top and a large purple diamond at the bottom"]
+            "a small green cross at the top", "a large purple diamond at the bottom"]
 vae_t2i = recipes.load_vae(t2i.config["f"], profile).model
 n_each = 6
 fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -441,10 +453,10 @@ for i, c in enumerate(captions):
     print(f"row {i + 1}: {c}")
 
 # %% [markdown]
-# **Caption accuracy.** For 300 (`cpu`) unseen scenes of the training distribution, one sample per
-# caption; the shapes evaluator (an attribute classifier trained by the package, chapter 05) says
-# whether the sample shows exactly the objects of the caption: each object's shape, colour, size
-# and position, and nothing else. Beside it, the same per attribute, the real images (the
+# **Caption accuracy.** For 300 (`cpu`) unseen one-object scenes, one sample per caption; the
+# shapes evaluator (an attribute classifier trained by the package, chapter 05) says whether the
+# sample shows exactly the object of the caption: its shape, colour, size and position, and
+# nothing else. Beside it, the same per attribute, the real images (the
 # ceiling: the evaluator's own errors) and the samples judged against *other* captions (what a
 # model that ignored its caption would score).
 
@@ -463,10 +475,12 @@ print(f"\n{t2i_result['n']} captions, {t2i_result['sampling_steps']} DDIM steps;
 # %% [markdown]
 # **Reading the numbers.** The shuffled-caption rows are the baseline: what samples score against
 # captions they were not generated from. Attributes the model reads from its caption score above
-# that baseline; the gap is what cross-attention carries into the image. Position and colour are
-# the easiest (one word each, and a coloured blob in the right cell is enough), the exact shape is
-# the hardest (a few latent pixels at $f = 4$), and a whole caption, every object right and nothing
-# extra, is the hardest test of all: real images pass it only as often as the evaluator is right.
+# that baseline; the gap is what cross-attention carries into the image. Colour and size are
+# learned first: whatever blob the model draws, the caption only has to tint and scale it, anywhere.
+# Position is learned last: it is decided early in sampling, at high noise, where the loss barely
+# tells a right placement from a wrong one, and it needs a response that differs from place to
+# place. A whole caption, every attribute right and nothing extra, is the hardest test of all:
+# real images pass it only as often as the evaluator is right.
 # Guidance ($s = 3$) pushes samples towards their caption at some cost in variety (chapter 06
 # measures that trade).
 #

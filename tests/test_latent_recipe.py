@@ -92,7 +92,8 @@ def test_text_to_image_model_reads_captions():
     c.update(resolution=16, width=8, text_width=16)
     model = R.build_t2i(c)
     tok = R.tokenizer_for(c)
-    scenes = ShapesWorld(resolution=16, seed=0, n_paraphrases=2, n_heldout_paraphrases=0).sample(3, seed=2)
+    scenes = ShapesWorld(resolution=16, seed=0, max_objects=c["max_objects"], n_paraphrases=2,
+                         n_heldout_paraphrases=0).sample(3, seed=2)
     ids = R.caption_ids(scenes, tok)
     assert ids.shape == (3, 3, c["context_length"])
     z = torch.randn(3, *R.latent_shape(c["f"], 16))
@@ -104,6 +105,18 @@ def test_text_to_image_model_reads_captions():
     # a different caption changes the prediction: the condition reaches the UNet
     other = model(z, torch.tensor([1, 2, 3]), input_ids=null.expand(3, -1))
     assert not torch.allclose(eps, other)
+
+
+def test_text_to_image_learns_one_object_scenes_whose_captions_fit_its_context():
+    c = R._t2i_config(SMOKE)
+    assert c["max_objects"] == R.T2I_MAX_OBJECTS == 1
+    scenes = R.world_for(SMOKE, text=True, max_objects=c["max_objects"]).fixed(64, seed=0)
+    assert (scenes.count == 1).all()
+    tok = R.tokenizer_for(c)
+    ids = R.caption_ids(scenes, tok)  # every caption and paraphrase keeps its end token
+    assert (ids == tok.end_id).any(-1).all()
+    # the autoencoders and the sweep keep the world of one to three objects
+    assert R.world_for(SMOKE).max_objects == 3
 
 
 def test_recipes_are_registered_by_name():

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Any
@@ -23,7 +24,8 @@ import torch
 
 from ..evaluate.attributes import ShapesEvaluator, shapes_evaluator
 from ..models.vae import AutoencoderKL
-from ..profiles import Profile
+from ..process.gaussian import GaussianDiffusion
+from ..profiles import Profile, current
 from ..recipes import latent as R
 from ..samplers.ddim import ddim_sample
 from ..samplers.guidance import cfg_eps
@@ -60,10 +62,14 @@ def decode(vae: AutoencoderKL | None, x0: torch.Tensor, batch: int = 250) -> tor
 @torch.no_grad()
 def generate(model: torch.nn.Module, vae: AutoencoderKL | None, f: int, resolution: int, n: int, steps: int,
              seed: int = 0, batch: int = 250, progress: bool = False,
-             model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+             model_kwargs: dict[str, Any] | None = None, profile: Profile | None = None,
+             process: GaussianDiffusion | None = None) -> torch.Tensor:
     """``n`` images (n, 3, R, R) in [-1, 1] from an unconditional model in the space of factor ``f``:
-    DDIM (eta = 0) in that space, then the decoder. Pixel samples are clipped at every step (x0_hat in
+    DDIM (eta = 0) in that space, the network under the profile's mixed precision (bf16 where the
+    machine has it), then the decoder (float32). Pixel samples are clipped at every step (x0_hat in
     [-1, 1]); latents are not, they have no fixed range."""
+    profile = profile or current()
+    process = process or R.latent_diffusion()
     model.eval()
     dev = _device(model)
     shape = R.latent_shape(f, resolution)
@@ -71,8 +77,9 @@ def generate(model: torch.nn.Module, vae: AutoencoderKL | None, f: int, resoluti
     out = []
     for i in range(0, n, batch):
         x_T = torch.randn(min(batch, n - i), *shape, generator=g).to(dev)
-        x0 = ddim_sample(model, R.latent_diffusion(), x_T, steps, eta=0.0, clip_denoised=(f == 1),
-                         progress=progress, model_kwargs=model_kwargs)
+        with profile.autocast():
+            x0 = ddim_sample(model, process, x_T, steps, eta=0.0, clip_denoised=(f == 1),
+                             progress=progress, model_kwargs=model_kwargs).float()
         out.append(decode(vae, x0.cpu()))
     return torch.cat(out)
 
@@ -105,7 +112,8 @@ def evaluate_factor(f: int, profile: Profile, evaluator: ShapesEvaluator, seed: 
     vae = None if f == 1 else R.load_vae(f, profile).model
     n, steps, res = fd_sample_count(profile), sampling_steps(profile), stored.config["resolution"]
     start = time.perf_counter()
-    samples = generate(stored.model, vae, f, res, n, steps, seed=seed, progress=progress)
+    samples = generate(stored.model, vae, f, res, n, steps, seed=seed, progress=progress, profile=profile,
+                       process=R.diffusion_for(stored.config))
     sample_seconds = time.perf_counter() - start
     held = R.heldout_images(profile, n)
     recon = held if vae is None else reconstruct(vae, held)
@@ -144,9 +152,11 @@ def guidance_scales(profile: Profile) -> tuple[float, ...]:
 @torch.no_grad()
 def generate_from_captions(stored: Stored, vae: AutoencoderKL, captions: list[str], steps: int,
                            scale: float = 1.0, seed: int = 0, batch: int = 250,
-                           progress: bool = False) -> torch.Tensor:
+                           progress: bool = False, profile: Profile | None = None) -> torch.Tensor:
     """Images (len(captions), 3, R, R) in [-1, 1] from the text-to-image model: DDIM (eta = 0) in
-    the latent space with ``eps = eps_u + scale (eps_c - eps_u)`` (scale 1: no guidance), decoded."""
+    the latent space with ``eps = eps_u + scale (eps_c - eps_u)`` (scale 1: no guidance), the
+    network under the profile's mixed precision, decoded in float32."""
+    profile = profile or current()
     model = stored.model.eval()
     c = stored.config
     tok = R.tokenizer_for(c)
@@ -162,7 +172,9 @@ def generate_from_captions(stored: Stored, vae: AutoencoderKL, captions: list[st
         def eps(x, t, ctx=ctx):
             return cfg_eps(lambda xx, tt, cc: model(xx, tt, context=cc), x, t, ctx, null, scale)
 
-        z0 = ddim_sample(eps, R.latent_diffusion(), x_T, steps, eta=0.0, clip_denoised=False, progress=progress)
+        with profile.autocast():
+            z0 = ddim_sample(eps, R.diffusion_for(c), x_T, steps, eta=0.0, clip_denoised=False,
+                             progress=progress).float()
         out.append(decode(vae, z0.cpu()))
     return torch.cat(out)
 
@@ -175,26 +187,33 @@ def _per_attribute(evaluator: ShapesEvaluator, images: torch.Tensor, scenes) -> 
 
 
 def text_to_image(profile: Profile, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Caption accuracy of the text-to-image model on unseen scenes of the training distribution
-    (every object's shape, color, size and position right, nothing extra), per guidance scale;
-    with the real images (the ceiling) and the samples judged against shuffled captions (what a
-    model that ignored its caption would score)."""
+    """Caption accuracy of the text-to-image model on unseen captions of its training distribution
+    (one-object scenes: the object's shape, color, size and position right, nothing extra), per
+    guidance scale; with the real images (the ceiling) and the samples judged against shuffled
+    captions (what a model that ignored its caption would score). FD is measured against real
+    one-object scenes (the captions' own images), with its floor: other real one-object scenes, the
+    same number."""
     evaluator = shapes_evaluator(profile)
     stored = load("shapes-ldm-t2i", profile)
     vae = R.load_vae(stored.config["f"], profile).model
     n = profile.pick(smoke=32, cpu=300, gpu=1000)
-    scenes = R.world_for(profile, text=True).fixed(n, seed=1, split="train")
+    world = R.world_for(profile, text=True, max_objects=stored.config["max_objects"])
+    scenes = world.fixed(n, seed=1, split="train")
+    other = world.fixed(n, seed=2, split="train").images
     steps = sampling_steps(profile)
     rows = {}
     perm = torch.roll(torch.arange(n), 1)
     for s in guidance_scales(profile):
         start = time.perf_counter()
-        images = generate_from_captions(stored, vae, scenes.captions, steps, s, seed=seed, progress=progress)
+        images = generate_from_captions(stored, vae, scenes.captions, steps, s, seed=seed, progress=progress,
+                                        profile=profile)
         seconds = time.perf_counter() - start
         rows[s] = {"accuracy": _per_attribute(evaluator, images, scenes),
                    "shuffled": _per_attribute(evaluator, images, scenes[perm]),
-                   "fd": evaluator.fd(images), "sample_seconds_per_image": seconds / n, "samples": images[:32]}
-    return {"rows": rows, "real": _per_attribute(evaluator, scenes.images, scenes), "captions": scenes.captions[:32],
+                   "fd": evaluator.fd(images, reference=scenes.images),
+                   "sample_seconds_per_image": seconds / n, "samples": images[:32]}
+    return {"rows": rows, "real": _per_attribute(evaluator, scenes.images, scenes),
+            "fd_floor": evaluator.fd(other, reference=scenes.images), "captions": scenes.captions[:32],
             "n": n, "sampling_steps": steps, "train_seconds": stored.metrics.get("train_seconds"),
             "train_steps": stored.config["steps"], "trained_now": stored.trained_now,
             "parameters": {"text_encoder": sum(p.numel() for p in stored.model.text_encoder.parameters()),
@@ -206,11 +225,12 @@ def text_to_image(profile: Profile, seed: int = 0, progress: bool = True) -> dic
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def step_cost(profile: Profile, f: int = 4, batch: int = 32, repeats: int | None = None, warmup: int = 2
-              ) -> dict[str, float]:
+def step_cost(profile: Profile, f: int = 4, batch: int = 32, repeats: int | None = None, warmup: int = 2,
+              mixed_precision: bool = False) -> dict[str, float]:
     """Median compute seconds (CPU time on one thread on a CPU, wall time on a GPU) of one UNet
     forward (one sampling step) for the sweep's UNet in the latent space of factor ``f`` and in
-    pixel space, same image size and batch, alternating the two.
+    pixel space, same image size and batch, alternating the two; in float32, or under the profile's
+    mixed precision (``mixed_precision=True``, as the samplers of this chapter run).
     Returns ``{"latent_s", "pixel_s", "ratio"}`` with ratio = latent / pixel."""
     repeats = repeats or profile.pick(smoke=3, cpu=10, gpu=20)
     dev = profile.device
@@ -222,7 +242,8 @@ def step_cost(profile: Profile, f: int = 4, batch: int = 32, repeats: int | None
     t = torch.full((batch,), 500, device=dev)
     clock = R.compute_clock(dev)
     times: dict[str, list[float]] = {name: [] for name in models}
-    with R.one_cpu_thread(dev):
+    amp = profile.autocast() if mixed_precision else contextlib.nullcontext()
+    with R.one_cpu_thread(dev), amp:
         for i in range(warmup + repeats):
             for name, m in models.items():
                 if dev.type == "cuda":

@@ -19,10 +19,12 @@ Three kinds of stored models, each trained by a fixed recipe on first use and ca
   budget divided by the model's compute seconds per step measured on the machine (CPU time on a
   CPU, :func:`sweep_steps`), so a model in a smaller space takes more steps. The steps taken are
   kept in the stored metrics.
-* ``shapes-ldm-t2i``: text-to-image in the f = 4 latent space: a small caption transformer
-  (CLIP's text tower, trained from scratch jointly with the UNet) feeds the cross-attention of a
-  ``UNet2DCondition``; captions are dropped 10% of the time so that classifier-free guidance
-  (chapter 06) can be used at sampling time.
+* ``shapes-ldm-t2i``: text-to-image in the f = 4 latent space on one-object scenes ("a large red
+  circle at the top left", and paraphrases): a small caption transformer (CLIP's text tower,
+  trained from scratch jointly with the UNet) feeds the cross-attention of a ``UNet2DCondition``;
+  captions are dropped 10% of the time so that classifier-free guidance (chapter 06) can be used
+  at sampling time. One object keeps the task learnable in a CPU budget; the autoencoder is the
+  one trained on 1-3 objects.
 
 The training data is one fixed set of rendered scenes per profile (:func:`training_set`),
 encoded once by the autoencoder (the posterior's mean and std are kept; every step draws a fresh
@@ -59,6 +61,7 @@ from .digits import unet_config
 FACTORS = (1, 2, 4, 8)           # the downsampling factors of the sweep (1: pixel space)
 VAE_FACTORS = (2, 4, 8)
 T2I_FACTOR = 4                    # the latent space of the text-to-image model
+T2I_MAX_OBJECTS = 1               # its scenes: one object, named by shape, colour, size and position
 LATENT_CHANNELS = 4
 VAE_WIDTHS = (8, 16, 32, 32)      # per level (CPU profiles); the first log2(f) + 1 are used
 DEFAULT_BETA_KL = 1e-5
@@ -72,10 +75,10 @@ def resolution_for(p: Profile) -> int:
     return p.pick(smoke=32, cpu=32, gpu=64)
 
 
-def world_for(p: Profile, text: bool = False) -> ShapesWorld:
+def world_for(p: Profile, text: bool = False, max_objects: int = 3) -> ShapesWorld:
     """The shapes world at the profile's resolution (seed 0 for every profile, so images agree)."""
     n_par = 4 if text else 0
-    return ShapesWorld(resolution=resolution_for(p), seed=0, n_paraphrases=n_par,
+    return ShapesWorld(resolution=resolution_for(p), seed=0, max_objects=max_objects, n_paraphrases=n_par,
                        n_heldout_paraphrases=0)
 
 
@@ -106,8 +109,9 @@ class TrainingSet:
 
 
 @lru_cache(maxsize=2)
-def _training_set(resolution: int, n: int, chunk: int = 1000) -> TrainingSet:
-    world = ShapesWorld(resolution=resolution, seed=0, n_paraphrases=4, n_heldout_paraphrases=0)
+def _training_set(resolution: int, n: int, max_objects: int = 3, chunk: int = 1000) -> TrainingSet:
+    world = ShapesWorld(resolution=resolution, seed=0, max_objects=max_objects, n_paraphrases=4,
+                        n_heldout_paraphrases=0)
     pixels, captions, paraphrases = [], [], []
     for k, start in enumerate(range(0, n, chunk)):
         scenes = world.sample(min(chunk, n - start), seed=1000 + k)
@@ -117,9 +121,11 @@ def _training_set(resolution: int, n: int, chunk: int = 1000) -> TrainingSet:
     return TrainingSet(torch.cat(pixels), captions, paraphrases)
 
 
-def training_set(p: Profile) -> TrainingSet:
-    """The fixed training set of every recipe here (rendered once per process, kept as uint8)."""
-    return _training_set(resolution_for(p), p.pick(smoke=512, cpu=8000, gpu=16000))
+def training_set(p: Profile, max_objects: int = 3) -> TrainingSet:
+    """The fixed training set of the recipes here (rendered once per process, kept as uint8):
+    scenes of 1 to ``max_objects`` objects (3 for the autoencoders and the sweep, 1 for
+    text-to-image)."""
+    return _training_set(resolution_for(p), p.pick(smoke=512, cpu=8000, gpu=16000), max_objects)
 
 
 def heldout_images(p: Profile, n: int | None = None) -> torch.Tensor:
@@ -278,9 +284,16 @@ def kl_recipe_name(beta_kl: float) -> str:
 # Diffusion in the latent space (f = 1: pixels)
 # ------------------------------------------------------------------------------------------------
 
-def latent_diffusion() -> GaussianDiffusion:
-    """The process of every model here: DDPM's linear schedule, T = 1000, eps-prediction."""
-    return GaussianDiffusion.from_schedule("linear", 1000, prediction="eps", variance="fixed_small")
+def latent_diffusion(schedule: str = "linear") -> GaussianDiffusion:
+    """The process of the models here: T = 1000, eps-prediction, DDPM's ``"linear"`` schedule
+    (beta 1e-4 to 0.02) or LDM's own ``"scaled_linear"`` (beta from 0.00085 to 0.012, linear in
+    sqrt(beta): Stable Diffusion's), which destroys information more slowly."""
+    return GaussianDiffusion.from_schedule(schedule, 1000, prediction="eps", variance="fixed_small")
+
+
+def diffusion_for(c: dict[str, Any]) -> GaussianDiffusion:
+    """The process of a stored model's config (its ``"schedule"``; ``"linear"`` if it has none)."""
+    return latent_diffusion(c.get("schedule", "linear"))
 
 
 def latent_shape(f: int, resolution: int) -> tuple[int, int, int]:
@@ -447,7 +460,7 @@ def _train_ldm(model: UNet2D, c: dict[str, Any], p: Profile) -> dict[str, Any]:
     compute seconds per step (so a model in a small latent space takes more steps)."""
     codes = LatentCodes(training_set(p).pixels, _vae_for(c["f"], p))
     steps, sec = sweep_steps(c, p)
-    diffusion = latent_diffusion()
+    diffusion = diffusion_for(c)
     g = torch.Generator(device=p.device).manual_seed(c["seed"])
     torch.manual_seed(c["seed"])
 
@@ -484,15 +497,31 @@ SHAPES_LDM_F1, SHAPES_LDM_F2, SHAPES_LDM_F4, SHAPES_LDM_F8 = (LDM_RECIPES[f] for
 NULL_CAPTION = ""   # the unconditional "caption": <start> <end> <pad> ... (chapter 06 guides with it)
 
 
+def coordinate_maps(size: int) -> torch.Tensor:
+    """(2, size, size): the x and y coordinate of every position, from -1 to 1 (x left to right,
+    y top to bottom), as extra input channels (CoordConv, Liu et al. 2018)."""
+    r = torch.linspace(-1.0, 1.0, size)
+    y, x = torch.meshgrid(r, r, indexing="ij")
+    return torch.stack([x, y])
+
+
 class TextToImageUNet(nn.Module):
     """``eps_theta(z_t, t, tau_theta(y))`` (LDM eq. 3): a caption transformer ``tau_theta`` (CLIP's
     text tower, from scratch) whose token states ``(B, N, d)`` are the keys and values of the
-    UNet's cross-attention layers. ``forward(z_t, t, input_ids) -> eps``."""
+    UNet's cross-attention layers. ``forward(z_t, t, input_ids) -> eps``.
 
-    def __init__(self, text_config: CLIPTextConfig, unet_config: CondUNetConfig):
+    With ``coord_channels`` the UNet also sees the two :func:`coordinate_maps` beside ``z_t``
+    (its ``in_channels`` = latent channels + 2): convolutions are translation-equivariant, so
+    without them "top left" has to be inferred from the zero padding at the borders, and a small
+    model trained briefly learns what a caption names long before it learns where."""
+
+    def __init__(self, text_config: CLIPTextConfig, unet_config: CondUNetConfig, coord_channels: bool = False):
         super().__init__()
         self.text_encoder = CLIPTextModel(text_config)
         self.unet = UNet2DCondition(unet_config)
+        self.coord_channels = coord_channels
+        coords = coordinate_maps(unet_config.sample_size) if coord_channels else torch.zeros(0)
+        self.register_buffer("coords", coords, persistent=False)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, N) token ids -> (B, N, d) the states the UNet attends to."""
@@ -502,6 +531,8 @@ class TextToImageUNet(nn.Module):
                 context: torch.Tensor | None = None) -> torch.Tensor:
         if context is None:
             context = self.encode_text(input_ids)
+        if self.coord_channels:
+            x = torch.cat([x, self.coords.to(x).expand(x.shape[0], -1, -1, -1)], dim=1)
         return self.unet(x, t, encoder_hidden_states=context)
 
 
@@ -516,7 +547,10 @@ def _t2i_config(p: Profile) -> dict[str, Any]:
     return {
         "f": f, "resolution": res, "width": p.pick(smoke=16, cpu=32, gpu=64),
         "text_width": p.pick(smoke=32, cpu=64, gpu=128), "text_layers": p.pick(smoke=1, cpu=2, gpu=4),
-        "context_length": world_for(p, text=True).max_caption_words() + 2,
+        "max_objects": T2I_MAX_OBJECTS,
+        "context_length": world_for(p, text=True, max_objects=T2I_MAX_OBJECTS).max_caption_words() + 2,
+        # cross-attention per level, highest resolution first (the middle block always has it)
+        "cross_attention": [False, True, False], "coord_channels": True, "schedule": "scaled_linear",
         "p_uncond": 0.1, "paraphrases": True,
         "steps": p.pick(smoke=60, cpu=1500, gpu=5000), "batch_size": p.pick(smoke=16, cpu=32, gpu=64),
         "lr": 1e-3, "ema_decay": p.pick(smoke=0.99, cpu=0.999, gpu=0.9995), "seed": 0,
@@ -533,14 +567,16 @@ def build_t2i(c: dict[str, Any]) -> TextToImageUNet:
                                num_hidden_layers=c["text_layers"], num_attention_heads=heads,
                                eos_token_id=tok.end_id, projection_dim=None)
     w = c["width"]
+    xattn = c.get("cross_attention", [True, True, False])
+    coords = c.get("coord_channels", False)
     unet = CondUNetConfig(
-        sample_size=c["resolution"] // c["f"], in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        block_out_channels=(w, 2 * w, 2 * w),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=c["resolution"] // c["f"], in_channels=LATENT_CHANNELS + (2 if coords else 0),
+        out_channels=LATENT_CHANNELS, block_out_channels=(w, 2 * w, 2 * w),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in xattn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(xattn)),
         layers_per_block=1, cross_attention_dim=c["text_width"], num_attention_heads=heads, norm_num_groups=8,
     )
-    return TextToImageUNet(text, unet)
+    return TextToImageUNet(text, unet, coord_channels=coords)
 
 
 def caption_ids(scenes: Any, tokenizer: WordTokenizer, paraphrases: bool = True) -> torch.Tensor:
@@ -552,12 +588,12 @@ def caption_ids(scenes: Any, tokenizer: WordTokenizer, paraphrases: bool = True)
 
 
 def _train_t2i(model: TextToImageUNet, c: dict[str, Any], p: Profile) -> dict[str, Any]:
-    data = training_set(p)
+    data = training_set(p, c["max_objects"])
     tok = tokenizer_for(c)
     codes = LatentCodes(data.pixels, _vae_for(c["f"], p))
     ids = caption_ids(data, tok, c["paraphrases"])
     null_ids = tok.encode([NULL_CAPTION])[0]
-    diffusion = latent_diffusion()
+    diffusion = diffusion_for(c)
     g = torch.Generator(device=p.device).manual_seed(c["seed"])
     torch.manual_seed(c["seed"])
 
@@ -583,6 +619,7 @@ def _train_t2i(model: TextToImageUNet, c: dict[str, Any], p: Profile) -> dict[st
             "latent_scale": codes.scale}
 
 
-SHAPES_LDM_T2I = register(Recipe("shapes-ldm-t2i", 1, _t2i_config, build_t2i, _train_t2i,
-                                 "text-to-image diffusion in the f=4 latent space of shapes-vae-f4: a caption "
-                                 "transformer trained jointly with a cross-attention UNet, 10% caption dropout"))
+SHAPES_LDM_T2I = register(Recipe("shapes-ldm-t2i", 2, _t2i_config, build_t2i, _train_t2i,
+                                 "text-to-image diffusion in the f=4 latent space of shapes-vae-f4 (one-object "
+                                 "scenes, LDM's scaled-linear schedule, coordinate channels): a caption transformer "
+                                 "trained jointly with a cross-attention UNet, 10% caption dropout"))
