@@ -1,0 +1,183 @@
+"""Chapter 06's recipe pieces: labels and captions are dropped to the null condition at the requested
+rate (and only to it), the null class and the null caption go through the models, the recipes are in
+the store, and guided DDIM at s = 1 is plain conditional DDIM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusion_core import store
+from diffusion_core.experiments import guidance as claim
+from diffusion_core.process import GaussianDiffusion, linear_betas
+from diffusion_core.profiles import Profile
+from diffusion_core.recipes import guidance as recipes
+from diffusion_core.samplers import ddim_sample
+
+SMOKE = Profile("smoke", torch.device("cpu"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is as fast, and immune to oversubscription on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in network that records the conditions it is given and predicts zeros."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, class_labels=None, input_ids=None):
+        self.seen.append(class_labels if class_labels is not None else input_ids)
+        return x * self.w
+
+
+@pytest.fixture(scope="module")
+def shapes_config() -> dict:
+    return recipes.SHAPES_CFG.config(SMOKE)
+
+
+@pytest.mark.parametrize("p_uncond", [0.0, 0.1, 0.5, 1.0])
+def test_digits_loss_uses_the_null_class_at_the_dropout_rate(p_uncond):
+    model, diffusion = Recorder(), GaussianDiffusion(linear_betas(1000))
+    y = torch.arange(20_000) % 10
+    x0 = torch.zeros(len(y), 1, 2, 2)
+    recipes.digits_loss(model, diffusion, x0, y, p_uncond, generator=torch.Generator().manual_seed(0))
+    (seen,) = model.seen
+    dropped = seen == recipes.NULL_CLASS
+    assert abs(dropped.float().mean().item() - p_uncond) < 0.015
+    assert torch.equal(seen[~dropped], y[~dropped])  # the others keep their label
+
+
+def test_caption_loss_swaps_in_exactly_the_null_caption_tokens(shapes_config):
+    tok = recipes.caption_tokenizer(shapes_config)
+    captions = recipes.shapes_world(shapes_config).sample(2000, seed=0).captions
+    ids = tok.encode(captions)
+    null = recipes.null_caption_ids(shapes_config)
+    model, diffusion = Recorder(), GaussianDiffusion(linear_betas(1000))
+    recipes.caption_loss(model, diffusion, torch.zeros(len(ids), 3, 2, 2), ids, null, 0.2,
+                         generator=torch.Generator().manual_seed(0))
+    (seen,) = model.seen
+    is_null = (seen == null).all(1)
+    assert abs(is_null.float().mean().item() - 0.2) < 0.03
+    assert torch.equal(seen[~is_null], ids[~is_null])
+    assert not (ids == null).all(1).any()  # no real caption is the empty one
+
+
+def test_null_caption_is_start_end_then_padding(shapes_config):
+    tok = recipes.caption_tokenizer(shapes_config)
+    null = recipes.null_caption_ids(shapes_config)
+    assert null.shape == (shapes_config["context_length"],)
+    assert null[:2].tolist() == [tok.start_id, tok.end_id]
+    assert (null[2:] == tok.pad_id).all()
+    assert tok.decode(null) == ""
+
+
+def test_caption_model_encodes_the_null_caption_and_denoises_with_it(shapes_config):
+    model = recipes.SHAPES_CFG.build(shapes_config).eval()
+    tok = recipes.caption_tokenizer(shapes_config)
+    ids = torch.cat([tok.encode(["a large red circle at the top left"]), recipes.null_caption_ids(shapes_config)[None]])
+    with torch.no_grad():
+        ctx = model.encode(ids)
+        r = recipes.model_resolution(shapes_config)
+        x = torch.randn(2, 3, r, r)
+        eps = model(x, torch.tensor([10, 900]), ids)
+    assert ctx["tokens"].shape == (2, shapes_config["context_length"], shapes_config["text_width"])
+    assert ctx["pooled"].shape == (2, shapes_config["text_width"])
+    for v in ctx.values():
+        assert torch.isfinite(v).all() and not torch.allclose(v[0], v[1])
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+
+
+def test_caption_model_adds_the_pooled_caption_to_the_time_embedding(shapes_config):
+    """GLIDE's second path: a zero caption projection is the same as none; any other changes eps."""
+    model = recipes.SHAPES_CFG.build(shapes_config).eval()
+    r = recipes.model_resolution(shapes_config)
+    x, t = torch.randn(2, 3, r, r), torch.tensor([10, 900])
+    tokens = torch.randn(2, shapes_config["context_length"], shapes_config["text_width"])
+    temb = 4 * model.unet.config.block_out_channels[0]
+    with torch.no_grad():
+        plain = model.unet(x, t, encoder_hidden_states=tokens)
+        zero = model.unet(x, t, encoder_hidden_states=tokens, class_labels=torch.zeros(2, temb))
+        other = model.unet(x, t, encoder_hidden_states=tokens, class_labels=torch.randn(2, temb))
+    torch.testing.assert_close(zero, plain)
+    assert not torch.allclose(other, plain)
+    with pytest.raises(ValueError, match="class_labels"):
+        model.unet(x, t, encoder_hidden_states=tokens, class_labels=torch.zeros(2, temb + 1))
+
+
+def test_caption_model_draws_at_half_resolution_and_the_evaluator_sees_blocks(shapes_config):
+    R, k = shapes_config["resolution"], shapes_config["downsample"]
+    model = recipes.SHAPES_CFG.build(shapes_config)
+    assert model.unet.config.sample_size == recipes.model_resolution(shapes_config) == R // k
+    images = recipes.shapes_world(shapes_config).sample(4, seed=0).images
+    small = recipes.to_model(images, shapes_config)
+    assert small.shape == (4, 3, R // k, R // k)
+    torch.testing.assert_close(small.mean(), images.mean())  # block means keep the mean
+    back = recipes.to_world(small, shapes_config)
+    assert back.shape == images.shape and torch.equal(recipes.to_model(back, shapes_config), small)
+
+
+def test_digit_model_takes_the_null_class():
+    c = recipes.DIGITS_CFG_P01.config(SMOKE)
+    model = recipes.DIGITS_CFG_P01.build(c).eval()
+    assert model.config.num_class_embeds == 11 and c["null_class"] == 10
+    with torch.no_grad():
+        out = model(torch.randn(3, 1, 16, 16), torch.tensor([1, 2, 3]), torch.tensor([0, 9, 10]))
+    assert out.shape == (3, 1, 16, 16)
+
+
+def test_recipes_are_registered_and_differ_only_in_p_uncond_and_budget():
+    names = [recipes.digits_recipe_name(p) for p in recipes.DIGIT_P_UNCONDS]
+    assert names == ["digits-cfg-p0.1", "digits-cfg-p0.2", "digits-cfg-p0.5"]
+    configs = [store.recipe(n).config(Profile("cpu", torch.device("cpu"))) for n in names]
+    assert [c["p_uncond"] for c in configs] == [0.1, 0.2, 0.5]
+    strip = [{k: v for k, v in c.items() if k != "p_uncond"} for c in configs]
+    assert strip[0] == strip[1] == strip[2]  # an equal budget at the cpu profile
+    assert store.recipe("shapes-cfg-p0.2").config(SMOKE)["p_uncond"] == 0.2
+
+
+def test_guided_ddim_at_scale_one_is_conditional_ddim_and_at_zero_unconditional():
+    diffusion = GaussianDiffusion(linear_betas(1000))
+
+    def model(x, t, c):
+        return 0.1 * x + c.to(x).reshape(-1, 1) / 10
+
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    c, null = torch.tensor([1, 2, 3, 4]), torch.tensor(0)
+    for s, want_c in ((1.0, c), (0.0, torch.zeros_like(c))):
+        got = claim.guided_sample(model, diffusion, x_T, c, null, s, steps=10)
+        want = ddim_sample(lambda x, t, cc=want_c: model(x, t, cc), diffusion, x_T, 10, progress=False)
+        torch.testing.assert_close(got, want)
+
+
+class DtypeProbe(torch.nn.Module):
+    """A one-convolution stand-in for the digit UNet that records the dtype its convolution runs in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        self.dtypes: list[torch.dtype] = []
+
+    def forward(self, x, t, class_labels):
+        out = self.conv(x)
+        self.dtypes.append(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize("amp", ["0", "1"])
+def test_sample_digits_runs_the_network_under_the_profile_precision_and_returns_float32(monkeypatch, tmp_path, amp):
+    monkeypatch.setenv("DIFFUSION_AMP", amp)
+    probe = DtypeProbe()
+    c = recipes.DIGITS_CFG_P01.config(SMOKE)
+    stored = store.Stored(probe, "probe", "smoke", c, {}, tmp_path, False)
+    x = claim.sample_digits(stored, torch.arange(6) % 10, 3.0, steps=2, profile=SMOKE)
+    assert x.dtype == torch.float32 and x.shape == (6, 1, 16, 16) and torch.isfinite(x).all()
+    assert set(probe.dtypes) == {torch.bfloat16 if amp == "1" else torch.float32}
