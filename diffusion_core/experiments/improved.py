@@ -107,20 +107,24 @@ def noised(x0: torch.Tensor, diffusion: GaussianDiffusion, fractions: Sequence[f
 # Looking inside the trained models
 # --------------------------------------------------------------------------------------------------
 
+def _outputs_at(stored: Stored, diffusion: GaussianDiffusion, x0: torch.Tensor, ts: Sequence[int], seed: int):
+    """For each t in ``ts``: (t, x_t ~ q(x_t | x_0), the network's output at x_t), noise from ``seed``."""
+    model, dev = stored.model.eval(), x0.device
+    g = torch.Generator().manual_seed(seed)
+    for t_int in ts:
+        t = torch.full((x0.shape[0],), int(t_int), device=dev, dtype=torch.long)
+        xt = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(dev))
+        yield t, xt, model(xt, diffusion.model_t(t))
+
+
 @torch.no_grad()
 def bound_terms(stored: Stored, x0: torch.Tensor, ts: Sequence[int], seed: int = 0) -> torch.Tensor:
     """L_t for each t in ``ts`` (bits/dim), averaged over the images x0: (len(ts),) float64. The bound
     is the sum over all T of these (plus L_T), so their size says which steps the likelihood cares about."""
     diffusion = diffusion_for(stored.config)
-    model, dev = stored.model.eval(), _device(stored)
-    x0 = x0.to(dev)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for t_int in ts:
-        t = torch.full((x0.shape[0],), int(t_int), device=dev, dtype=torch.long)
-        xt = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(dev))
-        out.append(diffusion.vb_terms_bpd(model(xt, diffusion.model_t(t)), x0, xt, t).mean().double().cpu())
-    return torch.stack(out)
+    x0 = x0.to(_device(stored))
+    return torch.stack([diffusion.vb_terms_bpd(out, x0, xt, t).mean().double().cpu()
+                        for t, xt, out in _outputs_at(stored, diffusion, x0, ts, seed)])
 
 
 @torch.no_grad()
@@ -131,16 +135,9 @@ def learned_interpolation(stored: Stored, x0: torch.Tensor, ts: Sequence[int], s
     diffusion = diffusion_for(stored.config)
     if diffusion.variance != "learned_range":
         raise ValueError(f"{stored.name} has no learned variance")
-    model, dev = stored.model.eval(), _device(stored)
-    x0 = x0.to(dev)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for t_int in ts:
-        t = torch.full((x0.shape[0],), int(t_int), device=dev, dtype=torch.long)
-        xt = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(dev))
-        _, v = diffusion.split_output(model(xt, diffusion.model_t(t)), xt)
-        out.append(((v + 1) / 2).mean().double().cpu())
-    return torch.stack(out)
+    x0 = x0.to(_device(stored))
+    return torch.stack([((diffusion.split_output(out, xt)[1] + 1) / 2).mean().double().cpu()
+                        for _, xt, out in _outputs_at(stored, diffusion, x0, ts, seed)])
 
 
 # --------------------------------------------------------------------------------------------------
