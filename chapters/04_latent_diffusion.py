@@ -339,7 +339,7 @@ viz.show(fig)
 
 # %% [markdown]
 # **Reading the numbers.** Read the steps column first: for the same compute, the UNet in the
-# $f = 4$ space takes roughly ten times as many steps as in pixel space (it works on 16 times fewer
+# $f = 4$ space takes about eight times as many steps as in pixel space (it works on 16 times fewer
 # positions; small maps use a CPU less efficiently, so the gain is less than 16x), and it samples
 # about as much faster. That is where Latent Diffusion's advantage comes from, and the FD column
 # shows what it buys: with the same compute the pixel model has seen too few batches to draw
@@ -348,11 +348,23 @@ viz.show(fig)
 # autoencoders' own FD, bound each latent model from below: at $f = 8$ (a 4x4 latent) the
 # autoencoder already blurs shapes and loses colours, and that ceiling, not the diffusion model,
 # limits its samples (their FD is close to the mark): the paper's LDM-32 in small. The best space
-# balances the two, as in the paper's Fig. 6. A first, exploratory `cpu` run (two cores shared with
-# other jobs, not yet reproduced by `benchmarks/run.py --chapter 04 --profile cpu`, so treat these as
-# provisional) gave FDs of 4530, 3011, 899 and 2238 for $f = 1, 2, 4, 8$, against 441 for real
-# scenes and 1587 for a Gaussian fitted to the pixels. (At `smoke` nothing is
-# trained long enough to mean anything; only the step counts and timings are in the right order.)
+# balances the two, as in the paper's Fig. 6.
+#
+# At the `cpu` profile (`benchmarks/run.py --chapter 04 --profile cpu`; 100 compute seconds per
+# model, 500 samples each, 25 DDIM steps):
+#
+# | $f$ | space | steps | FD | FD of the autoencoder | ms per image |
+# |---|---|---|---|---|---|
+# | 1 | 3x32x32 | 168 | 4419 | 444 (real images) | 268 |
+# | 2 | 4x16x16 | 576 | 2688 | 492 | 59 |
+# | 4 | 4x8x8 | 1370 | 825 | 563 | 16 |
+# | 8 | 4x4x4 | 1863 | 2122 | 2374 | 5.0 |
+#
+# against 422 for other real scenes (the floor), 637 for real scenes blurred 3x3 and 1487 for a
+# Gaussian fitted to the pixels. $f = 4$ is the best space for this compute, and $f = 8$ sits at its
+# autoencoder's ceiling. (That run shared the machine, one thread each; the budget is counted in
+# CPU seconds, so the steps are what an idle machine gives. At `smoke` nothing is trained long
+# enough to mean anything; only the step counts and timings are in the right order.)
 #
 # Move the slider to watch samples of the $f = 4$ model being denoised, each latent $z_t$ decoded
 # as it is, $\mathcal D(z_t / s)$: the decoder turns noise in the latent into blotches, and the

@@ -70,6 +70,7 @@ from diffusion_core.evaluate.digits import digit_evaluator
 from diffusion_core.experiments import guidance as claim
 from diffusion_core.process import GaussianDiffusion, linear_betas
 from diffusion_core.recipes import guidance as recipes
+from diffusion_core.recipes import latent as latent_recipes
 from diffusion_core.samplers import ddim_sample
 from diffusion_core.samplers.guidance import cfg_eps, drop_condition
 from diffusion_core.widgets import explore
@@ -352,28 +353,29 @@ explore(show_digits, s=(0.0, 10.0, 0.5, 3.0))
 # %% [markdown]
 # ## 5. Captions: guidance for text-to-image
 #
-# The same recipe with captions instead of labels, as GLIDE and every text-to-image model since:
-# scenes of the shapes world (one object: "a large red circle at the top left"), and a small text
-# transformer over word tokens trained jointly with the UNet. The UNet reads the caption two ways, as
-# GLIDE's does: it cross-attends to the per-token states (chapter 04), and a projection of the pooled
-# state (the end token's) is added to its time embedding, where the digit model adds its class
-# embedding. The null caption is the empty caption, `<start> <end> <pad> ...`,
-# and captions are dropped to it with $p_\text{uncond} = 0.2$ (GLIDE's choice). To train in minutes
-# on a laptop, the model draws each scene at half the world's resolution (the means of 2x2 blocks,
-# 16x16 at the `cpu` profile); the shapes evaluator of chapter 05 reads its samples shown as 2x2
-# blocks.
+# The same recipe with captions instead of labels, as GLIDE and every text-to-image model since.
+# The caption models are chapter 04's text-to-image latent diffusion model: one-object scenes of
+# the shapes world ("a large red circle at the top left"), drawn in the $f = 4$ latent space of its
+# autoencoder, with a small text transformer over word tokens trained jointly with a UNet that
+# cross-attends to its token states. The null caption is the empty caption, `<start> <end> <pad> ...`
+# (GLIDE's choice), so the unconditional model still reads a well-formed token sequence. Chapter
+# 04's model drops captions with $p_\text{uncond} = 0.1$; the same recipe is trained twice more,
+# with 0.2 (GLIDE's choice) and 0.5, at the same budget.
 
 # %%
-shapes_model = store.load(recipes.SHAPES_CFG.name, profile)
-sc = shapes_model.config
-n_text = sum(q.numel() for q in shapes_model.model.text_encoder.parameters())
-n_unet = sum(q.numel() for q in shapes_model.model.unet.parameters())
-print(f"text encoder {n_text:,} + UNet {n_unet:,} parameters; trained {sc['steps']} steps in "
-      f"{shapes_model.metrics['train_seconds']} s, final loss {shapes_model.metrics['final_loss']}")
-tokenizer = recipes.caption_tokenizer(sc)
-example = recipes.shapes_world(sc).sample(2, seed=0).captions[0]
+t2i_models = {p: store.load(latent_recipes.t2i_recipe_name(p), profile) for p in latent_recipes.T2I_P_UNCONDS}
+sc = t2i_models[0.1].config
+n_text = sum(q.numel() for q in t2i_models[0.1].model.text_encoder.parameters())
+n_unet = sum(q.numel() for q in t2i_models[0.1].model.unet.parameters())
+print(f"text encoder {n_text:,} + UNet {n_unet:,} parameters, {sc['steps']} steps of {sc['batch_size']} each")
+for p, m in t2i_models.items():
+    print(f"  p_uncond = {p:g}: trained in {m.metrics['train_seconds']} s, final loss {m.metrics['final_loss']}")
+tokenizer = latent_recipes.tokenizer_for(sc)
+world = latent_recipes.world_for(profile, text=True, max_objects=sc["max_objects"])
+example = world.sample(2, seed=0).captions[0]
+null_ids = tokenizer.encode([latent_recipes.NULL_CAPTION])[0]
 print(f"{example!r} -> {tokenizer.encode([example])[0].tolist()}")
-print(f"the null caption '' -> {recipes.null_caption_ids(sc).tolist()}")
+print(f"the null caption '' -> {null_ids.tolist()}")
 
 # %% [markdown]
 # **Check** that the text encoder takes the null caption like any other caption, and that caption
@@ -381,21 +383,16 @@ print(f"the null caption '' -> {recipes.null_caption_ids(sc).tolist()}")
 
 # %%
 # NBVAL_CHECK_OUTPUT
-null_ids = recipes.null_caption_ids(sc)
 assert null_ids[:2].tolist() == [tokenizer.start_id, tokenizer.end_id] and (null_ids[2:] == tokenizer.pad_id).all()
-ids = tokenizer.encode(recipes.shapes_world(sc).sample(64, seed=0).captions)
+ids = tokenizer.encode(world.sample(64, seed=0).captions)
 dropped = drop_condition(ids, null_ids, 0.5, generator=torch.Generator().manual_seed(0))
 is_null = (dropped == null_ids).all(1)
 assert 0 < is_null.sum() < 64 and (dropped[~is_null] == ids[~is_null]).all()
 with torch.no_grad():
-    ctx = shapes_model.model.encode(dropped.to(profile.device))
-assert ctx["tokens"].shape == (64, sc["context_length"], sc["text_width"])
-assert ctx["pooled"].shape == (64, sc["text_width"])
-for v in ctx.values():
-    assert torch.isfinite(v).all()
-    assert torch.allclose(v[is_null], v[is_null][:1].expand_as(v[is_null]))   # one null caption for all
+    ctx = t2i_models[0.1].model.encode_text(dropped.to(profile.device))
+assert ctx.shape == (64, sc["context_length"], sc["text_width"]) and torch.isfinite(ctx).all()
+assert torch.allclose(ctx[is_null], ctx[is_null][:1].expand_as(ctx[is_null]))   # one null caption for all
 
-# %% [markdown]
 # ## 6. The claim in miniature: fidelity against diversity over s
 #
 # For each model and each $s \in \{0, 1, 1.5, 2, 3, 5, 8\}$ we draw samples from the same noise and
@@ -463,27 +460,31 @@ viz.show(fig)
 
 # %%
 sh = result["shapes"]
-print(f"shapes model: p_uncond = {sh['p_uncond']}; {sh['n_samples']} captions per point, {sh['steps']} DDIM steps")
-print(f"real scenes seen as the model sees them: caption accuracy {sh['references']['caption_accuracy_real']:.3f} "
-      f"(the ceiling), FD floor {sh['references']['fd_floor']:.1f}")
-print()
-print(f"{'s':>5s} {'FD':>8s} {'caption':>8s} " + " ".join(f"{a:>8s}" for a in claim.SHAPES_ATTRIBUTES))
-for s, r in sh["rows"].items():
-    print(f"{s:5.1f} {r['fd']:8.1f} {r['accuracy']:8.3f} " + " ".join(f"{r[a]:8.3f}" for a in claim.SHAPES_ATTRIBUTES))
+print(f"shapes: {sh['n_samples']} captions per point, {sh['steps']} DDIM steps; real scenes: caption accuracy "
+      f"{sh['references']['caption_accuracy_real']:.3f} (the ceiling), FD floor {sh['references']['fd_floor']:.1f}")
+for p, row in sh["rows"].items():
+    print(f"\np_uncond = {p:g}")
+    print(f"{'s':>5s} {'FD':>8s} {'caption':>8s} " + " ".join(f"{a:>8s}" for a in claim.SHAPES_ATTRIBUTES))
+    for s, r in row.items():
+        print(f"{s:5.1f} {r['fd']:8.1f} {r['accuracy']:8.3f} " + " ".join(f"{r[a]:8.3f}" for a in claim.SHAPES_ATTRIBUTES))
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-ss = list(sh["rows"])
-axes[0].plot(ss, [sh["rows"][s]["accuracy"] for s in ss], "o-", color="k", label="whole caption")
+fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+for p, row in sh["rows"].items():
+    ss = list(row)
+    axes[0].plot(ss, [row[s]["accuracy"] for s in ss], "o-", label=f"p_uncond = {p:g}")
+    axes[2].plot(ss, [row[s]["fd"] for s in ss], "o-", label=f"p_uncond = {p:g}")
+row01 = sh["rows"][0.1]
 for a in claim.SHAPES_ATTRIBUTES:
-    axes[0].plot(ss, [sh["rows"][s][a] for s in ss], ".--", label=a)
-axes[0].axhline(sh["references"]["caption_accuracy_real"], color="gray", ls=":", label="real scenes")
-axes[0].set(xlabel="guidance scale s", ylabel="accuracy", title="caption adherence")
-axes[0].legend(fontsize=8)
-axes[1].plot(ss, [sh["rows"][s]["fd"] for s in ss], "o-")
-axes[1].axhline(sh["references"]["fd_floor"], color="gray", ls=":", label="floor (real scenes)")
-axes[1].set(xlabel="guidance scale s", ylabel="FD", title="FD against real scenes")
-axes[1].legend(fontsize=8)
+    axes[1].plot(list(row01), [r[a] for r in row01.values()], ".--", label=a)
+for ax in axes[:2]:
+    ax.axhline(sh["references"]["caption_accuracy_real"], color="gray", ls=":", label="real scenes")
+axes[2].axhline(sh["references"]["fd_floor"], color="gray", ls=":", label="floor (real scenes)")
+axes[0].set(xlabel="guidance scale s", ylabel="caption accuracy", title="the whole caption right")
+axes[1].set(xlabel="guidance scale s", ylabel="accuracy", title="each attribute (p_uncond = 0.1)")
+axes[2].set(xlabel="guidance scale s", ylabel="FD", title="FD against real one-object scenes")
+for ax in axes:
+    ax.legend(fontsize=8)
 viz.show(fig)
 
 # %%
@@ -492,7 +493,7 @@ n_cap = 6
 fig, axes = plt.subplots(len(show_scales), n_cap, figsize=(1.9 * n_cap, 2.0 * len(show_scales)))
 for i, s in enumerate(show_scales):
     for j in range(n_cap):
-        viz.image_grid(sh["samples"][s][j:j + 1], ax=axes[i, j])
+        viz.image_grid(sh["samples"][0.1][s][j:j + 1], ax=axes[i, j])
         if i == 0:
             axes[i, j].set_title(sh["captions"][j].replace(" at the ", "\nat the ").replace(" on the ", "\non the ")
                                  .replace(" in the ", "\nin the "), fontsize=7)

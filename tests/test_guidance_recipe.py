@@ -1,5 +1,5 @@
 """Chapter 06's recipe pieces: labels and captions are dropped to the null condition at the requested
-rate (and only to it), the null class and the null caption go through the models, the recipes are in
+rate (and only to it), the null class goes through the model, the recipes are in
 the store, and guided DDIM at s = 1 is plain conditional DDIM."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from diffusion_core.experiments import guidance as claim
 from diffusion_core.process import GaussianDiffusion, linear_betas
 from diffusion_core.profiles import Profile
 from diffusion_core.recipes import guidance as recipes
+from diffusion_core.recipes import latent as latent_recipes
 from diffusion_core.samplers import ddim_sample
 
 SMOKE = Profile("smoke", torch.device("cpu"))
@@ -39,11 +40,6 @@ class Recorder(torch.nn.Module):
         return x * self.w
 
 
-@pytest.fixture(scope="module")
-def shapes_config() -> dict:
-    return recipes.SHAPES_CFG.config(SMOKE)
-
-
 @pytest.mark.parametrize("p_uncond", [0.0, 0.1, 0.5, 1.0])
 def test_digits_loss_uses_the_null_class_at_the_dropout_rate(p_uncond):
     model, diffusion = Recorder(), GaussianDiffusion(linear_betas(1000))
@@ -56,73 +52,24 @@ def test_digits_loss_uses_the_null_class_at_the_dropout_rate(p_uncond):
     assert torch.equal(seen[~dropped], y[~dropped])  # the others keep their label
 
 
-def test_caption_loss_swaps_in_exactly_the_null_caption_tokens(shapes_config):
-    tok = recipes.caption_tokenizer(shapes_config)
-    captions = recipes.shapes_world(shapes_config).sample(2000, seed=0).captions
+def test_caption_loss_swaps_in_exactly_the_null_caption_tokens():
+    """The caption models (chapter 04's text-to-image recipe, one per p_uncond) drop captions to the
+    empty caption's tokens at the requested rate, and leave the others alone."""
+    c = latent_recipes.T2I_RECIPES[0.2].config(SMOKE)
+    tok = latent_recipes.tokenizer_for(c)
+    captions = latent_recipes.world_for(SMOKE, text=True, max_objects=1).sample(2000, seed=0).captions
     ids = tok.encode(captions)
-    null = recipes.null_caption_ids(shapes_config)
+    null = tok.encode([latent_recipes.NULL_CAPTION])[0]
     model, diffusion = Recorder(), GaussianDiffusion(linear_betas(1000))
-    recipes.caption_loss(model, diffusion, torch.zeros(len(ids), 3, 2, 2), ids, null, 0.2,
-                         generator=torch.Generator().manual_seed(0))
+    latent_recipes.t2i_loss(model, diffusion, torch.zeros(len(ids), 4, 2, 2), ids, null, c["p_uncond"],
+                            generator=torch.Generator().manual_seed(0))
     (seen,) = model.seen
     is_null = (seen == null).all(1)
     assert abs(is_null.float().mean().item() - 0.2) < 0.03
     assert torch.equal(seen[~is_null], ids[~is_null])
     assert not (ids == null).all(1).any()  # no real caption is the empty one
-
-
-def test_null_caption_is_start_end_then_padding(shapes_config):
-    tok = recipes.caption_tokenizer(shapes_config)
-    null = recipes.null_caption_ids(shapes_config)
-    assert null.shape == (shapes_config["context_length"],)
-    assert null[:2].tolist() == [tok.start_id, tok.end_id]
-    assert (null[2:] == tok.pad_id).all()
-    assert tok.decode(null) == ""
-
-
-def test_caption_model_encodes_the_null_caption_and_denoises_with_it(shapes_config):
-    model = recipes.SHAPES_CFG.build(shapes_config).eval()
-    tok = recipes.caption_tokenizer(shapes_config)
-    ids = torch.cat([tok.encode(["a large red circle at the top left"]), recipes.null_caption_ids(shapes_config)[None]])
-    with torch.no_grad():
-        ctx = model.encode(ids)
-        r = recipes.model_resolution(shapes_config)
-        x = torch.randn(2, 3, r, r)
-        eps = model(x, torch.tensor([10, 900]), ids)
-    assert ctx["tokens"].shape == (2, shapes_config["context_length"], shapes_config["text_width"])
-    assert ctx["pooled"].shape == (2, shapes_config["text_width"])
-    for v in ctx.values():
-        assert torch.isfinite(v).all() and not torch.allclose(v[0], v[1])
-    assert eps.shape == x.shape and torch.isfinite(eps).all()
-
-
-def test_caption_model_adds_the_pooled_caption_to_the_time_embedding(shapes_config):
-    """GLIDE's second path: a zero caption projection is the same as none; any other changes eps."""
-    model = recipes.SHAPES_CFG.build(shapes_config).eval()
-    r = recipes.model_resolution(shapes_config)
-    x, t = torch.randn(2, 3, r, r), torch.tensor([10, 900])
-    tokens = torch.randn(2, shapes_config["context_length"], shapes_config["text_width"])
-    temb = 4 * model.unet.config.block_out_channels[0]
-    with torch.no_grad():
-        plain = model.unet(x, t, encoder_hidden_states=tokens)
-        zero = model.unet(x, t, encoder_hidden_states=tokens, class_labels=torch.zeros(2, temb))
-        other = model.unet(x, t, encoder_hidden_states=tokens, class_labels=torch.randn(2, temb))
-    torch.testing.assert_close(zero, plain)
-    assert not torch.allclose(other, plain)
-    with pytest.raises(ValueError, match="class_labels"):
-        model.unet(x, t, encoder_hidden_states=tokens, class_labels=torch.zeros(2, temb + 1))
-
-
-def test_caption_model_draws_at_half_resolution_and_the_evaluator_sees_blocks(shapes_config):
-    R, k = shapes_config["resolution"], shapes_config["downsample"]
-    model = recipes.SHAPES_CFG.build(shapes_config)
-    assert model.unet.config.sample_size == recipes.model_resolution(shapes_config) == R // k
-    images = recipes.shapes_world(shapes_config).sample(4, seed=0).images
-    small = recipes.to_model(images, shapes_config)
-    assert small.shape == (4, 3, R // k, R // k)
-    torch.testing.assert_close(small.mean(), images.mean())  # block means keep the mean
-    back = recipes.to_world(small, shapes_config)
-    assert back.shape == images.shape and torch.equal(recipes.to_model(back, shapes_config), small)
+    # the null caption: <start> <end> <pad> ...
+    assert null[:2].tolist() == [tok.start_id, tok.end_id] and (null[2:] == tok.pad_id).all()
 
 
 def test_digit_model_takes_the_null_class():
@@ -141,7 +88,11 @@ def test_recipes_are_registered_and_differ_only_in_p_uncond_and_budget():
     assert [c["p_uncond"] for c in configs] == [0.1, 0.2, 0.5]
     strip = [{k: v for k, v in c.items() if k != "p_uncond"} for c in configs]
     assert strip[0] == strip[1] == strip[2]  # an equal budget at the cpu profile
-    assert store.recipe("shapes-cfg-p0.2").config(SMOKE)["p_uncond"] == 0.2
+    t2i = [store.recipe(latent_recipes.t2i_recipe_name(p)).config(SMOKE) for p in latent_recipes.T2I_P_UNCONDS]
+    assert [c["p_uncond"] for c in t2i] == [0.1, 0.2, 0.5]
+    assert latent_recipes.t2i_recipe_name(0.1) == "shapes-ldm-t2i"  # chapter 04's model is chapter 06's p = 0.1
+    strip = [{k: v for k, v in c.items() if k != "p_uncond"} for c in t2i]
+    assert strip[0] == strip[1] == strip[2]
 
 
 def test_guided_ddim_at_scale_one_is_conditional_ddim_and_at_zero_unconditional():

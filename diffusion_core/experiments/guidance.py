@@ -11,8 +11,11 @@ The miniature measures, over the guidance scale s (GLIDE's convention, s = 1 + w
 * digits, one model per p_uncond in {0.1, 0.2, 0.5}: FD against held-out digits (the digit
   evaluator, chapter 01) and condition accuracy, the fraction of samples the digit classifier reads
   as the class that was asked for (the analogue of Inception Score's "confidently of a class");
-* shapes scenes from captions: FD against real scenes (features of the shapes evaluator, chapter 05)
-  and caption accuracy, the fraction of samples showing exactly what their caption names.
+* shapes scenes from captions, one text-to-image model per p_uncond in {0.1, 0.2, 0.5} (chapter
+  04's latent diffusion model, ``shapes-ldm-t2i``, and the same recipe with captions dropped 20% and
+  50% of the time): FD against real one-object scenes (features of the shapes evaluator, chapter
+  05) and caption accuracy, the fraction of samples showing exactly what their caption names (and
+  each attribute alone).
 
 Sampling uses DDIM with eta = 0 (chapter 03) in a few steps, the usual way guided models are sampled
 today; every scale starts from the same noise, so the pictures differ by s alone.
@@ -30,19 +33,9 @@ from ..evaluate.digits import DigitEvaluator, digit_evaluator
 from ..evaluate.frechet import feature_stats, frechet_distance_from_stats
 from ..process.gaussian import GaussianDiffusion
 from ..profiles import Profile, current
+from ..recipes import latent as latent_recipes
 from ..recipes.digits import diffusion_for
-from ..recipes.guidance import (
-    DIGIT_P_UNCONDS,
-    SHAPES_CFG,
-    caption_tokenizer,
-    digits_recipe_name,
-    model_resolution,
-    null_caption_ids,
-    shapes_diffusion,
-    shapes_world,
-    to_model,
-    to_world,
-)
+from ..recipes.guidance import DIGIT_P_UNCONDS, digits_recipe_name
 from ..samplers.ddim import ddim_sample
 from ..samplers.guidance import cfg_eps
 from ..store import Stored, load
@@ -121,42 +114,6 @@ def sample_digits(stored: Stored, labels: torch.Tensor, scale: float, steps: int
     return torch.cat(out)
 
 
-@torch.no_grad()
-def encode_captions(stored: Stored, captions: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(captions, null caption) encoded by a stored caption model, each ``{"tokens": (B, N, D),
-    "pooled": (B, D)}`` (the null caption with B = 1; ``cfg_eps`` broadcasts it): the text encoder
-    runs once per caption, not once per sampling step."""
-    model = stored.model.eval()
-    dev = _device(model)
-    ids = caption_tokenizer(stored.config).encode(list(captions)).to(dev)
-    return model.encode(ids), model.encode(null_caption_ids(stored.config)[None].to(dev))
-
-
-@torch.no_grad()
-def sample_shapes(stored: Stored, captions: Sequence[str], scale: float, steps: int, seed: int = 0,
-                  batch: int = 250, progress: bool = False, profile: Profile | None = None) -> torch.Tensor:
-    """Scenes (N, 3, R, R) for ``captions`` from a stored caption model, guided at ``scale`` (the
-    UNet under the profile's mixed precision; the captions are encoded once, in float32). The
-    model draws them at its own resolution r = R / k; they are returned at the world's R (each pixel
-    a k x k block), as the shapes evaluator reads them."""
-    profile = profile or current()
-    model = stored.model.eval()
-    dev = _device(model)
-    r = model_resolution(stored.config)
-    g = torch.Generator(device=dev).manual_seed(seed)
-    x_T = torch.randn(len(captions), 3, r, r, generator=g, device=dev)
-    context, null = encode_captions(stored, captions)
-    diffusion = shapes_diffusion(stored.config)
-    out = []
-    for i in range(0, len(captions), batch):
-        with profile.autocast():
-            part = {k: v[i:i + batch] for k, v in context.items()}
-            x0 = guided_sample(_float_out(model.denoise), diffusion, x_T[i:i + batch], part, null, scale, steps,
-                               progress=progress)
-        out.append(x0.float().cpu())
-    return to_world(torch.cat(out), stored.config)
-
-
 # --------------------------------------------------------------------------------------------------
 # The sweeps
 # --------------------------------------------------------------------------------------------------
@@ -190,66 +147,69 @@ def digits_sweep(profile: Profile, scales: Sequence[float] = SCALES, p_unconds: 
             "classifier_accuracy": evaluator.accuracy, "n_samples": n, "steps": steps, "train_seconds": train_seconds}
 
 
-def shapes_sweep(profile: Profile, scales: Sequence[float] = SCALES, seed: int = 0, progress: bool = True
+def shapes_sweep(profile: Profile, scales: Sequence[float] = SCALES,
+                 p_unconds: Sequence[float] = latent_recipes.T2I_P_UNCONDS, seed: int = 0, progress: bool = True
                  ) -> dict[str, Any]:
-    """Caption accuracy (all of an object's attributes, and each attribute alone) and FD over
-    ``scales`` for the caption-conditional shapes model.
+    """Caption accuracy (every attribute of the object right and nothing extra; and each attribute
+    alone) and FD over ``scales`` for the text-to-image model of each p_uncond (chapter 04's recipe,
+    :func:`~diffusion_core.recipes.latent.t2i_recipe_name`).
 
-    FD is measured with the shapes evaluator's features against real scenes of the same world the
-    model learns (one object per scene), seen as the model sees them (2x2 means, shown as 2x2
-    blocks), beside the floor (other such real scenes); ``caption_accuracy_real`` is the evaluator's
-    caption accuracy on those real scenes, the ceiling for the samples.
-    Returns ``{"rows": {s: {"fd", "accuracy", "color", "shape", "size", "position", "seconds"}},
-    "samples": {s: (16, 3, R, R)}, "captions", "references", "evaluator_accuracy", ...}``.
+    The captions are unseen one-object scenes of the training distribution; every model and scale
+    draws them from the same noise. FD is measured with the shapes evaluator's features against
+    other real one-object scenes, beside its floor (real scenes against real scenes, the same
+    number); ``caption_accuracy_real`` is the evaluator's caption accuracy on real scenes, the
+    ceiling for the samples.
+    Returns ``{"rows": {p: {s: {"fd", "accuracy", "color", "shape", "size", "position", "seconds"}}},
+    "samples": {p: {s: (16, 3, R, R)}}, "captions", "references", "train_seconds": {p: s}, ...}``.
     """
     from ..evaluate.attributes import shapes_evaluator
+    from . import latent
 
     evaluator = shapes_evaluator(profile)
-    stored = load(SHAPES_CFG.name, profile)
-    c = stored.config
     n, steps = shapes_sample_count(profile), sampling_steps(profile)
-    world = shapes_world(c)
-    scenes = world.fixed(n, seed=seed)  # the captions to draw: never seen in training
-    def as_model_sees(images: torch.Tensor) -> torch.Tensor:
-        return to_world(to_model(images, c), c)
-
-    reference = as_model_sees(world.fixed(max(n, 500), seed=seed + 1).images)
-    ref_stats = feature_stats(evaluator.features(reference))
+    world = latent_recipes.world_for(profile, text=True, max_objects=latent_recipes.T2I_MAX_OBJECTS)
+    scenes = world.fixed(n, seed=seed + 1, split="train")   # the captions to draw: never seen in training
+    ref_stats = feature_stats(evaluator.features(world.fixed(max(n, 500), seed=seed + 2, split="train").images))
 
     def fd(images: torch.Tensor) -> float:
         return frechet_distance_from_stats(*feature_stats(evaluator.features(images)), *ref_stats)
 
-    real = world.fixed(n, seed=seed + 2)
-    real_images = as_model_sees(real.images)
-    references = {"fd_floor": fd(real_images), "caption_accuracy_real": evaluator.caption_accuracy(real_images, real)}
-    rows: dict[float, dict[str, float]] = {}
-    samples: dict[float, torch.Tensor] = {}
-    for s in scales:
-        start = time.perf_counter()
-        x = sample_shapes(stored, scenes.captions, s, steps, seed=seed, progress=progress, profile=profile)
-        seconds = time.perf_counter() - start
-        row = {"fd": fd(x), "accuracy": evaluator.caption_accuracy(x, scenes)}
-        for a in SHAPES_ATTRIBUTES:
-            row[a] = evaluator.caption_accuracy(x, scenes, attributes=(a,))
-        row["seconds"] = seconds
-        rows[s], samples[s] = row, x[:16]
+    real = world.fixed(n, seed=seed + 3, split="train")
+    references = {"fd_floor": fd(real.images), "caption_accuracy_real": evaluator.caption_accuracy(real.images, real)}
+    rows: dict[float, dict[float, dict[str, float]]] = {}
+    samples: dict[float, dict[float, torch.Tensor]] = {}
+    train_seconds = {}
+    for p in p_unconds:
+        stored = load(latent_recipes.t2i_recipe_name(p), profile)
+        vae = latent_recipes.load_vae(stored.config["f"], profile).model
+        train_seconds[p] = stored.metrics.get("train_seconds")
+        rows[p], samples[p] = {}, {}
+        for s in scales:
+            start = time.perf_counter()
+            x = latent.generate_from_captions(stored, vae, scenes.captions, steps, s, seed=seed, progress=progress,
+                                              profile=profile)
+            row = {"seconds": time.perf_counter() - start, "fd": fd(x),
+                   "accuracy": evaluator.caption_accuracy(x, scenes)}
+            for a in SHAPES_ATTRIBUTES:
+                row[a] = evaluator.caption_accuracy(x, scenes, attributes=(a,))
+            rows[p][s], samples[p][s] = row, x[:16]
     return {"rows": rows, "samples": samples, "captions": scenes.captions[:16], "references": references,
-            "evaluator_accuracy": evaluator.accuracy, "n_samples": n, "steps": steps, "p_uncond": c["p_uncond"],
-            "train_seconds": stored.metrics.get("train_seconds")}
+            "evaluator_accuracy": evaluator.accuracy, "n_samples": n, "steps": steps, "train_seconds": train_seconds}
 
 
 def guidance_sweep(profile: Profile, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Both sweeps: ``{"digits": digits_sweep(...), "shapes": shapes_sweep(...)}``, plus the
     benchmark's flat tables ``fd_by_scale``, ``accuracy_by_scale`` ({p_uncond: {s: value}}),
-    ``shapes_fd_by_scale`` and ``shapes_accuracy_by_scale`` ({s: value})."""
+    ``shapes_fd_by_scale`` and ``shapes_accuracy_by_scale`` (the same for the caption models)."""
     digits = digits_sweep(profile, seed=seed, progress=progress)
     shapes = shapes_sweep(profile, seed=seed, progress=progress)
     return {
         "digits": digits, "shapes": shapes,
         "fd_by_scale": {p: {s: r["fd"] for s, r in row.items()} for p, row in digits["rows"].items()},
         "accuracy_by_scale": {p: {s: r["accuracy"] for s, r in row.items()} for p, row in digits["rows"].items()},
-        "shapes_fd_by_scale": {s: r["fd"] for s, r in shapes["rows"].items()},
-        "shapes_accuracy_by_scale": {s: r["accuracy"] for s, r in shapes["rows"].items()},
+        "shapes_fd_by_scale": {p: {s: r["fd"] for s, r in row.items()} for p, row in shapes["rows"].items()},
+        "shapes_accuracy_by_scale": {p: {s: r["accuracy"] for s, r in row.items()}
+                                     for p, row in shapes["rows"].items()},
     }
 
 

@@ -170,7 +170,8 @@ def generate_from_captions(stored: Stored, vae: AutoencoderKL, captions: list[st
         x_T = torch.randn(len(ctx), *shape, generator=g).to(dev)
 
         def eps(x, t, ctx=ctx):
-            return cfg_eps(lambda xx, tt, cc: model(xx, tt, context=cc), x, t, ctx, null, scale)
+            # the network may run in bf16; the guided combination is done in float32
+            return cfg_eps(lambda xx, tt, cc: model(xx, tt, context=cc).float(), x, t, ctx, null, scale)
 
         with profile.autocast():
             z0 = ddim_sample(eps, R.diffusion_for(c), x_T, steps, eta=0.0, clip_denoised=False,

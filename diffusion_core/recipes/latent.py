@@ -23,7 +23,8 @@ Three kinds of stored models, each trained by a fixed recipe on first use and ca
   circle at the top left", and paraphrases): a small caption transformer (CLIP's text tower,
   trained from scratch jointly with the UNet) feeds the cross-attention of a ``UNet2DCondition``;
   captions are dropped 10% of the time so that classifier-free guidance (chapter 06) can be used
-  at sampling time. One object keeps the task learnable in a CPU budget; the autoencoder is the
+  at sampling time (``shapes-ldm-t2i-p0.2`` and ``-p0.5``: the same recipe dropping 20% and 50%,
+  for chapter 06's comparison). One object keeps the task learnable in a CPU budget; the autoencoder is the
   one trained on 1-3 objects.
 
 The training data is one fixed set of rendered scenes per profile (:func:`training_set`),
@@ -541,7 +542,15 @@ def tokenizer_for(c: dict[str, Any]) -> WordTokenizer:
     return WordTokenizer(ShapesWorld.vocabulary(heldout=False), c["context_length"])
 
 
-def _t2i_config(p: Profile) -> dict[str, Any]:
+T2I_P_UNCONDS = (0.1, 0.2, 0.5)   # caption dropout rates (chapter 06 compares them; chapter 04 uses 0.1)
+
+
+def t2i_recipe_name(p_uncond: float = 0.1) -> str:
+    """``shapes-ldm-t2i`` (captions dropped 10% of the time) or ``shapes-ldm-t2i-p{p_uncond}``."""
+    return "shapes-ldm-t2i" if p_uncond == T2I_P_UNCONDS[0] else f"shapes-ldm-t2i-p{p_uncond:g}"
+
+
+def _t2i_config(p: Profile, p_uncond: float = T2I_P_UNCONDS[0]) -> dict[str, Any]:
     f, r = T2I_FACTOR, VAE_RECIPES[T2I_FACTOR]
     res = resolution_for(p)
     return {
@@ -550,9 +559,10 @@ def _t2i_config(p: Profile) -> dict[str, Any]:
         "max_objects": T2I_MAX_OBJECTS,
         "context_length": world_for(p, text=True, max_objects=T2I_MAX_OBJECTS).max_caption_words() + 2,
         # cross-attention per level, highest resolution first (the middle block always has it)
-        "cross_attention": [False, True, False], "coord_channels": True, "schedule": "scaled_linear",
-        "p_uncond": 0.1, "paraphrases": True,
-        "steps": p.pick(smoke=60, cpu=1500, gpu=5000), "batch_size": p.pick(smoke=16, cpu=32, gpu=64),
+        # (attention at the 8x8 level too: without it position stayed at chance, 0.10 against 0.99 at s = 3)
+        "cross_attention": [True, True, False], "coord_channels": True, "schedule": "scaled_linear",
+        "p_uncond": p_uncond, "paraphrases": True,
+        "steps": p.pick(smoke=60, cpu=5000, gpu=10000), "batch_size": p.pick(smoke=16, cpu=32, gpu=64),
         "lr": 1e-3, "ema_decay": p.pick(smoke=0.99, cpu=0.999, gpu=0.9995), "seed": 0,
         "vae": {"recipe": r.name, "version": r.version, **r.config(p)},
     }
@@ -587,6 +597,16 @@ def caption_ids(scenes: Any, tokenizer: WordTokenizer, paraphrases: bool = True)
     return tokenizer.encode([t for row in texts for t in row[:V]]).view(len(texts), V, -1)
 
 
+def t2i_loss(model: nn.Module, diffusion: GaussianDiffusion, z0: torch.Tensor, ids: torch.Tensor,
+             null_ids: torch.Tensor, p_uncond: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Algorithm 1 of Ho & Salimans with captions: each caption's tokens ``ids`` (B, L) become the
+    null caption's ``null_ids`` (L,) with probability ``p_uncond``; then L_simple on the latents
+    ``z0`` with the (possibly dropped) caption as the condition. The text encoder inside ``model``
+    is trained by the same loss."""
+    ids = drop_condition(ids, null_ids.to(ids.device), p_uncond, generator)
+    return diffusion.training_losses(model, z0, generator=generator, model_kwargs={"input_ids": ids})["loss"].mean()
+
+
 def _train_t2i(model: TextToImageUNet, c: dict[str, Any], p: Profile) -> dict[str, Any]:
     data = training_set(p, c["max_objects"])
     tok = tokenizer_for(c)
@@ -605,9 +625,7 @@ def _train_t2i(model: TextToImageUNet, c: dict[str, Any], p: Profile) -> dict[st
             yield codes.sample(i, gb), ids[i, v]
 
     def loss_fn(m, batch):
-        x0, y = batch
-        y = drop_condition(y, null_ids.to(y.device), c["p_uncond"], g)   # Ho & Salimans: train both at once
-        return diffusion.training_losses(m, x0, generator=g, model_kwargs={"input_ids": y})["loss"].mean()
+        return t2i_loss(m, diffusion, batch[0], batch[1], null_ids, c["p_uncond"], g)
 
     cfg = TrainConfig(steps=c["steps"], lr=c["lr"], ema_decay=c["ema_decay"], warmup_steps=min(100, c["steps"] // 5),
                       desc="text-to-image latent diffusion")
@@ -619,7 +637,13 @@ def _train_t2i(model: TextToImageUNet, c: dict[str, Any], p: Profile) -> dict[st
             "latent_scale": codes.scale}
 
 
-SHAPES_LDM_T2I = register(Recipe("shapes-ldm-t2i", 2, _t2i_config, build_t2i, _train_t2i,
-                                 "text-to-image diffusion in the f=4 latent space of shapes-vae-f4 (one-object "
-                                 "scenes, LDM's scaled-linear schedule, coordinate channels): a caption transformer "
-                                 "trained jointly with a cross-attention UNet, 10% caption dropout"))
+def _t2i_recipe(p_uncond: float) -> Recipe:
+    return register(Recipe(
+        t2i_recipe_name(p_uncond), 3, lambda p: _t2i_config(p, p_uncond), build_t2i, _train_t2i,
+        "text-to-image diffusion in the f=4 latent space of shapes-vae-f4 (one-object scenes, LDM's scaled-linear "
+        "schedule, coordinate channels): a caption transformer trained jointly with a cross-attention UNet; "
+        f"captions dropped to the empty caption with p={p_uncond:g}"))
+
+
+T2I_RECIPES = {p: _t2i_recipe(p) for p in T2I_P_UNCONDS}
+SHAPES_LDM_T2I, SHAPES_LDM_T2I_P02, SHAPES_LDM_T2I_P05 = (T2I_RECIPES[p] for p in T2I_P_UNCONDS)
