@@ -39,8 +39,8 @@
 # **Prerequisites.** Chapter 01 (DDPM: the forward process, $\epsilon$-prediction) and chapter 03
 # (DDIM, used here for fast sampling). Attention ($\mathrm{softmax}(QK^\top/\sqrt d)V$) helps.
 #
-# **Run time.** `smoke` about 1 minute, `cpu` (a 2-core laptop) about 15 minutes (an estimate), `gpu` about 15
-# minutes. The autoencoders and the text-to-image model are cached; chapters 06 to 09 reuse them.
+# **Run time.** `smoke` about 1 minute, `cpu` (a 2-core laptop) about 20 minutes with training (an estimate from
+# the benchmark's parts: the text-to-image model alone trains about 10), `gpu` about 15 minutes. The autoencoders and the text-to-image model are cached; chapters 06 to 09 reuse them.
 
 # %% [markdown]
 # ## Setup
