@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from diffusion_core.experiments import guidance as claim
+from diffusion_core.experiments import latent as latent_claim
 from diffusion_core.profiles import Profile
 from diffusion_core.recipes import guidance as recipes
 from diffusion_core.recipes import latent as latent_recipes
@@ -38,10 +39,8 @@ def run(profile: Profile) -> dict:
     y = (torch.arange(64) % 10).to(dev)
     t2i_stored = load(latent_recipes.t2i_recipe_name(0.1), profile, verbose=False)
     shapes, c = t2i_stored.model.eval(), t2i_stored.config
-    tok = latent_recipes.tokenizer_for(c)
     captions = latent_recipes.world_for(profile, text=True, max_objects=1).sample(32, seed=0).captions
-    with torch.no_grad():
-        ctx, null = (shapes.encode_text(tok.encode(t).to(dev)) for t in (captions, [latent_recipes.NULL_CAPTION]))
+    ctx, null = latent_claim.encode_captions(t2i_stored, captions)
     z = torch.randn(32, *latent_recipes.latent_shape(c["f"], c["resolution"]), device=dev)
 
     def t2i(x, t, cc):

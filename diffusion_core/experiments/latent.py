@@ -150,6 +150,17 @@ def guidance_scales(profile: Profile) -> tuple[float, ...]:
 
 
 @torch.no_grad()
+def encode_captions(stored: Stored, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text-to-image model's caption states ``tau_theta(y)``: (B, N, d) for ``captions`` and
+    (1, N, d) for the null caption (``cfg_eps`` broadcasts it), computed once, not at every step."""
+    model = stored.model.eval()
+    tok = R.tokenizer_for(stored.config)
+    dev = _device(model)
+    return (model.encode_text(tok.encode(list(captions)).to(dev)),
+            model.encode_text(tok.encode([R.NULL_CAPTION]).to(dev)))
+
+
+@torch.no_grad()
 def generate_from_captions(stored: Stored, vae: AutoencoderKL, captions: list[str], steps: int,
                            scale: float = 1.0, seed: int = 0, batch: int = 250,
                            progress: bool = False, profile: Profile | None = None) -> torch.Tensor:
@@ -159,17 +170,15 @@ def generate_from_captions(stored: Stored, vae: AutoencoderKL, captions: list[st
     profile = profile or current()
     model = stored.model.eval()
     c = stored.config
-    tok = R.tokenizer_for(c)
     dev = _device(model)
     shape = R.latent_shape(c["f"], c["resolution"])
-    null = model.encode_text(tok.encode([R.NULL_CAPTION]).to(dev))
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(captions), batch):
-        ctx = model.encode_text(tok.encode(captions[i:i + batch]).to(dev))
+        ctx, null = encode_captions(stored, captions[i:i + batch])
         x_T = torch.randn(len(ctx), *shape, generator=g).to(dev)
 
-        def eps(x, t, ctx=ctx):
+        def eps(x, t, ctx=ctx, null=null):
             # the network may run in bf16; the guided combination is done in float32
             return cfg_eps(lambda xx, tt, cc: model(xx, tt, context=cc).float(), x, t, ctx, null, scale)
 
