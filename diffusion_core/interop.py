@@ -19,10 +19,14 @@ from torch import nn
 # diffusers class name -> "module:function(obj) -> diffusion_core object"
 DIFFUSERS: dict[str, str] = {
     "UNet2DConditionModel": "diffusion_core.models.unet_cond:from_diffusers_unet_2d_condition",
+    "ControlNetModel": "diffusion_core.models.controlnet:from_diffusers_controlnet",
+    "MultiControlNetModel": "diffusion_core.models.controlnet:from_diffusers_multi_controlnet",
     "AutoencoderKL": "diffusion_core.models.vae:from_diffusers_autoencoder_kl",
     "UNet2DModel": "diffusion_core.models.unet:from_diffusers_unet2d",
     "DDPMScheduler": "diffusion_core.schedulers:from_diffusers_ddpm_scheduler",
     "DDIMScheduler": "diffusion_core.schedulers:from_diffusers_ddim_scheduler",
+    "T2IAdapter": "diffusion_core.models.t2i_adapter:from_diffusers_t2i_adapter",
+    "MultiAdapter": "diffusion_core.models.t2i_adapter:from_diffusers_multi_adapter",
 }
 
 # transformers class name -> "module:function(obj) -> diffusion_core object"

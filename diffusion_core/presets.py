@@ -17,12 +17,14 @@ from torch import nn
 # name -> "diffusion_core.<module>:<builder>" (imported lazily so `presets` stays cheap to import)
 PRESETS: dict[str, str] = {
     "sd15-unet": "diffusion_core.models.unet_cond:sd15_unet",
+    "controlnet-sd15": "diffusion_core.models.controlnet:controlnet_sd15",
     "sd15-vae": "diffusion_core.models.vae:sd15_vae",
     "ddpm-cifar10": "diffusion_core.models.unet:build_ddpm_cifar10",
     "ddpm-256": "diffusion_core.models.unet:build_ddpm_256",
     "clip-vit-l14-text": "diffusion_core.models.clip:clip_vit_l14_text",
     "clip-vit-l14-vision": "diffusion_core.models.clip:clip_vit_l14_vision",
     "clip-vit-l14": "diffusion_core.models.clip:clip_vit_l14",
+    "t2i-adapter-sd15": "diffusion_core.models.t2i_adapter:t2i_adapter_sd15",
 }
 
 

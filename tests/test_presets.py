@@ -21,6 +21,15 @@ def test_ddpm_preset_counts_the_public_checkpoint_on_meta(name, expected):
     assert all(p.is_meta for p in model.parameters()), "a meta build must allocate no memory"
 
 
+def test_t2i_adapter_preset_counts_the_public_checkpoint_on_meta():
+    from diffusion_core.models.t2i_adapter import T2IAdapter
+
+    model = presets.build("t2i-adapter-sd15", device="meta")
+    assert isinstance(model, T2IAdapter)
+    assert presets.count_parameters(model) == 77_369_280  # diffusers T2IAdapter() defaults
+    assert all(p.is_meta for p in model.parameters()), "a meta build must allocate no memory"
+
+
 def test_config_presets_match_the_registered_builders():
     with torch.device("meta"):
         assert presets.count_parameters(UNet2D(UNetConfig.ddpm_cifar10())) == 35_746_307

@@ -188,7 +188,7 @@ def test_bad_inputs_raise_errors_that_name_the_problem():
         unet(x, t)
     with pytest.raises(ValueError, match="t must be a scalar or of shape"):
         unet(x, torch.tensor([1, 2, 3]), ctx)
-    with pytest.raises(ValueError, match="got 2 down_block_additional_residuals; the UNet has 4"):
+    with pytest.raises(ValueError, match="got 2 down_block_additional_residuals .ControlNet.; the UNet has 4"):
         unet(x, t, ctx, down_block_additional_residuals=[torch.zeros(1)] * 2)
     with pytest.raises(ValueError, match="mid_block_additional_residual has shape"):
         unet(x, t, ctx, mid_block_additional_residual=torch.zeros(2, 32, 8, 8))

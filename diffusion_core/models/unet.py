@@ -31,7 +31,8 @@ from torch import nn
 
 from .attention import Attention
 from .embeddings import TimestepEmbedding, Timesteps
-from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from .resnet import ResnetBlock2D
+from .unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D, run_up_path
 
 DOWN_BLOCK_TYPES = {"DownBlock2D": False, "AttnDownBlock2D": True}  # name -> has attention
 UP_BLOCK_TYPES = {"UpBlock2D": False, "AttnUpBlock2D": True}
@@ -233,7 +234,7 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
 _IGNORED_DIFFUSERS_KEYS = ("num_train_timesteps",)  # used only by time_embedding_type="learned"
 
 
-# -- blocks ------------------------------------------------------------------------------------------
+# -- blocks (the family lives in unet_blocks.py) ------------------------------------------------------------------------------------------
 def _spatial_attention(channels: int, cfg: UNetConfig, groups: int | None, rescale: float = 1.0) -> Attention:
     """The DDPM attention block: GroupNorm, single-/multi-head self-attention over pixels, residual."""
     head_dim = cfg.head_dim(channels)
@@ -243,97 +244,43 @@ def _spatial_attention(channels: int, cfg: UNetConfig, groups: int | None, resca
     )
 
 
-def _resnet(in_ch: int, out_ch: int, cfg: UNetConfig, scale: float = 1.0) -> ResnetBlock2D:
-    return ResnetBlock2D(
-        in_ch, out_ch, temb_channels=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-        dropout=cfg.dropout, time_embedding_norm=cfg.resnet_time_scale_shift, output_scale_factor=scale,
+def _resnets(cfg: UNetConfig):
+    """The residual-block factory of every block of this UNet (time embedding, norm, AdaGN switch)."""
+    def make(in_ch: int, out_ch: int, scale: float = 1.0) -> ResnetBlock2D:
+        return ResnetBlock2D(
+            in_ch, out_ch, temb_channels=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+            dropout=cfg.dropout, time_embedding_norm=cfg.resnet_time_scale_shift, output_scale_factor=scale,
+        )
+    return make
+
+
+def build_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, nn.Module | None, nn.ModuleList]:
+    """``(down_blocks, mid_block, up_blocks)`` of the pixel UNet, from the one block family of
+    :mod:`.unet_blocks` (``AttnDownBlock2D`` = a down block with pixel self-attention)."""
+    ch, levels = cfg.block_out_channels, len(cfg.block_out_channels)
+    resnet = _resnets(cfg)
+
+    def attention(on: bool):
+        return (lambda c: _spatial_attention(c, cfg, cfg.norm_num_groups)) if on else None
+
+    down = nn.ModuleList(
+        DownBlock2D(ch[max(i - 1, 0)], ch[i], num_layers=cfg.layers_per_block, resnet=resnet,
+                    attention=attention(DOWN_BLOCK_TYPES[kind]), add_downsample=i < levels - 1,
+                    downsample_padding=cfg.downsample_padding)
+        for i, kind in enumerate(cfg.down_block_types)
     )
-
-
-class DownBlock2D(nn.Module):
-    """One encoder level: ``layers`` x (ResnetBlock2D [+ Attention]), then a stride-2 conv.
-
-    ``forward(h (B, in, H, W), temb, skips) -> (B, out, H/2, W/2)``; appends each intermediate
-    ``(B, out, H, W)`` and the downsampled output to ``skips``. (diffusers' ``DownBlock2D`` and,
-    with ``attention=True``, ``AttnDownBlock2D``.)
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, attention: bool, add_downsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            [_resnet(in_ch if i == 0 else out_ch, out_ch, cfg) for i in range(cfg.layers_per_block)]
-        )
-        self.attentions = (
-            nn.ModuleList([_spatial_attention(out_ch, cfg, cfg.norm_num_groups) for _ in self.resnets])
-            if attention else None
-        )
-        self.downsamplers = (
-            nn.ModuleList([Downsample2D(out_ch, use_conv=True, out_channels=out_ch, padding=cfg.downsample_padding)])
-            if add_downsample else None
-        )
-
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(h, temb)
-            if self.attentions is not None:
-                h = self.attentions[i](h)
-            skips.append(h)
-        if self.downsamplers is not None:
-            h = self.downsamplers[0](h)
-            skips.append(h)
-        return h
-
-
-class UpBlock2D(nn.Module):
-    """One decoder level: ``layers`` x (concat a skip, ResnetBlock2D [+ Attention]), then nearest x2 + conv.
-
-    ``forward(h (B, prev, H, W), temb, skips) -> (B, out, 2H, 2W)``; pops one skip per resnet.
-    The last resnet's skip comes from the level above (``in_ch`` channels), the others from this
-    level (``out_ch``). (diffusers' ``UpBlock2D`` / ``AttnUpBlock2D``.)
-    """
-
-    def __init__(self, prev_ch: int, in_ch: int, out_ch: int, cfg: UNetConfig, attention: bool, add_upsample: bool):
-        super().__init__()
-        n = cfg.layers_per_block + 1
-        self.resnets = nn.ModuleList([
-            _resnet((prev_ch if i == 0 else out_ch) + (in_ch if i == n - 1 else out_ch), out_ch, cfg)
-            for i in range(n)
-        ])
-        self.attentions = (
-            nn.ModuleList([_spatial_attention(out_ch, cfg, cfg.norm_num_groups) for _ in self.resnets])
-            if attention else None
-        )
-        self.upsamplers = nn.ModuleList([Upsample2D(out_ch, use_conv=True, out_channels=out_ch)]) if add_upsample else None
-
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
-            if self.attentions is not None:
-                h = self.attentions[i](h)
-        if self.upsamplers is not None:
-            h = self.upsamplers[0](h)
-        return h
-
-
-class UNetMidBlock2D(nn.Module):
-    """The bottleneck: resnet, attention, resnet at the lowest resolution (shape-preserving).
-
-    Both resnets and the attention divide their output by ``mid_block_scale_factor``.
-    """
-
-    def __init__(self, ch: int, cfg: UNetConfig):
-        super().__init__()
+    mid = None
+    if cfg.mid_block_type is not None:
         scale = cfg.mid_block_scale_factor
-        self.resnets = nn.ModuleList([_resnet(ch, ch, cfg, scale), _resnet(ch, ch, cfg, scale)])
-        self.attentions = (
-            nn.ModuleList([_spatial_attention(ch, cfg, cfg.mid_attn_groups, scale)]) if cfg.add_attention else None
-        )
-
-    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.resnets[0](h, temb)
-        if self.attentions is not None:
-            h = self.attentions[0](h)
-        return self.resnets[1](h, temb)
+        mid_attn = (lambda c: _spatial_attention(c, cfg, cfg.mid_attn_groups, scale)) if cfg.add_attention else None
+        mid = UNetMidBlock2D(ch[-1], num_layers=1, resnet=resnet, attention=mid_attn, scale=scale)
+    rev = ch[::-1]
+    up = nn.ModuleList(
+        UpBlock2D(rev[min(i + 1, levels - 1)], rev[max(i - 1, 0)], rev[i], num_layers=cfg.layers_per_block + 1,
+                  resnet=resnet, attention=attention(UP_BLOCK_TYPES[kind]), add_upsample=i < levels - 1)
+        for i, kind in enumerate(cfg.up_block_types)
+    )
+    return down, mid, up
 
 
 # -- the UNet ----------------------------------------------------------------------------------------
@@ -364,18 +311,7 @@ class UNet2D(nn.Module):
         else:
             self.class_embedding = None
 
-        levels = len(ch)
-        self.down_blocks = nn.ModuleList([
-            DownBlock2D(ch[max(i - 1, 0)], ch[i], cfg, DOWN_BLOCK_TYPES[kind], add_downsample=i < levels - 1)
-            for i, kind in enumerate(cfg.down_block_types)
-        ])
-        self.mid_block = UNetMidBlock2D(ch[-1], cfg) if cfg.mid_block_type is not None else None
-        rev = ch[::-1]
-        self.up_blocks = nn.ModuleList([
-            UpBlock2D(rev[max(i - 1, 0)], rev[min(i + 1, levels - 1)], rev[i], cfg, UP_BLOCK_TYPES[kind],
-                      add_upsample=i < levels - 1)
-            for i, kind in enumerate(cfg.up_block_types)
-        ])
+        self.down_blocks, self.mid_block, self.up_blocks = build_blocks(cfg)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
@@ -400,11 +336,11 @@ class UNet2D(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h = block(h, emb, skips)
+            h, block_skips = block(h, emb)
+            skips.extend(block_skips)
         if self.mid_block is not None:
             h = self.mid_block(h, emb)
-        for block in self.up_blocks:
-            h = block(h, emb, skips)
+        h = run_up_path(self.up_blocks, h, skips, emb)
 
         n = self.conv_norm_out
         return self.conv_out(F.silu(F.group_norm(h, n.num_groups, n.weight, n.bias, n.eps)))

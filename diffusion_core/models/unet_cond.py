@@ -36,8 +36,9 @@ from torch import nn
 
 from .attention import Attention
 from .embeddings import TimestepEmbedding, Timesteps
-from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from .resnet import ResnetBlock2D
 from .transformer import Transformer2DModel, check_context
+from .unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D, run_up_path
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -183,229 +184,225 @@ class CondUNetConfig:
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
 
 # ---------------------------------------------------------------------------------------------
-# Blocks (diffusers' names). Each down block returns (h, skips): one skip per residual layer and
-# one after its downsampler; each up block consumes as many skips as it has residual layers.
+# The blocks come from the one family of :mod:`.unet_blocks`; here only what this UNet gives them.
 # ---------------------------------------------------------------------------------------------
 
 
-class DownBlock2D(nn.Module):
-    """``num_layers`` residual blocks, then a stride-2 conv (unless last). ``(B, in, H, W) -> (B, out, H/2, W/2)``."""
+def _block_parts(cfg: CondUNetConfig):
+    """The residual-block factory and, per level, the spatial-transformer factory of ``cfg``."""
+    n = len(cfg.block_out_channels)
+    heads = _per_block(cfg.num_attention_heads, n, "num_attention_heads")
+    tlayers = _per_block(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")
+    temb = cfg.time_embed_dim
 
-    has_cross_attention = False
+    def resnet(in_ch: int, out_ch: int, scale: float = 1.0) -> ResnetBlock2D:
+        return ResnetBlock2D(in_ch, out_ch, temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout,
+                             output_scale_factor=scale)
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int, groups: int,
-                 eps: float, add_downsample: bool, dropout: float = 0.0, **_: Any):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups=groups,
-                          eps=eps, dropout=dropout)
-            for i in range(num_layers)
-        )
-        self.downsamplers = (
-            nn.ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=1)])
-            if add_downsample else None
-        )
+    def transformer(level: int):
+        def make(channels: int) -> Transformer2DModel:
+            return Transformer2DModel(heads[level], channels // heads[level], channels, num_layers=tlayers[level],
+                                      cross_attention_dim=cfg.cross_attention_dim, norm_num_groups=cfg.norm_num_groups,
+                                      use_linear_projection=cfg.use_linear_projection)
+        return make
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                cross_attention_kwargs: dict[str, Any] | None = None,
-                additional_residual: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        skips = []
-        for resnet in self.resnets:
-            h = resnet(h, temb)
-            skips.append(h)
-        if self.downsamplers is not None:
-            h = self.downsamplers[0](h)
-            skips.append(h)
-        if additional_residual is not None:
-            # T2I-Adapter without attention: added to the block's output, which is also its last skip
-            h = h + additional_residual
-            skips[-1] = h
-        return h, skips
+    return resnet, transformer
 
 
-class CrossAttnDownBlock2D(DownBlock2D):
-    """Residual block then spatial transformer, ``num_layers`` times, then a stride-2 conv."""
-
-    has_cross_attention = True
-
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int, groups: int,
-                 eps: float, add_downsample: bool, dropout: float = 0.0, heads: int = 8,
-                 cross_attention_dim: int = 768, transformer_layers: int = 1, use_linear_projection: bool = False):
-        super().__init__(in_channels, out_channels, temb_channels, num_layers, groups, eps, add_downsample, dropout)
-        self.attentions = nn.ModuleList(
-            Transformer2DModel(heads, out_channels // heads, out_channels, num_layers=transformer_layers,
-                               cross_attention_dim=cross_attention_dim, norm_num_groups=groups,
-                               use_linear_projection=use_linear_projection)
-            for _ in range(num_layers)
-        )
-
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                cross_attention_kwargs: dict[str, Any] | None = None,
-                additional_residual: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        skips = []
-        last = len(self.resnets) - 1
-        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
-            h = attn(resnet(h, temb), encoder_hidden_states, cross_attention_kwargs)
-            if i == last and additional_residual is not None:
-                # T2I-Adapter: added before downsampling, so the skip carries it too
-                h = h + additional_residual
-            skips.append(h)
-        if self.downsamplers is not None:
-            h = self.downsamplers[0](h)
-            skips.append(h)
-        return h, skips
+def build_down_blocks(cfg: CondUNetConfig) -> nn.ModuleList:
+    """The encoder's levels (``CrossAttnDownBlock2D`` = a down block with a spatial transformer
+    after each residual block); shared by :class:`UNet2DCondition` and the ControlNet."""
+    n, ch = len(cfg.block_out_channels), cfg.block_out_channels
+    layers = _per_block(cfg.layers_per_block, n, "layers_per_block")
+    resnet, transformer = _block_parts(cfg)
+    return nn.ModuleList(
+        DownBlock2D(ch[max(i - 1, 0)], ch[i], num_layers=layers[i], resnet=resnet,
+                    attention=transformer(i) if kind == "CrossAttnDownBlock2D" else None, cross_attention=True,
+                    add_downsample=i < n - 1, downsample_padding=1)
+        for i, kind in enumerate(cfg.down_block_types)
+    )
 
 
-class UNetMidBlock2D(nn.Module):
-    """The middle of a UNet without attention: one residual block (diffusers' ``UNetMidBlock2D``
-    as ``UNet2DConditionModel`` builds it)."""
-
-    has_cross_attention = False
-
-    def __init__(self, channels: int, temb_channels: int, groups: int, eps: float, dropout: float = 0.0, **_: Any):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, temb_channels, groups=groups, eps=eps,
-                                                    dropout=dropout)])
-
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                cross_attention_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
-        return self.resnets[0](h, temb)
+def build_mid_block(cfg: CondUNetConfig) -> UNetMidBlock2D | None:
+    """``UNetMidBlock2DCrossAttn``: resnet, transformer, resnet; ``UNetMidBlock2D``: one resnet."""
+    if cfg.mid_block_type is None:
+        return None
+    resnet, transformer = _block_parts(cfg)
+    if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
+        n = len(cfg.block_out_channels)
+        return UNetMidBlock2D(cfg.block_out_channels[-1], num_layers=1, resnet=resnet, attention=transformer(n - 1),
+                              cross_attention=True)
+    return UNetMidBlock2D(cfg.block_out_channels[-1], num_layers=0, resnet=resnet)
 
 
-class UNetMidBlock2DCrossAttn(nn.Module):
-    """resnet, then (spatial transformer, resnet) ``num_layers`` times, at the lowest resolution."""
-
-    has_cross_attention = True
-
-    def __init__(self, channels: int, temb_channels: int, groups: int, eps: float, dropout: float = 0.0,
-                 heads: int = 8, cross_attention_dim: int = 768, transformer_layers: int = 1,
-                 use_linear_projection: bool = False, num_layers: int = 1):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(channels, channels, temb_channels, groups=groups, eps=eps, dropout=dropout)
-            for _ in range(num_layers + 1)
-        )
-        self.attentions = nn.ModuleList(
-            Transformer2DModel(heads, channels // heads, channels, num_layers=transformer_layers,
-                               cross_attention_dim=cross_attention_dim, norm_num_groups=groups,
-                               use_linear_projection=use_linear_projection)
-            for _ in range(num_layers)
-        )
-
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                cross_attention_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
-        h = self.resnets[0](h, temb)
-        for attn, resnet in zip(self.attentions, self.resnets[1:]):
-            h = resnet(attn(h, encoder_hidden_states, cross_attention_kwargs), temb)
-        return h
+def build_up_blocks(cfg: CondUNetConfig) -> nn.ModuleList:
+    n, ch = len(cfg.block_out_channels), cfg.block_out_channels
+    layers = _per_block(cfg.layers_per_block, n, "layers_per_block")
+    resnet, transformer = _block_parts(cfg)
+    rev, rlayers = ch[::-1], layers[::-1]
+    return nn.ModuleList(
+        UpBlock2D(rev[min(i + 1, n - 1)], rev[max(i - 1, 0)], rev[i], num_layers=rlayers[i] + 1, resnet=resnet,
+                  attention=transformer(n - 1 - i) if kind == "CrossAttnUpBlock2D" else None, cross_attention=True,
+                  add_upsample=i < n - 1)
+        for i, kind in enumerate(cfg.up_block_types)
+    )
 
 
-class UpBlock2D(nn.Module):
-    """``num_layers`` residual blocks, each on ``[h, skip]`` concatenated along channels, then
-    nearest x2 and a 3x3 conv (unless last). The last layer's skip has ``in_channels`` (the
-    matching down block's input width), the others ``out_channels``."""
-
-    has_cross_attention = False
-
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
-                 num_layers: int, groups: int, eps: float, add_upsample: bool, dropout: float = 0.0, **_: Any):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D((prev_output_channel if i == 0 else out_channels)
-                          + (in_channels if i == num_layers - 1 else out_channels),
-                          out_channels, temb_channels, groups=groups, eps=eps, dropout=dropout)
-            for i in range(num_layers)
-        )
-        self.upsamplers = (
-            nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
-            if add_upsample else None
-        )
-
-    def _layers(self) -> Iterator[tuple[nn.Module, nn.Module | None]]:
-        return ((r, None) for r in self.resnets)
-
-    def forward(self, h: torch.Tensor, skips: Sequence[torch.Tensor], temb: torch.Tensor,
-                encoder_hidden_states: torch.Tensor | None = None,
-                cross_attention_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
-        skips = list(skips)
-        for resnet, attn in self._layers():
-            h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
-            if attn is not None:
-                h = attn(h, encoder_hidden_states, cross_attention_kwargs)
-        if self.upsamplers is not None:
-            h = self.upsamplers[0](h)
-        return h
-
-
-class CrossAttnUpBlock2D(UpBlock2D):
-    """As :class:`UpBlock2D` with a spatial transformer after each residual block."""
-
-    has_cross_attention = True
-
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
-                 num_layers: int, groups: int, eps: float, add_upsample: bool, dropout: float = 0.0,
-                 heads: int = 8, cross_attention_dim: int = 768, transformer_layers: int = 1,
-                 use_linear_projection: bool = False):
-        super().__init__(in_channels, prev_output_channel, out_channels, temb_channels, num_layers, groups, eps,
-                         add_upsample, dropout)
-        self.attentions = nn.ModuleList(
-            Transformer2DModel(heads, out_channels // heads, out_channels, num_layers=transformer_layers,
-                               cross_attention_dim=cross_attention_dim, norm_num_groups=groups,
-                               use_linear_projection=use_linear_projection)
-            for _ in range(num_layers)
-        )
-
-    def _layers(self) -> Iterator[tuple[nn.Module, nn.Module | None]]:
-        return zip(self.resnets, self.attentions)
-
-
-_DOWN = {"DownBlock2D": DownBlock2D, "CrossAttnDownBlock2D": CrossAttnDownBlock2D}
-_UP = {"UpBlock2D": UpBlock2D, "CrossAttnUpBlock2D": CrossAttnUpBlock2D}
-_MID = {"UNetMidBlock2D": UNetMidBlock2D, "UNetMidBlock2DCrossAttn": UNetMidBlock2DCrossAttn}
-
-
-class UNet2DCondition(nn.Module):
-    """``eps_theta(x_t, t, y)``: ``(B, in_channels, H, W) -> (B, out_channels, H, W)``.
-
-    H and W must be divisible by ``2^(len(block_out_channels) - 1)``.
-    """
+class UNetEncoder(nn.Module):
+    """The encoder half of the conditional UNet: ``conv_in``, the time (and class) embedding, the down
+    blocks and the middle block, with diffusers' names. :class:`UNet2DCondition` adds the decoder;
+    :class:`~.controlnet.ControlNet` adds zero convolutions and a condition embedding to a trainable
+    copy of it (``ControlNet.from_unet`` copies exactly these weights)."""
 
     def __init__(self, config: CondUNetConfig | None = None):
         super().__init__()
         self.config = cfg = config if config is not None else CondUNetConfig()
-        n, ch = len(cfg.block_out_channels), cfg.block_out_channels
-        heads = _per_block(cfg.num_attention_heads, n, "num_attention_heads")
-        layers = _per_block(cfg.layers_per_block, n, "layers_per_block")
-        tlayers = _per_block(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")
-        temb = 4 * ch[0]
-        common = dict(temb_channels=temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout,
-                      cross_attention_dim=cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection)
-
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        ch0 = cfg.block_out_channels[0]
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
         # t -> sinusoidal features (B, ch[0]) -> MLP (B, 4 ch[0])
-        self.time_proj = Timesteps(ch[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        self.time_embedding = TimestepEmbedding(ch[0], temb)
-        self.class_embedding = nn.Embedding(cfg.num_class_embeds, temb) if cfg.num_class_embeds else None
+        self.time_proj = Timesteps(ch0, cfg.flip_sin_to_cos, cfg.freq_shift)
+        self.time_embedding = TimestepEmbedding(ch0, cfg.time_embed_dim)
+        self.class_embedding = nn.Embedding(cfg.num_class_embeds, cfg.time_embed_dim) if cfg.num_class_embeds else None
+        self.down_blocks = build_down_blocks(cfg)
+        self.mid_block = build_mid_block(cfg)
 
-        self.down_blocks = nn.ModuleList(
-            _DOWN[kind](ch[max(i - 1, 0)], ch[i], num_layers=layers[i], add_downsample=i < n - 1, heads=heads[i],
-                        transformer_layers=tlayers[i], **common)
-            for i, kind in enumerate(cfg.down_block_types)
-        )
-        self.mid_block = (
-            _MID[cfg.mid_block_type](ch[-1], heads=heads[-1], transformer_layers=tlayers[-1], **common)
-            if cfg.mid_block_type is not None else None
-        )
-        rev, rheads, rlayers, rtl = ch[::-1], heads[::-1], layers[::-1], tlayers[::-1]
-        self.up_blocks = nn.ModuleList(
-            _UP[kind](rev[min(i + 1, n - 1)], rev[max(i - 1, 0)], rev[i], num_layers=rlayers[i] + 1,
-                      add_upsample=i < n - 1, heads=rheads[i], transformer_layers=rtl[i], **common)
-            for i, kind in enumerate(cfg.up_block_types)
-        )
-        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    def skip_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """The shapes of the skip connections for an input ``(batch, in_channels, height, width)``, in
+        order: ``conv_in``'s output, then each down block's residual layers and downsampler."""
+        h, w, shapes = height, width, [(batch, self.config.block_out_channels[0], height, width)]
+        for block in self.down_blocks:
+            c = block.out_channels
+            shapes += [(batch, c, h, w)] * len(block.resnets)
+            if block.downsamplers is not None:
+                h, w = (h + 1) // 2, (w + 1) // 2
+                shapes.append((batch, c, h, w))
+        return shapes
+
+    def adapter_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """Where each ``down_intrablock_additional_residuals`` entry is added, for an input of this
+        size: one shape per down block (at the block's resolution before downsampling if it has
+        attention, after it otherwise)."""
+        h, w, shapes = height, width, []
+        for block in self.down_blocks:
+            down = block.downsamplers is not None
+            if block.attentions is None and down:
+                shapes.append((batch, block.out_channels, (h + 1) // 2, (w + 1) // 2))
+            else:
+                shapes.append((batch, block.out_channels, h, w))
+            if down:
+                h, w = (h + 1) // 2, (w + 1) // 2
+        return shapes
+
+    # -- checks -----------------------------------------------------------------------------------
+    def _check_inputs(self, x: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                      class_labels: torch.Tensor | None) -> None:
+        cfg, who = self.config, type(self).__name__
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{who} expects x of shape (B, {cfg.in_channels}, H, W), got {shape}")
+        f = cfg.downsampling_factor
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(
+                f"{who}: input size {tuple(x.shape[2:])} is not divisible by {f} (2^(number of blocks - 1))"
+            )
+        if cfg.has_cross_attention:
+            check_context(encoder_hidden_states, x.shape[0], cfg.cross_attention_dim, who)
+        elif encoder_hidden_states is not None:
+            raise ValueError(f"{who} has no cross-attention (cross_attention_dim=None) but got encoder_hidden_states")
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError(f"{who} is class-conditional (num_class_embeds={cfg.num_class_embeds}) "
+                                 "and needs class_labels of shape (B,)")
+            if class_labels.shape != (x.shape[0],):
+                raise ValueError(f"{who}: class_labels must have shape ({x.shape[0]},), got {tuple(class_labels.shape)}")
+            if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
+                raise ValueError(f"{who}: class_labels must be integers, got dtype {class_labels.dtype}")
+            if class_labels.numel() and (int(class_labels.min()) < 0 or int(class_labels.max()) >= cfg.num_class_embeds):
+                raise ValueError(f"{who}: class_labels must lie in 0..{cfg.num_class_embeds - 1}, got values in "
+                                 f"{int(class_labels.min())}..{int(class_labels.max())}")
+        elif class_labels is not None:
+            raise ValueError(f"{who} has no class embedding (num_class_embeds=None) but got class_labels")
+
+    def time_embed(self, x: torch.Tensor, t: torch.Tensor | float | int,
+                   class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, 4 * block_out_channels[0])``: MLP(sinusoid(t)) [+ class_embedding(class_labels)]."""
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1):
+            t = t.reshape(()).expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"{type(self).__name__}: t must be a scalar or of shape ({x.shape[0]},), "
+                             f"got {tuple(t.shape)}")
+        if t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{type(self).__name__}: t must be integer or float timesteps, got dtype {t.dtype}")
+        emb = self.time_embedding(self.time_proj(t).to(self.dtype))
+        if self.class_embedding is not None:
+            emb = emb + self.class_embedding(class_labels).to(emb.dtype)
+        return emb
+
+    def encode(self, h: torch.Tensor, emb: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+               cross_attention_kwargs: dict[str, Any] | None = None,
+               down_intrablock_additional_residuals: Sequence[torch.Tensor] | None = None,
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The down path and the middle from ``h = conv_in(x)`` (plus whatever the caller added to
+        it): returns the middle block's output and the skips (``h`` first). T2I-Adapter features
+        are consumed one per down block; one left over with the middle's shape is added there."""
+        intra = list(down_intrablock_additional_residuals or [])
+        if intra:
+            self._check_adapter_features(intra, h)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, emb, encoder_hidden_states, cross_attention_kwargs,
+                                   additional_residual=intra.pop(0) if intra else None)
+            skips.extend(block_skips)
+        if self.mid_block is not None:
+            h = self.mid_block(h, emb, encoder_hidden_states, cross_attention_kwargs)
+        if intra:
+            h = h + intra.pop(0)
+        return h, skips
+
+    def _check_adapter_features(self, feats: list[torch.Tensor], h: torch.Tensor) -> None:
+        who = type(self).__name__
+        want = self.adapter_shapes(h.shape[0], h.shape[2], h.shape[3])
+        mid = (h.shape[0], self.down_blocks[-1].out_channels, *want[-1][2:]) if self.mid_block is not None else None
+        if self.mid_block is not None and self.down_blocks[-1].downsamplers is not None:
+            mid = None  # the middle's resolution is below the last block's: never the adapter's
+        if len(feats) > len(want) + (mid is not None):
+            raise ValueError(f"{who}: got {len(feats)} down_intrablock_additional_residuals (T2I-Adapter features); "
+                             f"the UNet takes at most {len(want) + (mid is not None)}: one per down block "
+                             f"{[s[1:] for s in want]}" + (f" and one for the middle {mid[1:]}" if mid else ""))
+        for i, f in enumerate(feats):
+            shape = want[i] if i < len(want) else mid
+            if not isinstance(f, torch.Tensor) or tuple(f.shape) != tuple(shape):
+                got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+                where = f"down block {i}" if i < len(want) else "the middle block"
+                raise ValueError(f"{who}: down_intrablock_additional_residuals[{i}] (T2I-Adapter feature) has shape "
+                                 f"{got}; {where} needs {tuple(shape)}: the adapter's channels/downscaling do not "
+                                 "match this UNet")
+
+
+class UNet2DCondition(UNetEncoder):
+    """``eps_theta(x_t, t, y)``: ``(B, in_channels, H, W) -> (B, out_channels, H, W)``.
+
+    H and W must be divisible by ``2^(len(block_out_channels) - 1)``. The encoder half (conv_in, the
+    embeddings, down and middle blocks) is :class:`UNetEncoder`; this class adds the decoder.
+    """
+
+    def __init__(self, config: CondUNetConfig | None = None):
+        super().__init__(config)
+        cfg = self.config
+        self.up_blocks = build_up_blocks(cfg)
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, cfg.block_out_channels[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(cfg.block_out_channels[0], cfg.out_channels, 3, padding=1)
 
     # -- the IP-Adapter seam --------------------------------------------------------------------
     def cross_attentions(self) -> Iterator[tuple[str, Attention]]:
@@ -438,45 +435,6 @@ class UNet2DCondition(nn.Module):
                 attn.set_processor(processors)
 
     # -- forward --------------------------------------------------------------------------------
-    def _check_inputs(self, x: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
-                      class_labels: torch.Tensor | None) -> None:
-        cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"UNet2DCondition expects x of shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        f = cfg.downsampling_factor
-        if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(
-                f"UNet2DCondition: input size {tuple(x.shape[2:])} is not divisible by {f} "
-                f"(2^(number of blocks - 1))"
-            )
-        if cfg.has_cross_attention:
-            check_context(encoder_hidden_states, x.shape[0], cfg.cross_attention_dim, "UNet2DCondition")
-        elif encoder_hidden_states is not None:
-            raise ValueError("UNet2DCondition has no cross-attention (cross_attention_dim=None) but got "
-                             "encoder_hidden_states")
-        if self.class_embedding is not None:
-            if class_labels is None:
-                raise ValueError(f"UNet2DCondition is class-conditional (num_class_embeds={cfg.num_class_embeds}) "
-                                 "and needs class_labels of shape (B,)")
-            if class_labels.shape != (x.shape[0],):
-                raise ValueError(f"UNet2DCondition: class_labels must have shape ({x.shape[0]},), "
-                                 f"got {tuple(class_labels.shape)}")
-        elif class_labels is not None:
-            raise ValueError("UNet2DCondition has no class embedding (num_class_embeds=None) but got class_labels")
-
-    def time_embed(self, x: torch.Tensor, t: torch.Tensor | float | int,
-                   class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, 4 * block_out_channels[0])``: MLP(sinusoid(t)) [+ class_embedding(class_labels)]."""
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"UNet2DCondition: t must be a scalar or of shape ({x.shape[0]},), got {tuple(t.shape)}")
-        emb = self.time_embedding(self.time_proj(t).to(x.dtype))
-        if self.class_embedding is not None:
-            emb = emb + self.class_embedding(class_labels).to(emb.dtype)
-        return emb
-
     def forward(
         self,
         x: torch.Tensor,
@@ -498,43 +456,36 @@ class UNet2DCondition(nn.Module):
             class_labels: ``(B,)`` integer labels (required iff ``num_class_embeds``).
             down_block_additional_residuals: ControlNet. One tensor per skip connection, in order
                 (``conv_in``'s output, then each down block's residual layers and downsampler), each
-                shaped like that skip; added to the skips before the up path uses them.
+                shaped like that skip (:meth:`skip_shapes`); added to the skips before the up path
+                uses them.
             mid_block_additional_residual: ControlNet. Added to the middle block's output.
-            down_intrablock_additional_residuals: T2I-Adapter. Consumed in order, one per down block:
-                in a ``CrossAttnDownBlock2D`` it is added to the output of its last (resnet,
-                transformer) pair, before downsampling; in a ``DownBlock2D`` to the block's output
-                after downsampling; either way the block's last skip carries it. If one is left
-                after the down path and it has the middle block's output shape, it is added there.
+            down_intrablock_additional_residuals: T2I-Adapter. Consumed in order, one per down block
+                (:meth:`adapter_shapes`; fewer is allowed, the last blocks then get none): in a block
+                with cross-attention it is added to the output of its last (resnet, transformer)
+                pair, before downsampling; in a ``DownBlock2D`` to the block's output after
+                downsampling; either way the block's last skip carries it. One more, shaped like
+                the middle block's output, is added there (SDXL's adapters). Any other shape or
+                count is an error naming the mismatch.
             cross_attention_kwargs: passed as keyword arguments to every ``attn2`` processor (e.g.
                 IP-Adapter's ``scale``). The default processor accepts none.
         """
         self._check_inputs(x, encoder_hidden_states, class_labels)
         emb = self.time_embed(x, t, class_labels)
         ctx, kw = encoder_hidden_states, cross_attention_kwargs
-        intra = list(down_intrablock_additional_residuals) if down_intrablock_additional_residuals is not None else []
-
-        h = self.conv_in(x)
-        skips = [h]
-        for block in self.down_blocks:
-            r = intra.pop(0) if intra else None
-            h, block_skips = block(h, emb, ctx, kw, additional_residual=r)
-            skips.extend(block_skips)
+        h, skips = self.encode(self.conv_in(x), emb, ctx, kw, down_intrablock_additional_residuals)
 
         if down_block_additional_residuals is not None:
             res = list(down_block_additional_residuals)
             if len(res) != len(skips):
-                raise ValueError(f"UNet2DCondition: got {len(res)} down_block_additional_residuals; the UNet has "
-                                 f"{len(skips)} skip connections")
+                raise ValueError(f"UNet2DCondition: got {len(res)} down_block_additional_residuals (ControlNet); "
+                                 f"the UNet has {len(skips)} skip connections: was the ControlNet built for "
+                                 "another UNet?")
             for i, (s, r) in enumerate(zip(skips, res)):
-                if r.shape != s.shape:
+                if not isinstance(r, torch.Tensor) or r.shape != s.shape:
+                    got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
                     raise ValueError(f"UNet2DCondition: down_block_additional_residuals[{i}] has shape "
-                                     f"{tuple(r.shape)}, the skip connection has {tuple(s.shape)}")
+                                     f"{got}, the skip connection has {tuple(s.shape)}")
             skips = [s + r for s, r in zip(skips, res)]
-
-        if self.mid_block is not None:
-            h = self.mid_block(h, emb, ctx, kw)
-            if intra and intra[0].shape == h.shape:
-                h = h + intra.pop(0)
         if mid_block_additional_residual is not None:
             if mid_block_additional_residual.shape != h.shape:
                 raise ValueError(f"UNet2DCondition: mid_block_additional_residual has shape "
@@ -542,10 +493,7 @@ class UNet2DCondition(nn.Module):
                                  f"{tuple(h.shape)}")
             h = h + mid_block_additional_residual
 
-        for block in self.up_blocks:
-            k = len(block.resnets)
-            h = block(h, skips[-k:], emb, ctx, kw)
-            del skips[-k:]
+        h = run_up_path(self.up_blocks, h, skips, emb, ctx, kw)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
@@ -566,37 +514,52 @@ _UNSUPPORTED_DEFAULTS = {
 }
 
 
+def _unet_config_from_diffusers(c: Mapping[str, Any], what: str = "UNet2DConditionModel",
+                                out_channels: int | None = None) -> CondUNetConfig:
+    """Our config from a diffusers ``UNet2DConditionModel`` (or ``ControlNetModel``) config; anything this
+    package does not implement is an error that names it. A ControlNet config has no up blocks: they
+    mirror the down blocks (the ControlNet never builds them)."""
+    c = dict(c)
+    bad = [f"{k}={c.get(k)!r}" for k, v in _UNSUPPORTED_DEFAULTS.items()
+           if k in c and c.get(k) != v and not (k == "act_fn" and c.get(k) == "swish")]
+    if c.get("norm_num_groups", 32) is None:
+        bad.append("norm_num_groups=None")
+    xdim = c.get("cross_attention_dim")
+    if not isinstance(xdim, int) and xdim is not None:
+        bad.append(f"cross_attention_dim={xdim!r} (one per block)")
+    if bad:
+        raise ValueError(f"{what} conversion: unsupported diffusers config " + ", ".join(bad))
+    down = tuple(c["down_block_types"])
+    up = tuple(c["up_block_types"]) if "up_block_types" in c else tuple(
+        t.replace("Down", "Up") for t in reversed(down))
+    mid = c.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    n = len(c["block_out_channels"])
+    uses_cross = any("CrossAttn" in t for t in down + up) or mid == "UNetMidBlock2DCrossAttn"
+    size = c.get("sample_size")
+    size = size if isinstance(size, int) or size is None else size[0]
+    return CondUNetConfig(
+        sample_size=size or 64, in_channels=c["in_channels"],
+        out_channels=out_channels if out_channels is not None else c["out_channels"],
+        block_out_channels=tuple(c["block_out_channels"]), down_block_types=down, up_block_types=up,
+        mid_block_type=mid, layers_per_block=_per_block(c.get("layers_per_block", 2), n, "layers_per_block"),
+        transformer_layers_per_block=_per_block(c.get("transformer_layers_per_block", 1), n,
+                                                "transformer_layers_per_block"),
+        cross_attention_dim=xdim if uses_cross else None,
+        num_attention_heads=_per_block(c.get("attention_head_dim", 8), n, "attention_head_dim"),
+        use_linear_projection=c.get("use_linear_projection", False), norm_num_groups=c.get("norm_num_groups", 32),
+        norm_eps=c.get("norm_eps", 1e-5), num_class_embeds=c.get("num_class_embeds"),
+        flip_sin_to_cos=c.get("flip_sin_to_cos", True), freq_shift=c.get("freq_shift", 0),
+        dropout=c.get("dropout", 0.0),
+    )
+
+
 def from_diffusers_unet_2d_condition(model) -> UNet2DCondition:
     """Convert a diffusers ``UNet2DConditionModel`` (the SD 1.x/2.x family, optionally with
     ``num_class_embeds``) into ours with the same weights, loaded strictly. ``upcast_attention``
     (a float16 precision switch) is ignored: attention runs in the input's dtype."""
     from ..interop import load_state_dict
 
-    c = model.config
-    bad = [f"{k}={c.get(k)!r}" for k, v in _UNSUPPORTED_DEFAULTS.items()
-           if k in c and c.get(k) != v and not (k == "act_fn" and c.get(k) == "swish")]
-    if c.get("norm_num_groups") is None:
-        bad.append("norm_num_groups=None")
-    if not isinstance(c.cross_attention_dim, int) and c.cross_attention_dim is not None:
-        bad.append(f"cross_attention_dim={c.cross_attention_dim!r} (one per block)")
-    if bad:
-        raise ValueError("UNet2DConditionModel conversion: unsupported diffusers config " + ", ".join(bad))
-    n = len(c.block_out_channels)
-    uses_cross = any("CrossAttn" in t for t in tuple(c.down_block_types) + tuple(c.up_block_types)) or (
-        c.mid_block_type == "UNetMidBlock2DCrossAttn")
-    sample_size = c.sample_size if isinstance(c.sample_size, int) or c.sample_size is None else c.sample_size[0]
-    cfg = CondUNetConfig(
-        sample_size=sample_size or 64, in_channels=c.in_channels, out_channels=c.out_channels,
-        block_out_channels=tuple(c.block_out_channels), down_block_types=tuple(c.down_block_types),
-        up_block_types=tuple(c.up_block_types), mid_block_type=c.mid_block_type,
-        layers_per_block=_per_block(c.layers_per_block, n, "layers_per_block"),
-        transformer_layers_per_block=_per_block(c.transformer_layers_per_block, n, "transformer_layers_per_block"),
-        cross_attention_dim=c.cross_attention_dim if uses_cross else None,
-        num_attention_heads=_per_block(c.attention_head_dim, n, "attention_head_dim"),
-        use_linear_projection=c.use_linear_projection, norm_num_groups=c.norm_num_groups, norm_eps=c.norm_eps,
-        num_class_embeds=c.num_class_embeds, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift,
-        dropout=c.get("dropout", 0.0),
-    )
+    cfg = _unet_config_from_diffusers(model.config)
     p = next(model.parameters())
     with torch.device(p.device):
         ours = UNet2DCondition(cfg).to(p.dtype)

@@ -1,0 +1,179 @@
+"""The one block family of every UNet in the book: down, middle and up blocks, with diffusers' names.
+
+The pixel UNet of DDPM/ADM (:mod:`.unet`, chapters 01-03), the conditional UNet of Latent
+Diffusion (:mod:`.unet_cond`, chapter 04 on) and the ControlNet encoder (:mod:`.controlnet`,
+chapter 07) are all built from the three blocks below. A block differs from another only by what it
+is given:
+
+* ``resnet(in_channels, out_channels, scale=1.0)``: a factory for its residual blocks (the UNet
+  closes over the time-embedding width, GroupNorm groups, ``eps``, dropout and
+  ``time_embedding_norm``: "default" for DDPM/LDM, "scale_shift" for ADM's AdaGN);
+* ``attention(channels)``: a factory for the layer after each residual block, or ``None``: a
+  pixel self-attention (:class:`.attention.Attention`, diffusers' ``AttnDownBlock2D``) or a
+  spatial transformer with cross-attention (:class:`.transformer.Transformer2DModel`,
+  ``CrossAttnDownBlock2D``). ``cross_attention=True`` says it takes the context tokens.
+
+The skip protocol, the same everywhere::
+
+    down block:  h, skips = block(h, temb, ctx, kwargs, additional_residual)
+                 one skip per residual layer, and one after the downsampler
+    middle:      h = block(h, temb, ctx, kwargs)
+    up block:    h = block(h, skips, temb, ctx, kwargs)      consumes len(block.resnets) skips,
+                                                             last one first
+
+``additional_residual`` is the T2I-Adapter's feature for this level (Mou et al. 2023): a block with
+attention adds it after its last (resnet, attention) pair, before downsampling; a block without adds
+it to its output after downsampling. Either way the block's last skip carries it (diffusers'
+``UNet2DConditionModel`` semantics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+ResnetFactory = Callable[..., ResnetBlock2D]      # (in_channels, out_channels, scale=1.0) -> block
+AttentionFactory = Callable[[int], nn.Module]     # channels -> attention layer
+
+
+def _attend(attn: nn.Module, h: torch.Tensor, cross: bool, ctx: torch.Tensor | None,
+            kwargs: dict[str, Any] | None) -> torch.Tensor:
+    return attn(h, ctx, kwargs) if cross else attn(h)
+
+
+class DownBlock2D(nn.Module):
+    """One encoder level: ``num_layers`` x (residual block [+ attention]), then a stride-2 conv
+    (unless ``add_downsample=False``, the last level). ``(B, in, H, W) -> (B, out, H/2, W/2)``.
+
+    diffusers' ``DownBlock2D``, ``AttnDownBlock2D`` and ``CrossAttnDownBlock2D``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, resnet: ResnetFactory,
+                 attention: AttentionFactory | None = None, cross_attention: bool = False,
+                 add_downsample: bool = True, downsample_padding: int = 1):
+        super().__init__()
+        self.has_cross_attention = attention is not None and cross_attention
+        self.resnets = nn.ModuleList(resnet(in_channels if i == 0 else out_channels, out_channels)
+                                     for i in range(num_layers))
+        self.attentions = (nn.ModuleList(attention(out_channels) for _ in range(num_layers))
+                           if attention is not None else None)
+        self.downsamplers = (
+            nn.ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels,
+                                        padding=downsample_padding)])
+            if add_downsample else None
+        )
+
+    @property
+    def out_channels(self) -> int:
+        return self.resnets[-1].out_channels
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                cross_attention_kwargs: dict[str, Any] | None = None,
+                additional_residual: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        last = len(self.resnets) - 1
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, temb)
+            if self.attentions is not None:
+                h = _attend(self.attentions[i], h, self.has_cross_attention, encoder_hidden_states,
+                            cross_attention_kwargs)
+                if i == last and additional_residual is not None:
+                    h = h + additional_residual  # T2I-Adapter, before downsampling
+            skips.append(h)
+        if self.downsamplers is not None:
+            h = self.downsamplers[0](h)
+            skips.append(h)
+        if self.attentions is None and additional_residual is not None:
+            h = h + additional_residual  # T2I-Adapter, on the block's output
+            skips[-1] = h
+        return h, skips
+
+
+class UNetMidBlock2D(nn.Module):
+    """The bottleneck at the lowest resolution: a residual block, then ``num_layers`` x
+    (attention, residual block). Shape-preserving.
+
+    ``num_layers=1`` with self-attention is DDPM's middle; with a spatial transformer it is
+    diffusers' ``UNetMidBlock2DCrossAttn``; ``num_layers=0`` is the single residual block that
+    ``UNet2DConditionModel`` builds for ``mid_block_type="UNetMidBlock2D"``. ``attention=None`` with
+    ``num_layers=1`` is two residual blocks (DDPM's middle with ``add_attention=False``).
+    """
+
+    def __init__(self, channels: int, *, num_layers: int, resnet: ResnetFactory,
+                 attention: AttentionFactory | None = None, cross_attention: bool = False, scale: float = 1.0):
+        super().__init__()
+        self.has_cross_attention = attention is not None and cross_attention
+        self.resnets = nn.ModuleList(resnet(channels, channels, scale) for _ in range(num_layers + 1))
+        self.attentions = (nn.ModuleList(attention(channels) for _ in range(num_layers))
+                           if attention is not None else None)
+
+    @property
+    def out_channels(self) -> int:
+        return self.resnets[-1].out_channels
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                cross_attention_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        h = self.resnets[0](h, temb)
+        for i, resnet in enumerate(self.resnets[1:]):
+            if self.attentions is not None:
+                h = _attend(self.attentions[i], h, self.has_cross_attention, encoder_hidden_states,
+                            cross_attention_kwargs)
+            h = resnet(h, temb)
+        return h
+
+
+class UpBlock2D(nn.Module):
+    """One decoder level: ``num_layers`` x (concatenate a skip, residual block [+ attention]), then
+    nearest x2 and a 3x3 conv (unless ``add_upsample=False``). ``(B, prev, H, W) -> (B, out, 2H, 2W)``.
+
+    The first layer reads ``prev_output_channel`` (the level below) and every other layer
+    ``out_channels``; the last layer's skip has ``in_channels`` (the width of the matching down
+    block's input), the others ``out_channels``. diffusers' ``UpBlock2D``, ``AttnUpBlock2D`` and
+    ``CrossAttnUpBlock2D``.
+    """
+
+    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, *, num_layers: int,
+                 resnet: ResnetFactory, attention: AttentionFactory | None = None, cross_attention: bool = False,
+                 add_upsample: bool = True):
+        super().__init__()
+        self.has_cross_attention = attention is not None and cross_attention
+        self.resnets = nn.ModuleList(
+            resnet((prev_output_channel if i == 0 else out_channels)
+                   + (in_channels if i == num_layers - 1 else out_channels), out_channels)
+            for i in range(num_layers)
+        )
+        self.attentions = (nn.ModuleList(attention(out_channels) for _ in range(num_layers))
+                           if attention is not None else None)
+        self.upsamplers = (nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
+                           if add_upsample else None)
+
+    def forward(self, h: torch.Tensor, skips: Sequence[torch.Tensor], temb: torch.Tensor,
+                encoder_hidden_states: torch.Tensor | None = None,
+                cross_attention_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        if len(skips) != len(self.resnets):
+            raise ValueError(f"UpBlock2D: got {len(skips)} skip connections for {len(self.resnets)} residual layers")
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips[-1 - i]], dim=1), temb)
+            if self.attentions is not None:
+                h = _attend(self.attentions[i], h, self.has_cross_attention, encoder_hidden_states,
+                            cross_attention_kwargs)
+        if self.upsamplers is not None:
+            h = self.upsamplers[0](h)
+        return h
+
+
+def run_up_path(up_blocks: nn.ModuleList, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor,
+                encoder_hidden_states: torch.Tensor | None = None,
+                cross_attention_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+    """The decoder half: each up block takes the last ``len(block.resnets)`` skips."""
+    end = len(skips)
+    for block in up_blocks:
+        k = len(block.resnets)
+        h = block(h, skips[end - k:end], temb, encoder_hidden_states, cross_attention_kwargs)
+        end -= k
+    return h
