@@ -74,6 +74,11 @@ RECIPES: dict[str, Recipe | str] = {
     "shapes-attributes": "diffusion_core.evaluate.attributes:SHAPES_ATTRIBUTES",
     "shapes-clip": "diffusion_core.recipes.clip:SHAPES_CLIP",
     "shapes-clip-judge": "diffusion_core.recipes.clip:SHAPES_CLIP_JUDGE",
+    "shapes-controlnet-edges": "diffusion_core.recipes.control:CONTROLNET_EDGES",
+    "shapes-controlnet-depth": "diffusion_core.recipes.control:CONTROLNET_DEPTH",
+    "shapes-t2i-adapter-edges": "diffusion_core.recipes.control:ADAPTER_EDGES",
+    "shapes-t2i-adapter-depth": "diffusion_core.recipes.control:ADAPTER_DEPTH",
+    "shapes-t2i-adapter-palette": "diffusion_core.recipes.control:ADAPTER_PALETTE",
 
 }
 

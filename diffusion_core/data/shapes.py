@@ -503,6 +503,26 @@ class ShapesDataset(torch.utils.data.Dataset):
 _TAG_SAMPLE, _TAG_BATCHES, _TAG_FIXED, _TAG_STREAM = 0, 1, 2, 3
 
 
+def edges_from_labels(label: torch.Tensor) -> torch.Tensor:
+    """The world's edge rule: ``(B, H, W)`` integer or bool labels (0 background, k > 0 object k)
+    -> ``(B, 1, H, W)`` float32 edges in {0, 1}: object pixels whose 4-neighbourhood holds another
+    label, borders replicated (an object touching the image border has no edge along it).
+
+    :class:`ShapesWorld` makes ``Scenes.edges`` with it; :mod:`diffusion_core.evaluate.control`
+    applies it to a sample's own segmentation."""
+    if not isinstance(label, torch.Tensor) or label.ndim != 3 or label.is_floating_point() or label.is_complex():
+        got = f"shape {tuple(label.shape)}, dtype {label.dtype}" if isinstance(label, torch.Tensor) else type(label).__name__
+        raise ValueError(f"label must be a (B, H, W) integer or bool tensor, got {got}")
+    if label.dtype == torch.bool:
+        label = label.to(torch.uint8)
+    lab = torch.cat([label[:, :1], label, label[:, -1:]], 1)
+    lab = torch.cat([lab[:, :, :1], lab, lab[:, :, -1:]], 2)
+    centre = lab[:, 1:-1, 1:-1]
+    differs = ((lab[:, :-2, 1:-1] != centre) | (lab[:, 2:, 1:-1] != centre)
+               | (lab[:, 1:-1, :-2] != centre) | (lab[:, 1:-1, 2:] != centre))
+    return (differs & (centre > 0)).float()[:, None]
+
+
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {value!r}")
@@ -729,13 +749,7 @@ class ShapesWorld:
             label.masked_fill_(cov[:, k] >= 0.5, k + 1)  # 0 background, k + 1 object k
         images = images.mul_(2).sub_(1).clamp_(-1, 1)
         depth = depth.clamp_(0, 1)
-        # edges: object pixels whose 4-neighbourhood holds another label (borders replicate)
-        lab = torch.cat([label[:, :1], label, label[:, -1:]], 1)
-        lab = torch.cat([lab[:, :, :1], lab, lab[:, :, -1:]], 2)
-        centre = lab[:, 1:-1, 1:-1]
-        differs = ((lab[:, :-2, 1:-1] != centre) | (lab[:, 2:, 1:-1] != centre)
-                   | (lab[:, 1:-1, :-2] != centre) | (lab[:, 1:-1, 2:] != centre))
-        edges = (differs & (centre > 0)).float()[:, None]
+        edges = edges_from_labels(label)
         block = R // 8  # palette: mean color of each block of an 8x8 grid, repeated over the block
         pooled = F.avg_pool2d(images, block)  # (B, 3, 8, 8)
         palette = pooled[:, :, :, None, :, None].expand(n, 3, 8, block, 8, block).reshape(n, 3, R, R)

@@ -47,10 +47,11 @@ import torch
 from torch import nn
 
 from ..data.shapes import ShapesWorld
-from ..models.clip import CLIPTextConfig, CLIPTextModel
+from ..models.clip import CLIPTextConfig
+from ..models.text_to_image import TextToImageUNet, coordinate_maps  # noqa: F401 (re-exported)
 from ..models.tokenizers import WordTokenizer
 from ..models.unet import UNet2D
-from ..models.unet_cond import CondUNetConfig, UNet2DCondition
+from ..models.unet_cond import CondUNetConfig
 from ..models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, compute_latent_scale
 from ..process.gaussian import GaussianDiffusion
 from ..profiles import Profile
@@ -101,6 +102,15 @@ class TrainingSet:
     pixels: torch.Tensor
     captions: list[str]
     paraphrases: list[list[str]]
+    maps: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # spatial maps as uint8
+
+    def condition(self, kind: str, index: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """A spatial map of the scenes (chapters 07-08's conditions) in its world range: ``edges``
+        (N, 1, R, R) in {0, 1}, ``depth`` (N, 1, R, R) in [0, 1], ``palette`` (N, 3, R, R) in [-1, 1]."""
+        if kind not in self.maps:
+            raise ValueError(f"condition kind {kind!r}; the training set keeps {sorted(self.maps)}")
+        m = self.maps[kind] if index is None else self.maps[kind][index]
+        return from_uint8(m) if kind == "palette" else m.float() / 255
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -109,17 +119,23 @@ class TrainingSet:
         return from_uint8(self.pixels if index is None else self.pixels[index])
 
 
+MAP_KINDS = ("edges", "depth", "palette")   # the spatial maps kept beside the images (chapters 07-08)
+
+
 @lru_cache(maxsize=2)
 def _training_set(resolution: int, n: int, max_objects: int = 3, chunk: int = 1000) -> TrainingSet:
     world = ShapesWorld(resolution=resolution, seed=0, max_objects=max_objects, n_paraphrases=4,
                         n_heldout_paraphrases=0)
-    pixels, captions, paraphrases = [], [], []
+    pixels, captions, paraphrases, maps = [], [], [], {k: [] for k in MAP_KINDS}
     for k, start in enumerate(range(0, n, chunk)):
         scenes = world.sample(min(chunk, n - start), seed=1000 + k)
         pixels.append(to_uint8(scenes.images))
         captions += scenes.captions
         paraphrases += scenes.paraphrases
-    return TrainingSet(torch.cat(pixels), captions, paraphrases)
+        for kind in MAP_KINDS:
+            m = getattr(scenes, kind)
+            maps[kind].append(to_uint8(m) if kind == "palette" else (m * 255).round().to(torch.uint8))
+    return TrainingSet(torch.cat(pixels), captions, paraphrases, {k: torch.cat(v) for k, v in maps.items()})
 
 
 def training_set(p: Profile, max_objects: int = 3) -> TrainingSet:
@@ -133,6 +149,14 @@ def heldout_images(p: Profile, n: int | None = None) -> torch.Tensor:
     """Held-out scenes (the world's fixed evaluation stream): (n, 3, R, R) in [-1, 1]."""
     n = n or p.pick(smoke=128, cpu=1000, gpu=2000)
     return world_for(p).fixed(n, seed=0).images
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, z0: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    """Latents of the (scaled) latent space -> images in [-1, 1]: ``D(z0 / scale)``, in float32."""
+    dev = next(vae.parameters()).device
+    return torch.cat([vae.eval().decode(z0[i:i + batch].to(dev).float() / vae.scaling_factor).clamp(-1, 1).cpu()
+                      for i in range(0, len(z0), batch)])
 
 
 def _image_batches(data: TrainingSet, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -498,45 +522,6 @@ SHAPES_LDM_F1, SHAPES_LDM_F2, SHAPES_LDM_F4, SHAPES_LDM_F8 = (LDM_RECIPES[f] for
 NULL_CAPTION = ""   # the unconditional "caption": <start> <end> <pad> ... (chapter 06 guides with it)
 
 
-def coordinate_maps(size: int) -> torch.Tensor:
-    """(2, size, size): the x and y coordinate of every position, from -1 to 1 (x left to right,
-    y top to bottom), as extra input channels (CoordConv, Liu et al. 2018)."""
-    r = torch.linspace(-1.0, 1.0, size)
-    y, x = torch.meshgrid(r, r, indexing="ij")
-    return torch.stack([x, y])
-
-
-class TextToImageUNet(nn.Module):
-    """``eps_theta(z_t, t, tau_theta(y))`` (LDM eq. 3): a caption transformer ``tau_theta`` (CLIP's
-    text tower, from scratch) whose token states ``(B, N, d)`` are the keys and values of the
-    UNet's cross-attention layers. ``forward(z_t, t, input_ids) -> eps``.
-
-    With ``coord_channels`` the UNet also sees the two :func:`coordinate_maps` beside ``z_t``
-    (its ``in_channels`` = latent channels + 2): convolutions are translation-equivariant, so
-    without them "top left" has to be inferred from the zero padding at the borders, and a small
-    model trained briefly learns what a caption names long before it learns where."""
-
-    def __init__(self, text_config: CLIPTextConfig, unet_config: CondUNetConfig, coord_channels: bool = False):
-        super().__init__()
-        self.text_encoder = CLIPTextModel(text_config)
-        self.unet = UNet2DCondition(unet_config)
-        self.coord_channels = coord_channels
-        coords = coordinate_maps(unet_config.sample_size) if coord_channels else torch.zeros(0)
-        self.register_buffer("coords", coords, persistent=False)
-
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, N) token ids -> (B, N, d) the states the UNet attends to."""
-        return self.text_encoder(input_ids).last_hidden_state
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
-        if context is None:
-            context = self.encode_text(input_ids)
-        if self.coord_channels:
-            x = torch.cat([x, self.coords.to(x).expand(x.shape[0], -1, -1, -1)], dim=1)
-        return self.unet(x, t, encoder_hidden_states=context)
-
-
 def tokenizer_for(c: dict[str, Any]) -> WordTokenizer:
     """The word tokenizer of a text-to-image config: the shapes world's training vocabulary."""
     return WordTokenizer(ShapesWorld.vocabulary(heldout=False), c["context_length"])
@@ -568,25 +553,31 @@ def _t2i_config(p: Profile, p_uncond: float = T2I_P_UNCONDS[0]) -> dict[str, Any
     }
 
 
-def build_t2i(c: dict[str, Any]) -> TextToImageUNet:
-    torch.manual_seed(c["seed"])
-    tok = tokenizer_for(c)
-    heads = 4
-    text = CLIPTextConfig.tiny(vocab_size=tok.vocab_size, max_position_embeddings=c["context_length"],
-                               hidden_size=c["text_width"], intermediate_size=2 * c["text_width"],
-                               num_hidden_layers=c["text_layers"], num_attention_heads=heads,
-                               eos_token_id=tok.end_id, projection_dim=None)
+T2I_HEADS = 4
+
+
+def t2i_unet_config(c: dict[str, Any]) -> CondUNetConfig:
+    """The UNet of a text-to-image config (a ControlNet or adapter for the model is shaped by it)."""
     w = c["width"]
     xattn = c.get("cross_attention", [True, True, False])
     coords = c.get("coord_channels", False)
-    unet = CondUNetConfig(
+    return CondUNetConfig(
         sample_size=c["resolution"] // c["f"], in_channels=LATENT_CHANNELS + (2 if coords else 0),
         out_channels=LATENT_CHANNELS, block_out_channels=(w, 2 * w, 2 * w),
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in xattn),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(xattn)),
-        layers_per_block=1, cross_attention_dim=c["text_width"], num_attention_heads=heads, norm_num_groups=8,
+        layers_per_block=1, cross_attention_dim=c["text_width"], num_attention_heads=T2I_HEADS, norm_num_groups=8,
     )
-    return TextToImageUNet(text, unet, coord_channels=coords)
+
+
+def build_t2i(c: dict[str, Any]) -> TextToImageUNet:
+    torch.manual_seed(c["seed"])
+    tok = tokenizer_for(c)
+    text = CLIPTextConfig.tiny(vocab_size=tok.vocab_size, max_position_embeddings=c["context_length"],
+                               hidden_size=c["text_width"], intermediate_size=2 * c["text_width"],
+                               num_hidden_layers=c["text_layers"], num_attention_heads=T2I_HEADS,
+                               eos_token_id=tok.end_id, projection_dim=None)
+    return TextToImageUNet(text, t2i_unet_config(c), coord_channels=c.get("coord_channels", False))
 
 
 def caption_ids(scenes: Any, tokenizer: WordTokenizer, paraphrases: bool = True) -> torch.Tensor:
