@@ -3,6 +3,7 @@ the paper's identity at initialisation, the zero convolution's gradient, composi
 
 import pytest
 import torch
+from parity_utils import perturb, rel_error
 
 from diffusion_core import presets
 from diffusion_core.models.controlnet import (
@@ -14,17 +15,6 @@ from diffusion_core.models.controlnet import (
 from diffusion_core.models.unet_cond import CondUNetConfig, UNet2DCondition
 
 TOL = 1e-5
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
 
 
 def _tiny(**kw) -> CondUNetConfig:
@@ -43,7 +33,7 @@ def _tiny(**kw) -> CondUNetConfig:
 def test_fresh_controlnet_leaves_the_locked_model_bit_identical(cfg):
     torch.manual_seed(0)
     unet = UNet2DCondition(cfg).eval()
-    _perturb(unet, 1)
+    perturb(unet, 1)
     net = ControlNet.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=(8, 16, 16))
     x = torch.randn(3, cfg.in_channels, 8, 8)
     ctx = torch.randn(3, 5, 12)
@@ -92,7 +82,7 @@ def test_conditioning_scale_scales_every_residual_and_zero_switches_control_off(
     torch.manual_seed(0)
     unet = UNet2DCondition(_tiny()).eval()
     net = ControlNet.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16))
-    _perturb(net, 3)
+    perturb(net, 3)
     x, ctx, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 12), torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         d1, m1 = net(x, 5, ctx, cond, conditioning_scale=1.0)
@@ -108,8 +98,8 @@ def test_two_controlnets_add_their_residuals():
     unet = UNet2DCondition(_tiny()).eval()
     a = ControlNet.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=(8, 16, 16))
     b = ControlNet.from_unet(unet, conditioning_channels=3, conditioning_embedding_out_channels=(8, 16, 16))
-    _perturb(a, 1)
-    _perturb(b, 2)
+    perturb(a, 1)
+    perturb(b, 2)
     multi = MultiControlNet([a, b])
     x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 12)
     ca, cb = torch.rand(2, 1, 32, 32), torch.rand(2, 3, 32, 32)
@@ -210,7 +200,7 @@ CONTROLNET_CONFIGS = [
 def _pair(i):
     torch.manual_seed(i)
     theirs = diffusers.ControlNetModel(**CONTROLNET_CONFIGS[i]).eval()
-    _perturb(theirs, 200 + i)
+    perturb(theirs, 200 + i)
     from diffusion_core.interop import from_diffusers
 
     ours = from_diffusers(theirs).eval()
@@ -237,8 +227,8 @@ def test_controlnet_matches_diffusers(i, guess_mode):
                  guess_mode=guess_mode)
     assert len(a.down_block_res_samples) == len(b.down_block_res_samples)
     for u, v in zip(a.down_block_res_samples, b.down_block_res_samples):
-        assert u.shape == v.shape and _rel(u, v) <= TOL
-    assert _rel(a.mid_block_res_sample, b.mid_block_res_sample) <= TOL
+        assert u.shape == v.shape and rel_error(u, v) <= TOL
+    assert rel_error(a.mid_block_res_sample, b.mid_block_res_sample) <= TOL
 
 
 def test_multi_controlnet_matches_diffusers_and_drives_the_unet_alike():
@@ -251,11 +241,11 @@ def test_multi_controlnet_matches_diffusers_and_drives_the_unet_alike():
                    attention_head_dim=2, norm_num_groups=8)
     torch.manual_seed(0)
     t_unet = diffusers.UNet2DConditionModel(sample_size=8, **unet_kw).eval()
-    _perturb(t_unet, 1)
+    perturb(t_unet, 1)
     nets = [diffusers.ControlNetModel.from_unet(t_unet, conditioning_embedding_out_channels=(8, 16, 16),
                                                 conditioning_channels=ch) for ch in (1, 3)]
     for j, n in enumerate(nets):
-        _perturb(n, 10 + j)
+        perturb(n, 10 + j)
     t_multi = MultiControlNetModel(nets).eval()
     o_unet, o_multi = from_diffusers(t_unet).eval(), from_diffusers(t_multi).eval()
     assert isinstance(o_multi, MultiControlNet)
@@ -266,10 +256,10 @@ def test_multi_controlnet_matches_diffusers_and_drives_the_unet_alike():
         td, tm = t_multi(x, 9, ctx, conds, [0.6, 1.2], return_dict=False)
         od, om = o_multi(x, 9, ctx, conds, [0.6, 1.2], return_dict=False)
         for u, v in zip(td, od):
-            assert _rel(u, v) <= TOL
+            assert rel_error(u, v) <= TOL
         a = t_unet(x, 9, ctx, down_block_additional_residuals=td, mid_block_additional_residual=tm).sample
         b = o_unet(x, 9, ctx, down_block_additional_residuals=od, mid_block_additional_residual=om)
-    assert _rel(a, b) <= TOL
+    assert rel_error(a, b) <= TOL
 
 
 def test_from_unet_copies_what_diffusers_copies():
@@ -280,7 +270,7 @@ def test_from_unet_copies_what_diffusers_copies():
         sample_size=8, block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=12,
         attention_head_dim=2, norm_num_groups=8).eval()
-    _perturb(t_unet, 3)
+    perturb(t_unet, 3)
     theirs = diffusers.ControlNetModel.from_unet(t_unet, conditioning_embedding_out_channels=(8, 16, 16))
     ours = ControlNet.from_unet(from_diffusers(t_unet), conditioning_embedding_out_channels=(8, 16, 16))
     t_state, o_state = theirs.state_dict(), ours.state_dict()

@@ -3,6 +3,7 @@ random small UNet2DConditionModel and AutoencoderKL configurations, every parame
 
 import pytest
 import torch
+from parity_utils import perturb, rel_error
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -11,18 +12,6 @@ from diffusion_core.models.unet_cond import UNet2DCondition  # noqa: E402
 from diffusion_core.models.vae import AutoencoderKL  # noqa: E402
 
 TOL = 1e-5
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    """Move every parameter (norm scales and biases included) off its initial value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max()).item()
 
 
 UNET_CONFIGS = [
@@ -50,7 +39,7 @@ UNET_CONFIGS = [
 def _unet_pair(i: int):
     torch.manual_seed(i)
     theirs = diffusers.UNet2DConditionModel(sample_size=8, **UNET_CONFIGS[i]).eval()
-    _perturb(theirs, 100 + i)
+    perturb(theirs, 100 + i)
     ours = from_diffusers(theirs).eval()
     assert isinstance(ours, UNet2DCondition)
     return theirs, ours
@@ -79,7 +68,7 @@ def test_unet_matches_diffusers_with_and_without_residuals(i):
         a = theirs(x, t, ctx, class_labels=labels).sample
         b = ours(x, t, ctx, class_labels=labels)
         assert a.shape == b.shape
-        assert _rel(a, b) <= TOL
+        assert rel_error(a, b) <= TOL
 
         # ControlNet residuals on every skip and on the middle block's output
         shapes = _skips(ours, x, t, ctx, labels)
@@ -90,7 +79,7 @@ def test_unet_matches_diffusers_with_and_without_residuals(i):
                    mid_block_additional_residual=mid).sample
         b = ours(x, t, ctx, class_labels=labels, down_block_additional_residuals=down,
                  mid_block_additional_residual=mid)
-        assert _rel(a, b) <= TOL
+        assert rel_error(a, b) <= TOL
 
         # T2I-Adapter features, one per down block (diffusers pops its list, so it gets a copy)
         feats = []
@@ -102,7 +91,7 @@ def test_unet_matches_diffusers_with_and_without_residuals(i):
             feats.append(0.3 * torch.randn(2, w, res, res, generator=g))
         a = theirs(x, t, ctx, class_labels=labels, down_intrablock_additional_residuals=list(feats)).sample
         b = ours(x, t, ctx, class_labels=labels, down_intrablock_additional_residuals=feats)
-        assert _rel(a, b) <= TOL
+        assert rel_error(a, b) <= TOL
 
 
 VAE_CONFIGS = [
@@ -120,19 +109,19 @@ def test_vae_matches_diffusers_encode_and_decode(i):
     torch.manual_seed(i)
     theirs = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n,
                                      up_block_types=("UpDecoderBlock2D",) * n, **cfg).eval()
-    _perturb(theirs, 200 + i)
+    perturb(theirs, 200 + i)
     ours = from_diffusers(theirs).eval()
     assert isinstance(ours, AutoencoderKL) and ours.downsampling_factor == 2 ** (n - 1)
     g = torch.Generator().manual_seed(i)
     x = torch.randn(2, theirs.config.in_channels, 16, 16, generator=g)
     with torch.no_grad():
         qa, qb = theirs.encode(x).latent_dist, ours.encode(x)
-        assert _rel(qa.mean, qb.mean) <= TOL and _rel(qa.logvar, qb.logvar) <= TOL
+        assert rel_error(qa.mean, qb.mean) <= TOL and rel_error(qa.logvar, qb.logvar) <= TOL
         torch.testing.assert_close(qa.kl(), qb.kl(), rtol=TOL, atol=0)
         z = torch.randn(qa.mean.shape, generator=g)
         a, b = theirs.decode(z).sample, ours.decode(z)
         assert a.shape == b.shape == x.shape
-        assert _rel(a, b) <= TOL
+        assert rel_error(a, b) <= TOL
         assert ours.scaling_factor == theirs.config.scaling_factor
 
 

@@ -3,6 +3,7 @@ per feature, every parameter perturbed), the shapes it promises, and the errors 
 
 import pytest
 import torch
+from parity_utils import perturb, rel_error
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -11,18 +12,6 @@ from diffusion_core.interop import from_diffusers  # noqa: E402
 from diffusion_core.models.t2i_adapter import MultiAdapter, T2IAdapter, T2IAdapterConfig  # noqa: E402
 
 TOL = 1e-5
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    """Move every parameter off its initial value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max()).item()
 
 
 CONFIGS = [
@@ -40,7 +29,7 @@ def _pair(i: int, cfg: dict | None = None):
     cfg = CONFIGS[i] if cfg is None else cfg
     torch.manual_seed(i)
     theirs = diffusers.T2IAdapter(**cfg).eval()
-    _perturb(theirs, 300 + i)
+    perturb(theirs, 300 + i)
     ours = from_diffusers(theirs).eval()
     assert isinstance(ours, T2IAdapter)
     return theirs, ours
@@ -60,7 +49,7 @@ def test_adapter_matches_diffusers_feature_by_feature(i):
     assert [tuple(f.shape) for f in b] == ours.feature_shapes(2, 2 * m, 3 * m)
     for fa, fb in zip(a, b):
         assert fa.shape == fb.shape
-        assert _rel(fa, fb) <= TOL
+        assert rel_error(fa, fb) <= TOL
 
 
 def test_feature_shapes_follow_the_levels():
@@ -80,7 +69,7 @@ def test_multi_adapter_matches_diffusers_with_different_input_channels():
             dict(in_channels=4, adapter_type="light_adapter", channels=[8, 16], num_res_blocks=2, downscale_factor=2)]
     torch.manual_seed(0)
     theirs = diffusers.MultiAdapter([diffusers.T2IAdapter(**c) for c in cfgs]).eval()
-    _perturb(theirs, 400)
+    perturb(theirs, 400)
     ours = from_diffusers(theirs).eval()
     assert isinstance(ours, MultiAdapter) and ours.num_adapters == 3
     assert ours.total_downscale_factor == theirs.total_downscale_factor == 8
@@ -93,7 +82,7 @@ def test_multi_adapter_matches_diffusers_with_different_input_channels():
             assert len(a) == len(b) == 3
             for fa, fb in zip(a, b):
                 assert fa.shape == fb.shape
-                assert _rel(fa, fb) <= TOL
+                assert rel_error(fa, fb) <= TOL
         # the default weights are 1/K each: the mean of the adapters' features
         mean = [sum(f) / 3 for f in zip(*(ad(c) for ad, c in zip(ours.adapters, conds)))]
         for fa, fb in zip(mean, ours(conds)):

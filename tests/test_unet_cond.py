@@ -230,3 +230,32 @@ def test_cross_attention_treats_the_context_as_a_set_of_tokens():
         assert not torch.allclose(tr(x, ctx2), out)
     with pytest.raises(ValueError, match="context dim 7"):
         tr(x, torch.randn(2, 5, 7))
+
+
+def test_adapter_features_that_do_not_fit_the_unet_name_the_block():
+    from diffusion_core.models.t2i_adapter import T2IAdapter, T2IAdapterConfig
+
+    torch.manual_seed(0)
+    cfg = CondUNetConfig(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                         cross_attention_dim=12, num_attention_heads=2, norm_num_groups=8)
+    unet = UNet2DCondition(cfg).eval()
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 12)
+    assert unet.adapter_shapes(2, 8, 8) == [(2, 16, 8, 8), (2, 32, 4, 4)]
+    fits = T2IAdapter(T2IAdapterConfig(in_channels=1, channels=(16, 32), num_res_blocks=1, downscale_factor=4))
+    wide = T2IAdapter(T2IAdapterConfig(in_channels=1, channels=(24, 32), num_res_blocks=1, downscale_factor=4))
+    coarse = T2IAdapter(T2IAdapterConfig(in_channels=1, channels=(16, 32), num_res_blocks=1, downscale_factor=8))
+    cond = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        out = unet(x, 3, ctx, down_intrablock_additional_residuals=fits(cond))
+        assert out.shape == x.shape
+        with pytest.raises(ValueError, match=r"\[0\] \(T2I-Adapter feature\) has shape \(2, 24, 8, 8\); down block 0 "
+                                             r"needs \(2, 16, 8, 8\)"):
+            unet(x, 3, ctx, down_intrablock_additional_residuals=wide(cond))
+        with pytest.raises(ValueError, match="has shape \\(2, 16, 4, 4\\); down block 0 needs"):
+            unet(x, 3, ctx, down_intrablock_additional_residuals=coarse(cond))
+        with pytest.raises(ValueError, match="got 4 down_intrablock_additional_residuals"):
+            unet(x, 3, ctx, down_intrablock_additional_residuals=fits(cond) + fits(cond))
+        with pytest.raises(ValueError, match="T2I-Adapter feature"):
+            unet(x, 3, ctx, down_intrablock_additional_residuals=[None])
