@@ -231,13 +231,6 @@ def _train_addon(addon: nn.Module, c: dict[str, Any], p: Profile) -> dict[str, A
     g = torch.Generator(device=p.device).manual_seed(c["seed"])
     torch.manual_seed(c["seed"])
 
-    def stream():
-        gb = torch.Generator().manual_seed(c["seed"])
-        while True:
-            i = torch.randint(0, len(codes), (c["batch_size"],), generator=gb)
-            v = torch.randint(0, ids.shape[1], (c["batch_size"],), generator=gb)
-            yield codes.sample(i, gb), ids[i, v], data.condition(kind, i)
-
     def loss_fn(m, batch):
         z0, batch_ids, cond = batch
         batch_ids = drop_condition(batch_ids, null_ids.to(batch_ids.device), c["p_drop_caption"], g)
@@ -270,7 +263,8 @@ def _train_addon(addon: nn.Module, c: dict[str, Any], p: Profile) -> dict[str, A
     cfg = TrainConfig(steps=c["steps"], lr=c["lr"], ema_decay=0.0, warmup_steps=0, final_lr_fraction=1.0,
                       log_every=min(c["eval_every"], 50), desc=f"{c['addon']} ({kind})")
     start = time.process_time()
-    res = train(addon, loss_fn, stream(), cfg, p, callback=callback)
+    batches = L.caption_batches(codes, ids, c["batch_size"], c["seed"], lambda i: data.condition(kind, i))
+    res = train(addon, loss_fn, batches, cfg, p, callback=callback)
     tail = res.losses[-100:]
     return {"final_loss": round(sum(tail) / len(tail), 5), "train_seconds": round(res.seconds, 1),
             "cpu_seconds": round(time.process_time() - start, 1), "steps": c["steps"],

@@ -38,7 +38,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -598,6 +598,19 @@ def t2i_loss(model: nn.Module, diffusion: GaussianDiffusion, z0: torch.Tensor, i
     return diffusion.training_losses(model, z0, generator=generator, model_kwargs={"input_ids": ids})["loss"].mean()
 
 
+def caption_batches(codes: LatentCodes, ids: torch.Tensor, batch_size: int, seed: int,
+                    extra: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless random batches ``(z0, caption ids[, extra(index)])``: scenes drawn with replacement, one
+    of each scene's captions/paraphrases (``ids`` is (N, V, L)) at random, a fresh latent draw from the
+    stored posterior. ``extra`` adds whatever else belongs to the same scenes (chapter 07's maps)."""
+    gb = torch.Generator().manual_seed(seed)
+    while True:
+        i = torch.randint(0, len(codes), (batch_size,), generator=gb)
+        v = torch.randint(0, ids.shape[1], (batch_size,), generator=gb)
+        batch = (codes.sample(i, gb), ids[i, v])
+        yield batch if extra is None else (*batch, extra(i))
+
+
 def _train_t2i(model: TextToImageUNet, c: dict[str, Any], p: Profile) -> dict[str, Any]:
     data = training_set(p, c["max_objects"])
     tok = tokenizer_for(c)
@@ -608,19 +621,12 @@ def _train_t2i(model: TextToImageUNet, c: dict[str, Any], p: Profile) -> dict[st
     g = torch.Generator(device=p.device).manual_seed(c["seed"])
     torch.manual_seed(c["seed"])
 
-    def stream():
-        gb = torch.Generator().manual_seed(c["seed"])
-        while True:
-            i = torch.randint(0, len(codes), (c["batch_size"],), generator=gb)
-            v = torch.randint(0, ids.shape[1], (c["batch_size"],), generator=gb)
-            yield codes.sample(i, gb), ids[i, v]
-
     def loss_fn(m, batch):
         return t2i_loss(m, diffusion, batch[0], batch[1], null_ids, c["p_uncond"], g)
 
     cfg = TrainConfig(steps=c["steps"], lr=c["lr"], ema_decay=c["ema_decay"], warmup_steps=min(100, c["steps"] // 5),
                       desc="text-to-image latent diffusion")
-    res = train(model, loss_fn, stream(), cfg, p)
+    res = train(model, loss_fn, caption_batches(codes, ids, c["batch_size"], c["seed"]), cfg, p)
     model.load_state_dict(res.ema.state_dict())
     tail = res.losses[-100:]
     return {"final_loss": round(sum(tail) / len(tail), 5), "train_seconds": round(res.seconds, 1),
