@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..evaluate import control as M
 from ..models.controlnet import ControlNet, ControlNetConfig
@@ -176,10 +177,11 @@ def adherence(kind: str, images: torch.Tensor, cond: torch.Tensor) -> dict[str, 
     return {"palette_error": M.palette_error(images, cond)}
 
 
+_METRIC = {"edges": "f1", "depth": "depth_error", "palette": "palette_error"}
+
+
 def _score(kind: str, images: torch.Tensor, cond: torch.Tensor) -> float:
-    a = adherence(kind, images, cond)
-    key = {"edges": "f1", "depth": "depth_error", "palette": "palette_error"}[kind]
-    return float(a[key].float().mean())
+    return float(adherence(kind, images, cond)[_METRIC[kind]].float().mean())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,6 +260,7 @@ def _train_addon(addon: nn.Module, c: dict[str, Any], p: Profile) -> dict[str, A
         images = sample(base, diffusion, vae, ev_ctx, null_ctx, model, ev_cond, steps=c["eval_steps"],
                         seed=c["seed"], profile=p)
         curve.append([step, round(_score(kind, images, ev_cond.cpu()), 4)])
+        tqdm.write(f"[{c['addon']} {kind}] step {step}: {_METRIC[kind]} {curve[-1][1]:.3f}")
         model.train()
 
     cfg = TrainConfig(steps=c["steps"], lr=c["lr"], ema_decay=0.0, warmup_steps=0, final_lr_fraction=1.0,
