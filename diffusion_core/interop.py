@@ -101,6 +101,55 @@ def load_safetensors(model: nn.Module, path: str | Path, *, prefix: str = "") ->
     return load_state_dict(model, state, what=path.name)
 
 
+def read_config(config_file: str | Path) -> dict[str, Any]:
+    """A model folder's ``config.json`` as a dict; a file that is not a JSON object is a
+    ``ValueError`` that names it (and the line and column where the JSON breaks)."""
+    import json
+
+    config_file = Path(config_file)
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                         "the file is damaged: save the model again or download the file again") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{config_file} is not a UTF-8 text file ({e.reason}); the file is damaged") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object ({{...}}), got a JSON {type(config).__name__}")
+    return config
+
+
+def _check_loading_info(folder: Path, name: str, info: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint the library loaded only in part: a weight that is missing from the files
+    (which the library would leave randomly initialised, only logging it) or of the wrong shape is a
+    :class:`CheckpointMismatchError` naming it; keys the model does not use are a warning."""
+    import warnings
+
+    def names(items: Any) -> list[str]:
+        return sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in (items or []))
+
+    def listed(items: list[str]) -> str:
+        more = f" (and {len(items) - 10} more)" if len(items) > 10 else ""
+        return ", ".join(items[:10]) + more
+
+    missing, mismatched = names(info.get("missing_keys")), names(info.get("mismatched_keys"))
+    errors = [str(e) for e in info.get("error_msgs") or []]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys: {listed(missing)}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatches: {listed(mismatched)}")
+    if errors:
+        parts.append("; ".join(errors))
+    if parts:
+        raise CheckpointMismatchError(f"the weights in {folder} do not match its {name}: " + "; ".join(parts)
+                                      + " (a damaged or incomplete checkpoint: its weights would be random)")
+    unexpected = names(info.get("unexpected_keys"))
+    if unexpected:
+        warnings.warn(f"{folder}: {len(unexpected)} weights that {name} does not use were ignored: "
+                      f"{listed(unexpected)}", stacklevel=3)
+
+
 def load_pretrained(path: str | Path, subfolder: str | None = None) -> Any:
     """Load a diffusers or transformers model folder saved on disk (``config.json`` + safetensors)
     and return the equivalent diffusion_core module with the same weights.
@@ -109,21 +158,31 @@ def load_pretrained(path: str | Path, subfolder: str | None = None) -> Any:
     ``architectures``); the library's own ``from_pretrained`` reads it with ``use_safetensors=True``
     (offline: a local folder needs no network) and the registry above converts it. A pipeline folder
     takes ``subfolder="unet"``, ``"vae"`` or ``"text_encoder"``.
-    """
-    import json
 
+    The load is strict, as :func:`load_state_dict` is: a weight the files lack or hold with another
+    shape is a :class:`CheckpointMismatchError` naming it (the libraries themselves would initialise
+    it at random and only log that); a ``config.json`` that is not a JSON object is a ``ValueError``
+    naming the file.
+    """
     folder = Path(path) / subfolder if subfolder else Path(path)
     config_file = folder / "config.json"
-    if not config_file.exists():
+    if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {folder}; for a pipeline folder pass subfolder='unet' (or 'vae', ...)")
-    config = json.loads(config_file.read_text())
+    config = read_config(config_file)
     if "_class_name" in config:
         import diffusers
 
         name = config["_class_name"]
         if name not in DIFFUSERS or not hasattr(diffusers, name):
             raise TypeError(f"{folder} holds a diffusers {name}; loadable: {', '.join(sorted(DIFFUSERS))}")
-        ref = getattr(diffusers, name).from_pretrained(str(folder), use_safetensors=True)
+        cls = getattr(diffusers, name)
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):  # a scheduler: no weights
+            return from_diffusers(cls.from_pretrained(str(folder)))
+        # low_cpu_mem_usage=False: the weights are loaded into a built model, so a missing one is
+        # reported in the loading info (on accelerate's meta-device path it is an obscure error)
+        ref, info = cls.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False,
+                                        output_loading_info=True)
+        _check_loading_info(folder, name, info)
         return from_diffusers(ref)
     if config.get("architectures"):
         import transformers
@@ -131,6 +190,8 @@ def load_pretrained(path: str | Path, subfolder: str | None = None) -> Any:
         name = config["architectures"][0]
         if name not in TRANSFORMERS or not hasattr(transformers, name):
             raise TypeError(f"{folder} holds a transformers {name}; loadable: {', '.join(sorted(TRANSFORMERS))}")
-        ref = getattr(transformers, name).from_pretrained(str(folder), use_safetensors=True)
+        ref, info = getattr(transformers, name).from_pretrained(str(folder), use_safetensors=True,
+                                                                output_loading_info=True)
+        _check_loading_info(folder, name, info)
         return from_transformers(ref)
     raise ValueError(f"{config_file} names neither a diffusers class (_class_name) nor transformers architectures")

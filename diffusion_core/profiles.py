@@ -67,17 +67,51 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def amp_enabled(device: torch.device) -> bool:
-    """Mixed precision (bfloat16 autocast) for ``device``: on CUDA, and on CPUs with native bf16;
-    ``$DIFFUSION_AMP`` = 0 / 1 overrides. Never on MPS."""
+def amp_dtype_for(device_type: str, capability: tuple[int, int] | None = None,
+                  cpu_bf16: bool = False) -> torch.dtype | None:
+    """The autocast dtype for a device, or ``None`` for no mixed precision (the pure rule, no
+    environment): on CUDA bfloat16 from Ampere on (compute capability 8.0), float16 before it (a T4,
+    Colab's free GPU, is 7.5: it has float16 tensor cores but none for bfloat16), where
+    :func:`diffusion_core.train.train` scales the loss; ``capability=None`` (unknown) means bfloat16.
+    On a CPU bfloat16 when it is native (``cpu_bf16``), else none; never on other devices (MPS)."""
+    if device_type == "cuda":
+        return torch.float16 if capability is not None and tuple(capability) < (8, 0) else torch.bfloat16
+    if device_type == "cpu":
+        return torch.bfloat16 if cpu_bf16 else None
+    return None
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """``(major, minor)`` of the CUDA device, or ``None`` where CUDA is not available."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def _amp_env() -> str:
     env = os.environ.get(AMP_ENV_VAR, "").strip()
     if env not in ("", "0", "1"):
         raise ValueError(f"{AMP_ENV_VAR} must be 0 or 1, got {env!r}")
-    if device.type not in ("cuda", "cpu"):
-        return False
-    if env:
-        return env == "1"
-    return device.type == "cuda" or cpu_has_native_bf16()
+    return env
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype for ``device`` (:func:`amp_dtype_for` with this machine's CUDA
+    capability and CPU), or ``None`` when it is off. ``$DIFFUSION_AMP`` = 0 turns it off, 1 turns it
+    on where the device has none (a CPU without native bf16: bfloat16, emulated and slow)."""
+    env = _amp_env()
+    if device.type not in ("cuda", "cpu") or env == "0":
+        return None
+    dtype = amp_dtype_for(device.type, cuda_capability(device), device.type == "cpu" and cpu_has_native_bf16())
+    if dtype is None and env == "1":
+        dtype = torch.bfloat16
+    return dtype
+
+
+def amp_enabled(device: torch.device) -> bool:
+    """Mixed precision for ``device`` (:func:`amp_dtype`: bfloat16, or float16 on CUDA before
+    Ampere): on CUDA, and on CPUs with native bf16; ``$DIFFUSION_AMP`` = 0 / 1 overrides. Never on MPS."""
+    return amp_dtype(device) is not None
 
 
 def seed_everything(seed: int) -> None:
@@ -92,7 +126,8 @@ class Profile:
     """The compute profile a chapter runs under.
 
     ``name`` is one of ``smoke``, ``cpu``, ``gpu``; ``amp`` is whether training and sampling run
-    under bfloat16 autocast (:func:`amp_enabled`: CUDA, or a CPU with native bf16). Likelihoods
+    under autocast (:func:`amp_enabled`: CUDA, or a CPU with native bf16) and ``amp_dtype`` in which
+    dtype (bfloat16; float16 on a CUDA GPU before Ampere, such as Colab's T4). Likelihoods
     (bits/dim) are always computed in float32.
     """
 
@@ -102,13 +137,20 @@ class Profile:
 
     @property
     def amp(self) -> bool:
-        return amp_enabled(self.device)
+        return self.amp_dtype is not None
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """``torch.bfloat16``, ``torch.float16`` (CUDA before Ampere) or ``None`` (no mixed precision)."""
+        return amp_dtype(self.device)
 
     def autocast(self) -> torch.autocast:
-        """``with profile.autocast(): ...``: bfloat16 autocast where :attr:`amp` is on, else a no-op.
-        Model outputs come back in bfloat16; the diffusion arithmetic around them promotes to float32."""
+        """``with profile.autocast(): ...``: autocast to :attr:`amp_dtype` where :attr:`amp` is on, else
+        a no-op. Model outputs come back in that dtype; the diffusion arithmetic around them promotes
+        to float32."""
+        dtype = self.amp_dtype
         return torch.autocast(self.device.type if self.device.type in ("cuda", "cpu") else "cpu",
-                              dtype=torch.bfloat16, enabled=self.amp)
+                              dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     def pick(self, *, smoke: T, cpu: T, gpu: T) -> T:
         """The value for this profile: ``profile.pick(smoke=200, cpu=6000, gpu=40000)``."""
@@ -121,7 +163,9 @@ class Profile:
         return g
 
     def __str__(self) -> str:  # what a chapter prints after setup
-        return f"profile={self.name} device={self.device} seed={self.seed} amp={self.amp}"
+        dtype = self.amp_dtype  # amp=bfloat16, amp=float16 or amp=False
+        amp = str(dtype).removeprefix("torch.") if dtype is not None else False
+        return f"profile={self.name} device={self.device} seed={self.seed} amp={amp}"
 
 
 _CURRENT: Profile | None = None

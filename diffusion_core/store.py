@@ -7,8 +7,10 @@ matches; otherwise it trains the model (with a progress bar) and writes it.
 
 Files are safetensors (tensors only, nothing is ever unpickled) with the recipe, profile, config
 and metrics in the header, plus a ``.sha256`` file beside them. Both are written atomically (a
-temporary file, then ``os.replace``); a corrupt, truncated or mismatching file is detected and
-rebuilt. The cache lives in ``$DIFFUSION_CACHE`` (default ``~/.cache/diffusion-from-the-papers``).
+temporary file, then ``os.replace``); a corrupt, truncated or mismatching file (other keys, shapes
+or dtypes than the recipe builds) is detected and rebuilt with a warning, and the temporaries of a
+writer that was killed are removed. A directory where a file should be is an error (never deleted).
+The cache lives in ``$DIFFUSION_CACHE`` (default ``~/.cache/diffusion-from-the-papers``).
 """
 
 from __future__ import annotations
@@ -185,6 +187,39 @@ def read(path: Path, expected_key: str | None = None) -> tuple[dict[str, torch.T
     return tensors, meta
 
 
+def _check_not_directories(path: Path) -> None:
+    """The store's file and its checksum must be files: a directory in their place is never
+    overwritten (it may hold someone's files), so it is an error that says what to remove."""
+    for p in (path, path.with_suffix(".sha256")):
+        if p.is_dir():
+            raise IsADirectoryError(f"[store] {p} is a directory where the store keeps a file; remove it "
+                                    f"(or set {ENV_VAR} to another cache folder) and the model is rebuilt")
+
+
+def _remove_stale_temporaries(path: Path) -> list[str]:
+    """Delete the temporary files an interrupted :func:`save` of ``path`` (or of its checksum) left
+    behind; called under the entry's lock, when no writer of this entry can be running."""
+    prefixes = (f".{path.name}.", f".{path.with_suffix('.sha256').name}.")
+    removed = []
+    for name in os.listdir(path.parent):
+        if name.endswith(".tmp") and name.startswith(prefixes):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+                os.unlink(path.parent / name)
+                removed.append(name)
+    return removed
+
+
+def _check_dtypes(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """The stored tensors must have the dtypes of the model the recipe builds (a float16 file would
+    otherwise be cast silently, its lost precision hidden); raises ``ValueError`` naming the first."""
+    own = model.state_dict()
+    wrong = [(k, v.dtype, own[k].dtype) for k, v in tensors.items() if k in own and v.dtype != own[k].dtype]
+    if wrong:
+        k, stored, built = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ValueError(f"{k} is stored as {stored} but the recipe builds {built}{more}")
+
+
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
     """An exclusive lock so two processes never train the same model at once."""
@@ -204,6 +239,8 @@ def load(name: str, profile: Profile | str | None = None, device: torch.device |
     """The model of recipe ``name`` for ``profile``: from the cache, or trained now and cached."""
     from .profiles import check_profile, setup
 
+    if profile is not None and not isinstance(profile, (str, Profile)):
+        raise TypeError(f"[store] profile must be a Profile, a profile name or None, got {type(profile).__name__}")
     if isinstance(profile, str):
         prof = current()
         prof = Profile(name=check_profile(profile), device=prof.device, seed=prof.seed)
@@ -214,11 +251,14 @@ def load(name: str, profile: Profile | str | None = None, device: torch.device |
     key = cache_key(r, prof.name, config)
     path = path_for(r, prof.name, config)
     target = torch.device(device) if device is not None else prof.device
+    _check_not_directories(path)
     with _lock(path):
+        _remove_stale_temporaries(path)  # a writer killed mid-save leaves its temporary behind
         if not rebuild and path.exists():
             try:
                 tensors, meta = read(path, key)
                 model = r.build(config)
+                _check_dtypes(model, tensors)
                 load_state_dict(model, tensors, what=f"stored {name}")
                 if verbose:
                     print(f"[store] {name} ({prof.name}): loaded {path.name}")

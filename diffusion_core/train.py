@@ -66,16 +66,27 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True
     grad_clip: float = 1.0
-    cpu_amp: bool = False  # bf16 autocast on a CPU with native bf16 too (profile.amp); CUDA always uses it
+    cpu_amp: bool = False  # bf16 autocast on a CPU with native bf16 too (profile.amp); CUDA always uses
+    #                        mixed precision: bf16, or fp16 with loss scaling before Ampere (profile.amp_dtype)
     channels_last: bool = False  # measured slower with this UNet on CPU (GroupNorm); an option for GPUs
     log_every: int = 50
     desc: str = "training"
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be positive, got {self.steps}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"TrainConfig: steps must be a positive integer, got {self.steps!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig: lr must be a finite number > 0, got {self.lr!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig: warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not isinstance(self.log_every, int) or self.log_every < 1:
+            raise ValueError(f"TrainConfig: log_every must be a positive integer, got {self.log_every!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig: ema_decay must lie in [0, 1) (0 turns the EMA off), got {self.ema_decay!r}")
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ValueError(f"TrainConfig: final_lr_fraction must lie in [0, 1], got {self.final_lr_fraction!r}")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"TrainConfig: grad_clip must be a finite number >= 0 (0 turns it off), got {self.grad_clip!r}")
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -100,14 +111,24 @@ class TrainResult:
 def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batches: Iterator[Any],
           config: TrainConfig, profile: Profile | None = None, progress: bool = True,
           callback: Callable[[int, nn.Module, EMA | None], None] | None = None) -> TrainResult:
-    """Train ``model`` in place for ``config.steps`` steps on ``batches`` (an iterator).
+    """Train ``model`` in place for ``config.steps`` steps on ``batches`` (an iterator, or an
+    iterable such as a list, which is iterated once; one batch per step: running out of batches
+    before ``config.steps`` is a ``ValueError`` saying after how many steps).
 
     ``loss_fn(model, batch)`` returns a scalar loss; batches are moved to the profile's device.
-    Mixed precision (bfloat16 autocast) is used on CUDA, and on a CPU with native bf16 when
-    ``config.cpu_amp`` asks for it (``profile.amp`` says whether the machine has it). ``callback(step, model, ema)`` runs
-    every ``log_every`` steps (e.g. to measure adherence during training, chapter 07).
+    Mixed precision (autocast to ``profile.amp_dtype``) is used on CUDA, and on a CPU with native bf16
+    when ``config.cpu_amp`` asks for it (``profile.amp`` says whether the machine has it). In float16
+    (a CUDA GPU before Ampere, such as a T4) the loss is scaled (``torch.amp.GradScaler``): the
+    gradients are unscaled before clipping, and a step whose gradients overflowed is skipped while the
+    scale shrinks. ``callback(step, model, ema)`` runs every ``log_every`` steps (e.g. to measure
+    adherence during training, chapter 07).
     """
     profile = profile or current()
+    try:
+        batches = iter(batches)
+    except TypeError:
+        raise TypeError(f"train: batches must be an iterator or iterable of batches, got "
+                        f"{type(batches).__name__}") from None
     device = profile.device
     model.to(device).train()
     if config.channels_last:
@@ -122,25 +143,42 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], b
     opt = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
                             foreach=True, fused=False if device.type == "cpu" else None)
     ema = EMA(model, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
-    use_amp = profile.amp and (device.type != "cpu" or config.cpu_amp)
+    amp_dtype = profile.amp_dtype if (device.type != "cpu" or config.cpu_amp) else None
+    scaler = _grad_scaler(device) if amp_dtype == torch.float16 else None  # bf16 needs no loss scaling
     losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc=config.desc, disable=not progress, leave=False)
     running = None
     for step in bar:
-        batch = next(batches)
+        try:
+            batch = next(batches)
+        except StopIteration:
+            bar.close()
+            raise ValueError(f"train: the batch iterator ran out after {step} of {config.steps} steps; give an "
+                             f"endless iterator (e.g. data.digits.batches) or at least {config.steps} batches") from None
         batch = _to(batch, device)
         for g in opt.param_groups:
             g["lr"] = config.lr_at(step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             loss = loss_fn(model, batch)
+        if not torch.is_tensor(loss) or loss.numel() != 1:
+            raise ValueError(f"train: loss_fn must return a scalar tensor (average the per-sample losses), got "
+                             f"{tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__}")
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            if config.grad_clip > 0:
+                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
+            scaler.step(opt)  # skipped when a gradient is inf or NaN
+            scaler.update()
         if ema is not None:
             ema.update(model)
         value = loss.item()
@@ -152,6 +190,16 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], b
                 callback(step, model, ema)
     seconds = time.perf_counter() - start
     return TrainResult(model=model, ema=ema.model if ema else None, losses=losses, seconds=seconds)
+
+
+def _grad_scaler(device: torch.device) -> Any:
+    """A loss scaler for float16 training on ``device`` (``torch.amp.GradScaler``, torch >= 2.3;
+    ``torch.cuda.amp.GradScaler`` before)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type)
+    if device.type == "cuda":
+        return torch.cuda.amp.GradScaler()
+    raise RuntimeError(f"float16 training on {device.type} needs torch >= 2.3 (torch.amp.GradScaler)")
 
 
 def _to(batch: Any, device: torch.device) -> Any:

@@ -9,7 +9,8 @@ in the built book and in CI.
 Controls are given per keyword argument as
 
 * ``(min, max, step)`` or ``(min, max, step, default)``: a slider (integer when all are ints);
-  without a default it starts in the middle, as ipywidgets does;
+  without a default it starts in the middle, as ipywidgets does; min < max, step > 0 and a
+  default in [min, max] on the grid min + k * step, else a ``ValueError`` naming the argument;
 * a list: a dropdown of its items (the first is the default); items may be ``(label, value)``
   pairs; a dict maps labels to values;
 * ``True``/``False``: a checkbox;
@@ -19,6 +20,7 @@ Controls are given per keyword argument as
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -67,32 +69,50 @@ def _options(spec: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def _range_default(spec: tuple) -> int | float:
+def _range_default(spec: tuple, name: str = "slider") -> int | float:
+    """The value a slider ``(min, max, step[, default])`` starts at, as ipywidgets holds it (an int
+    for an all-int spec, else a float), after checking the spec: finite numbers with min < max and
+    step > 0, and a default in [min, max] on the grid min + k * step (a live slider only ever
+    gives such values, so a headless run must not call ``fn`` with any other)."""
     lo, hi, step = spec[:3]
+    where = f"slider {name}={spec!r}"
+    if not all(math.isfinite(v) for v in spec):
+        raise ValueError(f"{where}: (min, max, step[, default]) must be finite numbers")
+    if not lo < hi:
+        raise ValueError(f"{where}: min ({lo}) must be smaller than max ({hi})")
+    if not step > 0:
+        raise ValueError(f"{where}: step must be positive, got {step}")
     if len(spec) == 4:
         value = spec[3]
-    elif step:
+        if not lo <= value <= hi:
+            raise ValueError(f"{where}: the default {value} lies outside [{lo}, {hi}]")
+        k = (value - lo) / step
+        if abs(k - round(k)) > 1e-9 * max(1.0, abs(k)):
+            raise ValueError(f"{where}: the default {value} is not on the slider's grid {lo} + k * {step} "
+                             f"(the nearest are {lo + math.floor(k) * step:g} and {lo + math.ceil(k) * step:g})")
+    else:  # the middle of the range, on the grid
         value = lo + round((hi - lo) / 2 / step) * step
-    else:
-        value = (lo + hi) / 2
+        if not isinstance(value, int):
+            value = round(value, 12)  # 0.30000000000000004 -> 0.3: the grid value, without float noise
     if all(isinstance(v, int) for v in spec):
         return int(value)
     return float(value)
 
 
-def _default(spec: Any) -> Any:
+def _default(spec: Any, name: str = "slider") -> Any:
     if _is_widget(spec):
         return spec.value
     if _is_range(spec):
-        return _range_default(spec)
+        return _range_default(spec, name)
     if isinstance(spec, (list, Mapping)) and len(spec) > 0:
         return _options(spec)[0][1]
     return spec
 
 
 def defaults(**sliders: Any) -> dict[str, Any]:
-    """The values :func:`explore` passes to ``fn`` in a headless run."""
-    return {name: _default(spec) for name, spec in sliders.items()}
+    """The values :func:`explore` passes to ``fn`` in a headless run: exactly those a live
+    notebook's controls start at. A malformed slider spec is a ``ValueError`` naming it."""
+    return {name: _default(spec, name) for name, spec in sliders.items()}
 
 
 def _control(name: str, spec: Any) -> Any:
@@ -105,7 +125,7 @@ def _control(name: str, spec: Any) -> Any:
     if _is_range(spec):
         lo, hi, step = spec[:3]
         kind = w.IntSlider if all(isinstance(v, int) for v in spec) else w.FloatSlider
-        return kind(min=lo, max=hi, step=step, value=_range_default(spec), description=name,
+        return kind(min=lo, max=hi, step=step, value=_range_default(spec, name), description=name,
                     continuous_update=False, style=style, layout=layout)
     if isinstance(spec, bool):
         return w.Checkbox(value=spec, description=name)
@@ -146,17 +166,19 @@ def explore(fn: Callable[..., Any], caption: bool = True, **sliders: Any) -> Non
     """Call ``fn(**values)`` under controls in a live notebook, or once at the defaults headless.
 
     A value that ``fn`` returns (a figure, say) is displayed, as ipywidgets' ``interact`` does.
-    Headless, the controls themselves can never make this raise: ipywidgets is not needed and
-    every spec has a default. An error inside ``fn`` does propagate, so a broken figure fails its
-    cell in CI. ``caption`` prints one line saying which values the static figure shows.
+    Headless, ipywidgets is not needed and every spec has a default, the very value the live
+    control starts at. A malformed slider (min >= max, step <= 0, a default outside the range or
+    off the step grid, NaN) is a ``ValueError`` naming the argument, live or headless, before
+    ``fn`` runs; an error inside ``fn`` propagates too, so a broken figure fails its cell in CI.
+    ``caption`` prints one line saying which values the static figure shows.
     """
+    values = defaults(**sliders)  # checks every slider spec, live or headless
     if not is_headless():
         try:
             _explore_live(fn, sliders)
             return
         except Exception as exc:  # a frontend without widget support: fall back to the static figure
             print(f"(interactive controls unavailable: {exc}; showing the defaults)")
-    values = defaults(**sliders)
     if caption and values:
         print(f"Shown at {_describe(values)}; in a live notebook, sliders change them.")
     result = _showing(fn)(**values)

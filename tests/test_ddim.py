@@ -213,6 +213,26 @@ def test_bad_input_is_rejected_clearly():
         ddim_sample(toy_model, d, x_T(), 10, eta=5.0, progress=False)
 
 
+def test_samplers_refuse_nan_noise_boolean_steps_and_bad_keep_every():
+    d = GaussianDiffusion.from_schedule("linear", T=20)
+    nan = x_T().clone()
+    nan[0, 0, 0, 0] = float("nan")
+    for sample in (lambda x, **kw: ddim_sample(toy_model, d, x, 5, progress=False, **kw),
+                   lambda x, **kw: ddpm_sample(toy_model, d, x, progress=False, **kw)):
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            sample(nan)  # before: NaN samples
+        with pytest.raises(ValueError, match="keep_every"):
+            sample(x_T(), keep_every=-1)  # before (DDPM): every step kept
+        with pytest.raises(ValueError, match="float tensor"):
+            sample(torch.zeros(2, 1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="positive integer"):
+        ddim_sample(toy_model, d, x_T(), True, progress=False)  # before: one step
+    with pytest.raises(ValueError, match="integers"):
+        ddim_sample(toy_model, d, x_T(), None, timesteps=torch.tensor([True, False, True]), progress=False)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        slerp(x_T(seed=1), x_T(seed=2), float("nan"))  # before: NaN
+
+
 # ----------------------------------------------------------------------------- spacing
 @pytest.mark.parametrize("kind", ["uniform", "leading", "trailing", "quadratic"])
 @pytest.mark.parametrize("T,K", [(1000, 1), (1000, 10), (1000, 999), (1000, 1000), (7, 3), (100, 29)])
@@ -239,6 +259,13 @@ def test_space_timesteps_known_values():
         space_timesteps(10, 5, "trailing", offset=1)
     with pytest.raises(ValueError, match="past T - 1"):
         space_timesteps(10, 10, "leading", offset=1)
+
+
+def test_a_negative_or_fractional_offset_is_refused_not_a_timestep_of_minus_one():
+    with pytest.raises(ValueError, match=r"offset \(steps_offset\) must be an integer >= 0, got -1"):
+        space_timesteps(1000, 4, "leading", offset=-1)  # before: [-1, 249, 499, 749]
+    with pytest.raises(ValueError, match="integer >= 0"):
+        space_timesteps(1000, 4, "leading", offset=0.5)  # before: truncated to [0, 250, 500, 750]
 
 
 def test_sampling_timesteps_sorts_a_given_subsequence():

@@ -13,6 +13,7 @@ from torch import nn
 import diffusion_core as dc
 from diffusion_core import store
 from diffusion_core.data import box_blur, digits, gaussian_baseline, toy2d
+from diffusion_core.data.digits import batches as digit_batches
 from diffusion_core.evaluate.frechet import frechet_distance, frechet_distance_from_stats
 from diffusion_core.profiles import Profile, UnknownProfileError, check_profile, detect_profile
 from diffusion_core.train import EMA, TrainConfig, train
@@ -79,6 +80,121 @@ def test_training_uses_bf16_on_cpu_only_when_the_recipe_asks(monkeypatch):
               ema_decay=0.0), p, progress=False)
         assert model.weight.dtype == torch.float32  # autocast never changes the stored weights
     assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2
+
+
+@pytest.mark.parametrize("device_type, capability, cpu_bf16, expected", [
+    ("cuda", (7, 5), False, torch.float16),    # T4 (Colab's free GPU): no bf16 tensor cores
+    ("cuda", (7, 0), True, torch.float16),     # V100
+    ("cuda", (6, 0), False, torch.float16),    # P100
+    ("cuda", (8, 0), False, torch.bfloat16),   # A100: Ampere on
+    ("cuda", (8, 6), False, torch.bfloat16),
+    ("cuda", (9, 0), False, torch.bfloat16),   # H100
+    ("cuda", None, False, torch.bfloat16),     # capability unknown: as before
+    ("cpu", None, True, torch.bfloat16),       # native bf16 (AVX512-BF16, AMX)
+    ("cpu", None, False, None),
+    ("mps", None, True, None),
+])
+def test_amp_dtype_for_picks_float16_before_ampere_and_bfloat16_from_ampere_on(device_type, capability,
+                                                                                 cpu_bf16, expected):
+    from diffusion_core.profiles import amp_dtype_for
+    assert amp_dtype_for(device_type, capability, cpu_bf16) is expected
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16)])
+def test_gpu_profile_autocasts_by_the_cuda_capability(monkeypatch, capability, expected):
+    monkeypatch.delenv("DIFFUSION_AMP", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    gpu = Profile("gpu", torch.device("cuda"))
+    assert gpu.amp and gpu.amp_dtype is expected
+    assert f"amp={str(expected).removeprefix('torch.')}" in str(gpu)
+    calls = []  # what autocast is asked for (this torch may have no CUDA to enter it with)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "autocast", lambda device_type, dtype=None, enabled=True: calls.append(
+            (device_type, dtype, enabled)))
+        gpu.autocast()
+        monkeypatch.setenv("DIFFUSION_AMP", "0")
+        gpu.autocast()
+    assert calls == [("cuda", expected, True), ("cuda", torch.bfloat16, False)]
+    assert not gpu.amp and gpu.amp_dtype is None and "amp=False" in str(gpu)
+    monkeypatch.setenv("DIFFUSION_AMP", "1")
+    assert gpu.amp_dtype is expected
+
+
+def _reference_training(x: torch.Tensor, steps: int, config: TrainConfig, dtype: torch.dtype | None) -> nn.Linear:
+    """The loop as it was before float16 existed: autocast, backward, clip, AdamW; no scaler."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3)
+    opt = torch.optim.AdamW([{"params": [model.weight], "weight_decay": 0.0}, {"params": [model.bias], "weight_decay": 0.0}],
+                            lr=config.lr, betas=config.betas, foreach=True, fused=False)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = config.lr_at(step)
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = model(x).float().pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("amp, cpu_amp, dtype", [("0", True, None), ("1", False, None), ("1", True, torch.bfloat16)])
+def test_float32_and_bf16_training_on_cpu_is_unchanged_and_never_scales_the_loss(monkeypatch, amp, cpu_amp, dtype):
+    from diffusion_core import train as train_module
+
+    def no_scaler(device):
+        raise AssertionError("a loss scaler outside float16")
+
+    monkeypatch.setenv("DIFFUSION_AMP", amp)
+    monkeypatch.setattr(train_module, "_grad_scaler", no_scaler)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    config = TrainConfig(steps=5, warmup_steps=2, grad_clip=0.05, cpu_amp=cpu_amp, ema_decay=0.0)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3)
+    train(model, lambda m, b: m(b).float().pow(2).mean(), iter(lambda: x, None), config,
+          Profile("smoke", torch.device("cpu")), progress=False)
+    ref = _reference_training(x, 5, config, dtype)
+    assert torch.equal(model.weight, ref.weight) and torch.equal(model.bias, ref.bias)
+
+
+def test_float16_training_scales_the_loss_and_clips_the_unscaled_gradients(monkeypatch):
+    """The T4 path, on the CPU: float16 autocast (as profile.amp_dtype gives on CUDA before Ampere)
+    through torch.amp.GradScaler; clipping sees the true gradient norm, not one scaled by 2^16."""
+    from diffusion_core import profiles
+    from diffusion_core import train as train_module
+
+    monkeypatch.setattr(profiles, "amp_dtype", lambda device: torch.float16)
+    scalers, clipped, seen = [], [], []
+    make_scaler = train_module._grad_scaler
+    monkeypatch.setattr(train_module, "_grad_scaler", lambda device: scalers.append(make_scaler(device)) or scalers[-1])
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, **kw):
+        params = list(params)
+        clipped.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item())
+        return clip(params, max_norm, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+
+    def loss_fn(m, b):
+        y = m(b)
+        seen.append(y.dtype)
+        return y.float().pow(2).mean()
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3)
+    expected = torch.autograd.grad(loss_fn(model, x), list(model.parameters()))  # float32, step 0
+    expected_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in expected])).item()
+    before = model.weight.detach().clone()
+    seen.clear()
+    result = train(model, loss_fn, iter(lambda: x, None), TrainConfig(steps=6, cpu_amp=True, ema_decay=0.0),
+                   Profile("smoke", torch.device("cpu")), progress=False)
+    assert len(scalers) == 1 and scalers[0].is_enabled() and scalers[0].get_scale() > 1
+    assert seen == [torch.float16] * 6 and model.weight.dtype == torch.float32
+    assert clipped[0] == pytest.approx(expected_norm, rel=1e-2)  # unscaled before clipping
+    assert all(np.isfinite(result.losses)) and not torch.equal(model.weight, before)
 
 
 def test_setup_honours_omp_num_threads(monkeypatch):
@@ -288,3 +404,125 @@ def test_toy_distributions_are_deterministic_and_named():
     assert torch.equal(toy2d("moons", 10, seed=1), toy2d("moons", 10, seed=1))
     with pytest.raises(ValueError, match="moons"):
         toy2d("swissroll", 10)
+
+
+def test_batches_larger_than_the_data_are_refused_instead_of_looping_forever():
+    x, y = torch.zeros(4, 1, 2, 2), torch.arange(4)
+    with pytest.raises(ValueError, match="batch_size 10 is larger than the data"):
+        digit_batches(x, 10)  # before: a generator that never yields (an endless loop)
+    with pytest.raises(ValueError, match="batch_size"):
+        digit_batches(x, 0)
+    with pytest.raises(ValueError, match=r"tensors\[0\] has 3 rows"):
+        digit_batches(x, 2, 0, y[:3])
+    xb, yb = next(digit_batches(x, 4, 0, y))
+    assert xb.shape == (4, 1, 2, 2) and sorted(yb.tolist()) == [0, 1, 2, 3]
+
+
+def test_box_blur_keeps_the_image_size_for_even_sizes_and_averages():
+    x = torch.arange(2 * 3 * 7 * 9, dtype=torch.float32).reshape(2, 3, 7, 9)
+    for size in (1, 2, 3, 4, 5):
+        assert box_blur(x, size).shape == x.shape, size
+    assert torch.equal(box_blur(x, 1), x)
+    # an even box: the mean of the pixel, the one after it and the two below them (interior pixels)
+    assert box_blur(x, 2)[0, 0, 2, 3] == x[0, 0, 2:4, 3:5].mean()
+    assert torch.allclose(box_blur(torch.ones(1, 1, 5, 5), 4), torch.ones(1, 1, 5, 5))
+    with pytest.raises(ValueError, match="size"):
+        box_blur(x, 0)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        box_blur(x[0], 3)
+
+
+def test_quantize_refuses_zero_bits_instead_of_returning_nan():
+    from diffusion_core.data import quantize
+
+    x = torch.linspace(-1, 1, 11)
+    assert quantize(x, 1).unique().tolist() == [-1.0, 1.0]
+    for bits in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="bits"):
+            quantize(x, bits)
+
+
+def test_toy_distributions_refuse_nan_noise_and_bad_sizes():
+    for noise in (float("nan"), float("inf"), -0.1):
+        with pytest.raises(ValueError, match="noise"):
+            toy2d("mixture", 10, noise=noise)  # before: NaN (or inf) points
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        toy2d("moons", 10.5)
+    assert toy2d("moons", np.int64(5), noise=0).shape == (5, 2)
+
+
+def test_gaussian_baseline_needs_two_examples():
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        gaussian_baseline(torch.zeros(1, 1, 4, 4), 3)
+    with pytest.raises(ValueError, match="n must be"):
+        gaussian_baseline(torch.zeros(5, 1, 4, 4), 0)
+
+
+def test_training_with_too_few_batches_says_how_many_steps_were_done():
+    model = nn.Linear(1, 1)
+    three = [torch.ones(2, 1)] * 3
+    with pytest.raises(ValueError, match=r"batch iterator ran out after 3 of 5 steps"):  # before: bare StopIteration
+        train(model, lambda m, b: m(b).pow(2).mean(), iter(three), TrainConfig(steps=5, ema_decay=0.0),
+              Profile("smoke", torch.device("cpu")), progress=False)
+    # a list is iterated once: enough batches train
+    res = train(model, lambda m, b: m(b).pow(2).mean(), three, TrainConfig(steps=3, ema_decay=0.0),
+                Profile("smoke", torch.device("cpu")), progress=False)
+    assert len(res.losses) == 3
+
+
+def test_training_refuses_a_loss_that_is_not_a_scalar():
+    with pytest.raises(ValueError, match="scalar tensor"):
+        train(nn.Linear(1, 1), lambda m, b: m(b), [torch.ones(2, 1)], TrainConfig(steps=1, ema_decay=0.0),
+              Profile("smoke", torch.device("cpu")), progress=False)
+
+
+@pytest.mark.parametrize("kwargs, word", [({"log_every": 0}, "log_every"), ({"warmup_steps": -1}, "warmup_steps"),
+                                          ({"ema_decay": -0.5}, "ema_decay"), ({"ema_decay": 1.0}, "ema_decay"),
+                                          ({"lr": float("nan")}, "lr"), ({"grad_clip": float("nan")}, "grad_clip"),
+                                          ({"final_lr_fraction": 2.0}, "final_lr_fraction"), ({"steps": 2.5}, "steps")])
+def test_train_config_names_a_bad_setting(kwargs, word):
+    # before: log_every=0 was a ZeroDivisionError at the first step, a negative ema_decay silently no EMA
+    with pytest.raises(ValueError, match=f"TrainConfig: {word}"):
+        TrainConfig(**{"steps": 3, **kwargs})
+
+
+def test_store_refuses_a_directory_where_its_file_should_be(cache):
+    calls: list = []
+    store.register(_recipe("test-dir", calls))
+    prof = Profile("smoke", torch.device("cpu"))
+    path = store.load("test-dir", prof, verbose=False).path
+    path.unlink()
+    path.mkdir()
+    (path / "keep.txt").write_text("someone's file")
+    with pytest.raises(IsADirectoryError, match=r"is a directory where the store keeps a file; remove it"):
+        store.load("test-dir", prof, verbose=False)  # before: an uncaught error from hashing a directory
+    assert (path / "keep.txt").exists() and len(calls) == 1
+
+
+def test_store_removes_the_temporaries_of_a_killed_writer(cache):
+    store.register(_recipe("test-tmp", []))
+    prof = Profile("smoke", torch.device("cpu"))
+    path = store.load("test-tmp", prof, verbose=False).path
+    stale = [cache / f".{path.name}.abc123.tmp", cache / f".{path.with_suffix('.sha256').name}.xyz.tmp"]
+    other = cache / ".another-entry.safetensors.abc.tmp"
+    for f in (*stale, other):
+        f.write_bytes(b"half a file")
+    store.load("test-tmp", prof, verbose=False)
+    assert not any(f.exists() for f in stale) and other.exists()  # only this entry's temporaries
+
+
+def test_store_rebuilds_a_file_stored_in_another_dtype(cache):
+    calls: list = []
+    store.register(_recipe("test-dtype", calls))
+    prof = Profile("smoke", torch.device("cpu"))
+    s = store.load("test-dtype", prof, verbose=False)
+    store.save(s.model.half(), s.path, {"key": store.cache_key(store.recipe("test-dtype"), "smoke", s.config)})
+    with pytest.warns(UserWarning, match="stored as torch.float16 but the recipe builds torch.float32"):
+        again = store.load("test-dtype", prof, verbose=False)  # before: cast to float32 silently
+    assert again.trained_now and len(calls) == 2 and again.model.lin.weight.dtype == torch.float32
+
+
+def test_store_names_a_profile_of_the_wrong_type(cache):
+    store.register(_recipe("test-profile-type", []))
+    with pytest.raises(TypeError, match="profile must be a Profile, a profile name or None, got int"):
+        store.load("test-profile-type", 3, verbose=False)  # before: AttributeError inside the recipe's config

@@ -102,3 +102,37 @@ def test_drop_condition_drops_at_the_requested_rate_reproducibly():
     assert (drop_condition(emb, torch.zeros(7, 4), 1.0) == 0).all()
     with pytest.raises(ValueError, match="p_uncond"):
         drop_condition(emb, 0.0, 1.5)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0, torch.tensor([1.0, float("nan"), 2.0, 3.0])])
+def test_cfg_refuses_a_nan_infinite_or_negative_scale(scale):
+    model = ToyModel()
+    x, t, c = _inputs()
+    with pytest.raises(ValueError, match="guidance scale s must be a finite number >= 0"):
+        cfg_eps(model, x, t, c, 5, scale)  # before: NaN (or inf) images, no error
+    assert model.calls == []  # refused before the network runs
+
+
+def test_cfg_per_sample_scale_must_have_one_entry_per_sample():
+    x, t, c = _inputs()
+    with pytest.raises(ValueError, match=r"per-sample guidance scale must have shape \(4,\)"):
+        cfg_eps(ToyModel(), x, t, c, 5, torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(TypeError, match="guidance scale"):
+        cfg_eps(ToyModel(), x, t, c, 5, "3")
+    # a one-element tensor is one scale for the whole batch
+    torch.testing.assert_close(cfg_eps(ToyModel(), x, t, c, 5, torch.tensor([2.0])), cfg_eps(ToyModel(), x, t, c, 5, 2.0))
+
+
+def test_a_fractional_null_class_is_refused_not_truncated():
+    c = torch.arange(10)
+    with pytest.raises(ValueError, match="null_cond must be a class index"):
+        drop_condition(c, 9.5, 0.5)  # before: silently the class 9
+    x, t, labels = _inputs()
+    with pytest.raises(ValueError, match="null_cond must be a class index"):
+        cfg_eps(ToyModel(), x, t, labels, 4.5, 2.0)
+    assert torch.equal(drop_condition(c, 10.0, 1.0), torch.full_like(c, 10))  # a whole float is a class
+
+
+def test_drop_condition_needs_a_batched_condition():
+    with pytest.raises(ValueError, match=r"cond must be a batched tensor \(B, ...\)"):
+        drop_condition(torch.tensor(3), 9, 0.5)  # before: IndexError from the shape

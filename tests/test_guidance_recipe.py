@@ -132,3 +132,32 @@ def test_sample_digits_runs_the_network_under_the_profile_precision_and_returns_
     x = claim.sample_digits(stored, torch.arange(6) % 10, 3.0, steps=2, profile=SMOKE)
     assert x.dtype == torch.float32 and x.shape == (6, 1, 16, 16) and torch.isfinite(x).all()
     assert set(probe.dtypes) == {torch.bfloat16 if amp == "1" else torch.float32}
+
+
+def test_sample_digits_refuses_the_null_class_out_of_range_labels_and_bad_scales(tmp_path):
+    probe = DtypeProbe()
+    stored = store.Stored(probe, "probe", "smoke", recipes.DIGITS_CFG_P01.config(SMOKE), {}, tmp_path, False)
+    # label 10 is the null class: before, silently unconditional samples
+    for labels in (torch.tensor([0, 10]), torch.tensor([-1, 3]), torch.tensor([11])):
+        with pytest.raises(ValueError, match=r"labels must lie in 0\.\.9 \(class 10 is the null class\)"):
+            claim.sample_digits(stored, labels, 3.0, steps=2, profile=SMOKE)
+    with pytest.raises(ValueError, match="class indices"):
+        claim.sample_digits(stored, torch.tensor([0.0, 1.0]), 3.0, steps=2, profile=SMOKE)
+    with pytest.raises(ValueError, match="guidance scale"):
+        claim.sample_digits(stored, torch.tensor([0, 1]), float("nan"), steps=2, profile=SMOKE)
+    assert probe.dtypes == []  # nothing ran
+
+
+def test_sweeps_check_their_scales_before_loading_or_training_a_model(monkeypatch):
+    from diffusion_core.evaluate import attributes
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the scales were checked")
+
+    monkeypatch.setattr(claim, "load", no_model)
+    monkeypatch.setattr(claim, "digit_evaluator", no_model)
+    monkeypatch.setattr(attributes, "shapes_evaluator", no_model)
+    with pytest.raises(ValueError, match="guidance scale"):
+        claim.digits_sweep(SMOKE, scales=(1.0, float("inf")))
+    with pytest.raises(ValueError, match="guidance scale"):
+        claim.shapes_sweep(SMOKE, scales=(-2.0,))

@@ -199,3 +199,53 @@ def test_unknown_options_are_rejected():
         GaussianDiffusion(linear_betas(10), variance="learned")
     with pytest.raises(ValueError, match="hybrid"):
         GaussianDiffusion(linear_betas(10)).training_losses(lambda x, t: x, torch.zeros(2, 1, 2, 2), loss="hybrid")
+
+
+def test_the_device_cache_holds_one_copy_per_table_however_many_calls():
+    d = GaussianDiffusion.from_schedule("linear", T=50)
+    x0, t = torch.randn(3, 2), torch.tensor([0, 10, 49])
+    d.q_mean_variance(x0, t)
+    d.q_sample(x0, t)
+    size = len(d._device_cache)
+    for _ in range(20):
+        d.q_mean_variance(x0, t)  # before: one new entry per call (keyed by a fresh 1 - alpha_bar)
+        d.q_sample(x0, t)
+        d.at(d.alpha_bar * 2, t, x0)  # a caller's own array is converted, never cached
+    assert len(d._device_cache) == size
+    torch.testing.assert_close(d.at(d.alpha_bar * 2, t, x0).flatten(), (2 * d.alpha_bar[t]).float())
+    d.at(d.betas, t, x0.double())  # another dtype: one more copy, once
+    d.at(d.betas, t, x0.double())
+    assert len(d._device_cache) == size + 1
+
+
+def test_boolean_or_fractional_timesteps_are_refused_not_truncated():
+    d = GaussianDiffusion(linear_betas(20))
+    with pytest.raises(TypeError, match="integers"):
+        d.q_sample(torch.zeros(2, 1, 2, 2), torch.tensor([True, False]))  # before: t = [1, 0]
+    with pytest.raises(TypeError, match="respaced timesteps must be integers"):
+        d.respace([0.5, 3.7, 19.0])  # before: silently the steps [0, 3, 19]
+    with pytest.raises(TypeError, match="respaced timesteps must be integers"):
+        d.respace(torch.tensor([True, False, True]))
+
+
+def test_the_bound_refuses_data_outside_minus_one_one_and_bad_strata():
+    d = GaussianDiffusion(linear_betas(20))
+
+    def model(x, t):
+        return torch.zeros_like(x)
+
+    x01 = torch.rand(2, 1, 4, 4)  # images in [0, 1]: before, a number of bits/dim that meant nothing
+    with pytest.raises(ValueError, match=r"x0 must be data in \[-1, 1\].*2 x - 1"):
+        d.nll_bpd(model, x01 * 255)
+    with pytest.raises(ValueError, match=r"x0 must be data in \[-1, 1\]"):
+        d.nll_bpd(model, torch.full((2, 1, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match="strata"):
+        d.nll_bpd(model, x01, timesteps=2.5)  # before: an obscure TypeError from linspace
+    with pytest.raises(ValueError, match="non-empty"):
+        d.nll_bpd(model, torch.zeros(0, 1, 4, 4))  # before: a reshape error
+    with pytest.raises(ValueError, match="non-empty"):
+        d.training_losses(model, torch.zeros(0, 1, 4, 4))
+    learned = GaussianDiffusion(linear_betas(20), variance="learned_range")
+    with pytest.raises(ValueError, match="hybrid_lambda"):  # before: a NaN loss
+        learned.training_losses(lambda x, t: torch.zeros(2, 2, 4, 4), x01, loss="hybrid", hybrid_lambda=float("nan"))
+    assert torch.isfinite(d.nll_bpd(model, x01 * 2 - 1)["total"]).all()

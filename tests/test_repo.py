@@ -142,3 +142,18 @@ def test_nbval_fails_a_check_cell_that_prints_and_passes_one_that_only_asserts(t
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert "1 failed, 2 passed" in run.stdout, run.stdout + run.stderr
     assert "check.ipynb::Cell 1" in run.stdout and "Unexpected output fields" in run.stdout
+
+
+@pytest.mark.skipif(__import__("shutil").which("make") is None, reason="make is not installed")
+def test_make_setup_passes_torch_to_pip_as_arguments_and_only_when_no_torch_is_importable():
+    """`make setup TORCH="torch==2.13.0 --index-url ..."` (the README's CPU wheel on Linux) reaches pip
+    as separate arguments, in the branch taken only when `import torch` fails. `make -n` runs nothing."""
+    import subprocess
+
+    torch_args = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    out = subprocess.run(["make", "-n", "-B", "setup", f"TORCH={torch_args}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    guard = out.index('-c "import torch"')
+    otherwise = out.index("else", guard)
+    install = out.index(f"-m pip install {torch_args};", otherwise)
+    assert guard < otherwise < install < out.index("fi", install), out

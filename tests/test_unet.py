@@ -290,3 +290,24 @@ def test_attention_mask_blocks_keys():
     x, c = torch.randn(1, 3, 8), torch.randn(1, 5, 4)
     keep = torch.tensor([True, True, False, False, False])
     torch.testing.assert_close(attn(x, c, attention_mask=keep[None, None, None, :]), attn(x, c[:, :2]))
+
+
+def test_from_pretrained_with_a_broken_config_json_names_the_file(tmp_path, tiny):
+    from safetensors.torch import save_file
+
+    save_file(tiny.state_dict(), str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "config.json").write_text('{"in_channels": 3,')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        UNet2D.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("build, words", [
+    (lambda: UNetConfig.tiny(attention_head_dim=0), "attention_head_dim must be positive"),
+    (lambda: UNetConfig.tiny(attn_norm_num_groups=0), "attn_norm_num_groups must be positive"),
+    (lambda: UNetConfig.tiny(block_out_channels=(0, 0)), "block_out_channels must all be positive"),
+    (lambda: Attention(32, heads=4, dim_head=8, norm_num_groups=0), "Attention: norm_num_groups must be positive"),
+    (lambda: ResnetBlock2D(32, 32, temb_channels=None, groups=0), "GroupNorm groups must be positive"),
+])
+def test_zero_groups_or_heads_are_value_errors_not_zero_division(build, words):
+    with pytest.raises(ValueError, match=words):  # before: ZeroDivisionError (integer modulo by zero)
+        build()

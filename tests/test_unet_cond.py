@@ -259,3 +259,17 @@ def test_adapter_features_that_do_not_fit_the_unet_name_the_block():
             unet(x, 3, ctx, down_intrablock_additional_residuals=fits(cond) + fits(cond))
         with pytest.raises(ValueError, match="T2I-Adapter feature"):
             unet(x, 3, ctx, down_intrablock_additional_residuals=[None])
+
+
+def test_zero_groups_or_heads_are_value_errors_not_zero_division():
+    small = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, norm_num_groups=8)
+    with pytest.raises(ValueError, match="CondUNetConfig: norm_num_groups must be positive"):
+        CondUNetConfig(**{**small, "norm_num_groups": 0})  # before: ZeroDivisionError
+    for heads in (0, -4, (4, 0)):
+        with pytest.raises(ValueError, match="CondUNetConfig: num_attention_heads must be positive"):
+            CondUNetConfig(**small, num_attention_heads=heads)
+    with pytest.raises(ValueError, match="Transformer2DModel: norm_num_groups must be positive"):
+        Transformer2DModel(4, 8, 32, norm_num_groups=0)  # before: ZeroDivisionError
+    with pytest.raises(ValueError, match="Transformer2DModel: heads must be positive"):
+        Transformer2DModel(0, 8, 32, norm_num_groups=8)

@@ -83,3 +83,12 @@ def test_bad_inputs_raise_errors_that_name_the_problem():
         VAEConfig.tiny(f=3)
     with pytest.raises(ValueError, match="divisible by norm_num_groups"):
         VAEConfig(block_out_channels=(30, 64), norm_num_groups=8)
+
+
+@pytest.mark.parametrize("kwargs, words", [({"norm_num_groups": 0}, "norm_num_groups must be positive"),
+                                           ({"norm_num_groups": -8}, "norm_num_groups must be positive"),
+                                           ({"latent_channels": 0}, "latent_channels must be positive"),
+                                           ({"block_out_channels": (0, 32)}, "block_out_channels must all be positive")])
+def test_zero_groups_or_channels_are_value_errors(kwargs, words):
+    with pytest.raises(ValueError, match=f"VAEConfig: {words}"):  # before: ZeroDivisionError or a broken model
+        VAEConfig(**{"block_out_channels": (32, 64), "norm_num_groups": 8, **kwargs})

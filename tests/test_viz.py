@@ -148,3 +148,33 @@ def test_defaults_match_ipywidgets_slider_starting_values():
     spec = (0.0, 1.0, 0.1)
     slider = ipywidgets.interactive(lambda v: None, v=spec).children[0]
     assert widgets.defaults(v=spec)["v"] == pytest.approx(slider.value)
+
+
+@pytest.mark.parametrize("spec, words", [
+    ((0.0, 10.0, 0.5, 12.0), "outside"),          # before: fn(s=12.0), a value no slider gives
+    ((0, 10, 3, 5), "not on the slider's grid"),  # before: fn(s=5); the slider moves 0, 3, 6, 9
+    ((5, 1, 1), "smaller than max"),
+    ((0.0, 1.0, 0.0), "step must be positive"),
+    ((0.0, 1.0, -0.1), "step must be positive"),
+    ((0.0, float("nan"), 0.1), "finite"),
+])
+def test_bad_slider_specs_are_errors_naming_the_argument(monkeypatch, spec, words):
+    monkeypatch.setenv("DIFFUSION_HEADLESS", "1")
+    calls = []
+    with pytest.raises(ValueError, match=f"slider s=.*{words}"):
+        widgets.explore(lambda s: calls.append(s), caption=False, s=spec)
+    assert calls == []
+    with pytest.raises(ValueError, match=words):
+        widgets.defaults(s=spec)
+
+
+def test_headless_defaults_are_exactly_the_live_sliders_starting_values():
+    for spec in [(0.1, 0.7, 0.2), (0.0, 1.0, 0.1), (0, 10, 3), (0.0, 0.05, 0.002, 0.008), (0, 999, 1, 200),
+                 (0.1, 0.7, 0.2, 0.7), (1, 2, 5)]:
+        live = widgets._control("v", spec).value
+        headless = widgets.defaults(v=spec)["v"]
+        assert headless == live and type(headless) is type(live), spec
+        lo, _, step = spec[:3]
+        assert abs((headless - lo) / step - round((headless - lo) / step)) < 1e-9, spec  # on the grid
+    assert widgets.defaults(v=(0.1, 0.7, 0.2))["v"] == 0.3  # not 0.30000000000000004
+    assert widgets._control("v", (0.0, 2.0, 0.5, 1.5)).value == 1.5

@@ -7,6 +7,7 @@ stratified by class.
 
 from __future__ import annotations
 
+import numbers
 from functools import lru_cache
 
 import numpy as np
@@ -39,8 +40,14 @@ def _split_indices() -> dict[str, np.ndarray]:
     return {"train": train, "heldout": held, "all": np.arange(len(y))}
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def quantize(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Round images in [-1, 1] to 2^bits levels (the discretised decoder's data)."""
+    """Round images in [-1, 1] to 2^bits levels (the discretised decoder's data); ``bits`` >= 1."""
+    if not _is_int(bits) or bits < 1:
+        raise ValueError(f"quantize: bits must be an integer >= 1 (2^bits levels), got {bits!r}")
     levels = 2**bits - 1
     return torch.round((x.clamp(-1, 1) + 1) / 2 * levels) / levels * 2 - 1
 
@@ -65,6 +72,11 @@ def digits(split: str = "train", resolution: int = 16) -> tuple[torch.Tensor, to
 def gaussian_baseline(train: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     """Samples of one Gaussian fitted to the training pixels (full covariance), clipped to [-1, 1]:
     the weakest 'generative model' there is, a baseline every FD is reported beside."""
+    if not _is_int(n) or n < 1:
+        raise ValueError(f"gaussian_baseline: n must be a positive integer, got {n!r}")
+    if train.ndim < 2 or train.shape[0] < 2:
+        raise ValueError(f"gaussian_baseline: train must hold at least 2 examples (B, ...) to fit a covariance, "
+                         f"got shape {tuple(train.shape)}")
     flat = train.reshape(train.shape[0], -1).double()
     mean = flat.mean(0)
     cov = torch.cov(flat.T) + 1e-6 * torch.eye(flat.shape[1], dtype=torch.float64)
@@ -75,14 +87,41 @@ def gaussian_baseline(train: torch.Tensor, n: int, seed: int = 0) -> torch.Tenso
 
 
 def box_blur(x: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """A size x size box filter (replicate padding): a mild, visible degradation for calibrating FD."""
+    """A size x size box filter (replicate padding): a mild, visible degradation for calibrating FD.
+
+    ``x`` is (B, C, H, W), floating point; the result has its shape for every ``size`` >= 1 (an even
+    box is padded one pixel more after than before, so it is centred half a pixel off)."""
+    if not _is_int(size) or size < 1:
+        raise ValueError(f"box_blur: size must be a positive integer, got {size!r}")
+    if not torch.is_tensor(x) or x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"box_blur: x must be a floating-point (B, C, H, W) tensor, got "
+                         f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}"
+                         f"{' of ' + str(x.dtype) if torch.is_tensor(x) else ''}")
     C = x.shape[1]
-    k = torch.ones(C, 1, size, size, dtype=x.dtype) / size**2
-    return F.conv2d(F.pad(x, [size // 2] * 4, mode="replicate"), k, groups=C)
+    k = torch.ones(C, 1, size, size, dtype=x.dtype, device=x.device) / size**2
+    before, after = (size - 1) // 2, size // 2
+    return F.conv2d(F.pad(x, [before, after, before, after], mode="replicate"), k, groups=C)
 
 
 def batches(x: torch.Tensor, batch_size: int, seed: int = 0, *tensors: torch.Tensor):
-    """An infinite iterator of shuffled minibatches (reshuffled every epoch, deterministic for a seed)."""
+    """An infinite iterator of shuffled minibatches (reshuffled every epoch, deterministic for a seed).
+
+    Each epoch yields ``len(x) // batch_size`` full batches (the remainder is dropped), so
+    ``batch_size`` must lie in 1..len(x); ``tensors`` (labels, ...) are indexed alongside ``x`` and
+    must have as many rows."""
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batches: batch_size must be a positive integer, got {batch_size!r}")
+    n = x.shape[0]
+    if batch_size > n:
+        raise ValueError(f"batches: batch_size {batch_size} is larger than the data ({n} examples); "
+                         f"no full batch could ever be drawn")
+    for i, t in enumerate(tensors):
+        if t.shape[0] != n:
+            raise ValueError(f"batches: tensors[{i}] has {t.shape[0]} rows but x has {n}; they are indexed together")
+    return _batches(x, batch_size, seed, tensors)
+
+
+def _batches(x: torch.Tensor, batch_size: int, seed: int, tensors: tuple[torch.Tensor, ...]):
     g = torch.Generator().manual_seed(seed)
     n = x.shape[0]
     while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -10,9 +11,12 @@ TOYS = ("moons", "rings", "mixture", "spiral")
 
 
 def toy2d(name: str, n: int, seed: int = 0, noise: float = 0.05) -> torch.Tensor:
-    """``n`` points (n, 2) from a named 2-D distribution, scaled to roughly [-1, 1]."""
-    if n < 1:
-        raise ValueError(f"n must be positive, got {n}")
+    """``n`` points (n, 2) from a named 2-D distribution, scaled to roughly [-1, 1], plus Gaussian
+    ``noise`` of that standard deviation (a finite number >= 0)."""
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"toy2d: n must be a positive integer, got {n!r}")
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"toy2d: noise must be a finite standard deviation >= 0, got {noise!r}")
     g = torch.Generator().manual_seed(seed)
     if name == "moons":
         k = torch.randint(0, 2, (n,), generator=g)

@@ -37,7 +37,7 @@ from ..recipes import latent as latent_recipes
 from ..recipes.digits import diffusion_for
 from ..recipes.guidance import DIGIT_P_UNCONDS, digits_recipe_name
 from ..samplers.ddim import ddim_sample
-from ..samplers.guidance import cfg_eps
+from ..samplers.guidance import cfg_eps, check_scale
 from ..store import Stored, load
 
 SCALES = (0.0, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
@@ -97,6 +97,15 @@ def sample_digits(stored: Stored, labels: torch.Tensor, scale: float, steps: int
     guided at ``scale``, the network under the profile's mixed precision (bf16 where the machine
     has it). The noise depends only on ``seed`` and N, so every scale starts from the same x_T."""
     profile = profile or current()
+    scale = check_scale(scale)
+    num_classes = stored.config["num_classes"]
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"sample_digits: labels must be a (N,) tensor of class indices, got "
+                         f"{tuple(labels.shape)} {labels.dtype}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"sample_digits: labels must lie in 0..{num_classes - 1} (class {stored.config['null_class']} "
+                         f"is the null class), got values in {int(labels.min())}..{int(labels.max())}")
     model = stored.model.eval()
     dev = _device(model)
     R = stored.config["resolution"]
@@ -126,6 +135,7 @@ def digits_sweep(profile: Profile, scales: Sequence[float] = SCALES, p_unconds: 
     (the first 40 samples: digits 0-9 four times, the same noise at every s), "references",
     "classifier_accuracy", "n_samples", "steps", "train_seconds": {p: s}}``.
     """
+    scales = [check_scale(s) for s in scales]  # before any model is trained or loaded
     evaluator = evaluator or digit_evaluator(profile)
     n, steps = digit_sample_count(profile), sampling_steps(profile)
     labels = torch.arange(n) % 10
@@ -165,6 +175,7 @@ def shapes_sweep(profile: Profile, scales: Sequence[float] = SCALES,
     from ..evaluate.attributes import shapes_evaluator
     from . import latent
 
+    scales = [check_scale(s) for s in scales]  # before any model is trained or loaded
     evaluator = shapes_evaluator(profile)
     n, steps = shapes_sample_count(profile), sampling_steps(profile)
     world = latent_recipes.world_for(profile, text=True, max_objects=latent_recipes.T2I_MAX_OBJECTS)
@@ -231,6 +242,7 @@ def batched_vs_two_forwards(model_fn: Callable[[torch.Tensor, torch.Tensor, Any]
     """Median seconds of one guided step done as ``cfg_eps`` does it (one forward of batch 2B) and
     as two forwards of batch B, interleaved; ``ratio`` = batched / two (below 1: batching wins).
     ``cond`` is a tensor or a dict of tensors (batch B), ``null_cond`` the same with batch 1."""
+    scale = check_scale(scale)
     null_b = _expand_null(null_cond, cond, x.device)  # the null condition, batch B
 
     def batched() -> torch.Tensor:

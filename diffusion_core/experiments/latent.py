@@ -28,7 +28,7 @@ from ..process.gaussian import GaussianDiffusion
 from ..profiles import Profile, current
 from ..recipes import latent as R
 from ..samplers.ddim import ddim_sample
-from ..samplers.guidance import cfg_eps
+from ..samplers.guidance import cfg_eps, check_scale
 from ..store import Stored, load
 
 PAPER = {  # LDM Tab. 8 / Fig. 6 (ImageNet, class-conditional, 2M steps): the qualitative ordering
@@ -168,6 +168,7 @@ def generate_from_captions(stored: Stored, vae: AutoencoderKL, captions: list[st
     the latent space with ``eps = eps_u + scale (eps_c - eps_u)`` (scale 1: no guidance), the
     network under the profile's mixed precision, decoded in float32."""
     profile = profile or current()
+    scale = check_scale(scale)
     model = stored.model.eval()
     c = stored.config
     dev = _device(model)

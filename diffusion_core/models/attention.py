@@ -90,6 +90,8 @@ class Attention(nn.Module):
         super().__init__()
         if heads < 1 or dim_head < 1:
             raise ValueError(f"Attention: heads ({heads}) and dim_head ({dim_head}) must be positive")
+        if norm_num_groups is not None and norm_num_groups < 1:
+            raise ValueError(f"Attention: norm_num_groups must be positive (or None for no GroupNorm), got {norm_num_groups}")
         if norm_num_groups is not None and query_dim % norm_num_groups != 0:
             raise ValueError(
                 f"Attention: query_dim={query_dim} is not divisible into {norm_num_groups} groups for GroupNorm"

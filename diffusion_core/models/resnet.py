@@ -14,7 +14,9 @@ TIME_EMBEDDING_NORMS = ("default", "scale_shift")
 
 
 def _check_groups(name: str, channels: int, groups: int) -> None:
-    if groups < 1 or channels % groups != 0:
+    if groups < 1:
+        raise ValueError(f"{name}: the number of GroupNorm groups must be positive, got {groups}")
+    if channels % groups != 0:
         raise ValueError(f"{name}: {channels} channels are not divisible into {groups} groups for GroupNorm")
 
 

@@ -123,6 +123,10 @@ class Transformer2DModel(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        for name, value in (("heads", heads), ("dim_head", dim_head), ("in_channels", in_channels),
+                            ("num_layers", num_layers), ("norm_num_groups", norm_num_groups)):
+            if value < 1:
+                raise ValueError(f"Transformer2DModel: {name} must be positive, got {value}")
         if in_channels % norm_num_groups:
             raise ValueError(
                 f"Transformer2DModel: in_channels={in_channels} is not divisible by norm_num_groups={norm_num_groups}"

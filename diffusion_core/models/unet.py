@@ -20,7 +20,6 @@ state dict loads with no renaming: :func:`from_diffusers_unet2d` converts a diff
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +153,11 @@ class UNetConfig:
         for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"UNetConfig: {name} must be positive, got {getattr(self, name)}")
+        for name in ("attention_head_dim", "attn_norm_num_groups"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise ValueError(f"UNetConfig: {name} must be positive (or None), got {getattr(self, name)}")
+        if any(int(ch) < 1 for ch in self.block_out_channels):
+            raise ValueError(f"UNetConfig: block_out_channels must all be positive, got {self.block_out_channels}")
         for ch in self.block_out_channels:
             if ch % self.norm_num_groups != 0:
                 raise ValueError(
@@ -393,7 +397,7 @@ class UNet2D(nn.Module):
         are read, never pickles."""
         from safetensors.torch import load_file
 
-        from ..interop import load_state_dict
+        from ..interop import load_state_dict, read_config
 
         folder = Path(path)
         if not (folder / "config.json").exists() and (folder / "unet" / "config.json").exists():
@@ -409,7 +413,7 @@ class UNet2D(nn.Module):
                 f"no {name} in {folder} (found: {', '.join(found) or 'nothing'}); only safetensors are "
                 "read; convert a .bin checkpoint with diffusers' save_pretrained(safe_serialization=True)"
             )
-        config = json.loads(config_file.read_text())
+        config = read_config(config_file)
         state = load_file(str(weights))
         model = cls(UNetConfig.from_diffusers_config(config))
         dtype = next(iter(state.values())).dtype if state else torch.float32

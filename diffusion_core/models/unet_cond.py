@@ -145,6 +145,11 @@ class CondUNetConfig:
         )
         if uses_cross and self.cross_attention_dim is None:
             raise ValueError("CondUNetConfig: cross-attention blocks need cross_attention_dim")
+        for name in ("in_channels", "out_channels", "norm_num_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CondUNetConfig: {name} must be positive, got {getattr(self, name)}")
+        if min(self.block_out_channels) < 1:
+            raise ValueError(f"CondUNetConfig: block_out_channels must all be positive, got {self.block_out_channels}")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(
@@ -152,6 +157,8 @@ class CondUNetConfig:
                     f"norm_num_groups={self.norm_num_groups}"
                 )
         heads = _per_block(self.num_attention_heads, n, "num_attention_heads")
+        if uses_cross and min(heads) < 1:
+            raise ValueError(f"CondUNetConfig: num_attention_heads must be positive, got {self.num_attention_heads}")
         for c, h in zip(self.block_out_channels, heads):
             if uses_cross and c % h:
                 raise ValueError(f"CondUNetConfig: {c} channels are not divisible into {h} attention heads")

@@ -78,6 +78,11 @@ class VAEConfig:
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
         if len(self.block_out_channels) < 1:
             raise ValueError("VAEConfig: block_out_channels needs at least one entry")
+        for name in ("in_channels", "out_channels", "latent_channels", "norm_num_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"VAEConfig: {name} must be positive, got {getattr(self, name)}")
+        if min(self.block_out_channels) < 1:
+            raise ValueError(f"VAEConfig: block_out_channels must all be positive, got {self.block_out_channels}")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(

@@ -96,7 +96,10 @@ class GaussianDiffusion:
         self.large_variance = torch.cat([beta_tilde_for_log[:1], b[1:]])
         self.log_betas = b.log()
         self.log_large_variance = self.large_variance.log()
+        self.one_minus_alpha_bar = 1.0 - self.alpha_bar
         self.log_one_minus_alpha_bar = torch.log1p(-self.alpha_bar)
+        # the tables above: only these are copied to a device once and cached (see `at`)
+        self._table_names = tuple(k for k, v in vars(self).items() if torch.is_tensor(v))
         self._device_cache: dict = {}
 
     # ----------------------------------------------------------------------------- construction
@@ -112,8 +115,11 @@ class GaussianDiffusion:
         With S = {s_0 < ... < s_{K-1}} kept, alpha_bar is unchanged on S and the new betas are
         beta'_k = 1 - alpha_bar_{s_k} / alpha_bar_{s_{k-1}}; the network still sees s_k.
         """
-        ts = torch.as_tensor(list(timesteps) if not torch.is_tensor(timesteps) else timesteps).long()
-        ts = torch.unique(ts)  # sorted, unique
+        ts = torch.as_tensor(list(timesteps) if not torch.is_tensor(timesteps) else timesteps)
+        if ts.is_floating_point() or ts.dtype == torch.bool:
+            raise TypeError(f"respaced timesteps must be integers in 0..{self.T - 1}, got dtype {ts.dtype} "
+                            "(fractional timesteps would be truncated)")
+        ts = torch.unique(ts.long())  # sorted, unique
         if ts.numel() == 0 or ts.min() < 0 or ts.max() >= self.T:
             raise ValueError(f"respaced timesteps must be a non-empty subset of 0..{self.T - 1}")
         ab = self.alpha_bar[ts]
@@ -126,13 +132,19 @@ class GaussianDiffusion:
 
     # ----------------------------------------------------------------------------- helpers
     def at(self, arr: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """arr[t] as a float tensor of x's dtype and device, shaped (B, 1, ..., 1) to broadcast."""
+        """arr[t] as a float tensor of x's dtype and device, shaped (B, 1, ..., 1) to broadcast.
+
+        The process's own tables are copied to each (device, dtype) once and cached; any other
+        ``arr`` (computed by the caller) is converted on every call and never cached, so the cache
+        holds at most one copy per table, device and dtype."""
         dtype = x.dtype if x.is_floating_point() else torch.float32
         key = (id(arr), x.device, dtype)
         table = self._device_cache.get(key)
-        if table is None or table[0] is not arr:  # one copy per (array, device, dtype), made once
-            table = (arr, arr.to(device=x.device, dtype=dtype))
-            self._device_cache[key] = table
+        if table is None or table[0] is not arr:
+            converted = arr.to(device=x.device, dtype=dtype)
+            if any(getattr(self, name, None) is arr for name in self._table_names):  # one copy per table, made once
+                self._device_cache[key] = (arr, converted)
+            table = (arr, converted)
         return table[1][t.to(x.device)].reshape(-1, *([1] * (x.ndim - 1)))
 
     def check_t(self, t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
@@ -142,8 +154,8 @@ class GaussianDiffusion:
         inside :meth:`p_mean_variance` with ``check=False``.
         """
         t = torch.as_tensor(t, device=x.device)
-        if t.is_floating_point():
-            raise TypeError("timesteps t must be integers in 0..T-1, got a float tensor")
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise TypeError(f"timesteps t must be integers in 0..T-1, got a {t.dtype} tensor")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if t.shape != (x.shape[0],):
@@ -167,7 +179,7 @@ class GaussianDiffusion:
         """q(x_t | x_0) = N( sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I ): (mean, variance, log_variance)."""
         t = self.check_t(t, x0)
         mean = self.at(self.sqrt_alpha_bar, t, x0) * x0
-        var = self.at(1.0 - self.alpha_bar, t, x0)
+        var = self.at(self.one_minus_alpha_bar, t, x0)
         return mean, var, self.at(self.log_one_minus_alpha_bar, t, x0)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None,
@@ -300,8 +312,10 @@ class GaussianDiffusion:
             raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
         if loss == "hybrid" and self.variance != "learned_range":
             raise ValueError("L_hybrid trains the variance: use variance='learned_range' with it")
-        if x0.ndim < 2:
-            raise ValueError(f"x0 must be batched, (B, ...), got shape {tuple(x0.shape)}")
+        if x0.ndim < 2 or x0.shape[0] == 0:
+            raise ValueError(f"x0 must be a non-empty batch, (B, ...), got shape {tuple(x0.shape)}")
+        if not (math.isfinite(hybrid_lambda) and hybrid_lambda >= 0):
+            raise ValueError(f"hybrid_lambda must be a finite number >= 0, got {hybrid_lambda!r}")
         t = self.sample_t(x0.shape[0], x0.device, generator) if t is None else self.check_t(t, x0)
         if eps is None:
             eps = randn_like(x0, generator)
@@ -335,6 +349,14 @@ class GaussianDiffusion:
         strata of 1..T-1), an unbiased estimate of the same bound at K/T of the cost.
         Returns ``{"total": (B,), "prior": (B,), "decoder": (B,), "terms_sum": (B,)}``.
         """
+        if x0.ndim < 2 or x0.shape[0] == 0 or not x0.is_floating_point():
+            raise ValueError(f"x0 must be a non-empty float batch, (B, ...), got shape {tuple(x0.shape)} {x0.dtype}")
+        if timesteps is not None and (not isinstance(timesteps, int) or isinstance(timesteps, bool) or timesteps < 1):
+            raise ValueError(f"timesteps must be a positive integer number of strata (or None), got {timesteps!r}")
+        lo, hi = float(x0.min()), float(x0.max())
+        if not (-1.0 - 1e-6 <= lo and hi <= 1.0 + 1e-6):  # NaN fails too
+            raise ValueError(f"x0 must be data in [-1, 1] (the discretised decoder's bins), got values in "
+                             f"[{lo:.4g}, {hi:.4g}]; map images in [0, 1] with 2 x - 1")
         B = x0.shape[0]
         dev = x0.device
         kw = model_kwargs or {}

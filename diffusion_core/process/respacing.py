@@ -27,6 +27,8 @@ them in reverse (diffusers' ``scheduler.timesteps`` is this list reversed).
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -52,6 +54,10 @@ def space_timesteps(T: int, K: int, kind: str = "uniform", offset: int = 0) -> t
         raise ValueError(f"cannot sample in K = {K} steps from a process with only T = {T} steps")
     if kind not in SPACINGS:
         raise ValueError(f"unknown spacing {kind!r}; expected one of {SPACINGS}")
+    if not isinstance(offset, numbers.Integral) or isinstance(offset, bool) or offset < 0:
+        raise ValueError(f"offset (steps_offset) must be an integer >= 0, got {offset!r}; a negative one "
+                         f"would start the steps at timestep {offset} < 0")
+    offset = int(offset)
     if offset and kind != "leading":
         raise ValueError(f"offset (steps_offset) only applies to 'leading' spacing, not {kind!r}")
 

@@ -17,6 +17,18 @@ from tqdm.auto import tqdm
 from ..process.gaussian import GaussianDiffusion, randn_like
 
 
+def _check_start(x_T: torch.Tensor, keep_every: int | None) -> None:
+    """x_T: a finite float tensor (B, ...); keep_every: None or a positive integer."""
+    if not torch.is_tensor(x_T) or x_T.ndim < 2 or not x_T.is_floating_point():
+        raise ValueError(f"x_T must be a float tensor batched as (B, ...), got "
+                         f"{tuple(x_T.shape) if torch.is_tensor(x_T) else type(x_T).__name__}"
+                         f"{' of ' + str(x_T.dtype) if torch.is_tensor(x_T) else ''}")
+    if keep_every is not None and (not isinstance(keep_every, int) or isinstance(keep_every, bool) or keep_every < 1):
+        raise ValueError(f"keep_every must be a positive integer or None, got {keep_every!r}")
+    if x_T.numel() and not bool(torch.isfinite(x_T).all()):
+        raise ValueError("x_T contains NaN or infinity; every step would propagate it")
+
+
 @torch.no_grad()
 def ddpm_sample(model: Callable[..., torch.Tensor], diffusion: GaussianDiffusion, x_T: torch.Tensor, *,
                 clip_denoised: bool = True, generator: torch.Generator | None = None,
@@ -24,8 +36,7 @@ def ddpm_sample(model: Callable[..., torch.Tensor], diffusion: GaussianDiffusion
                 keep_every: int | None = None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Run p(x_{t-1} | x_t) from x_T down to x_0. ``model(x_t, t, **model_kwargs)`` gives the network
     output; ``keep_every=k`` also returns the trajectory [x_T, ..., x_0] every k steps."""
-    if x_T.ndim < 2:
-        raise ValueError(f"x_T must be batched, (B, ...), got shape {tuple(x_T.shape)}")
+    _check_start(x_T, keep_every)
     x = x_T
     kept = [x.cpu()] if keep_every else []
     steps = range(diffusion.T - 1, -1, -1)

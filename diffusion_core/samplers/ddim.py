@@ -95,13 +95,13 @@ def sampling_timesteps(diffusion: GaussianDiffusion, steps: int | None,
     if timesteps is None:
         if steps is None:
             raise ValueError("give either steps or timesteps")
-        if not isinstance(steps, int) or steps < 1:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if steps > diffusion.T:
             raise ValueError(f"steps = {steps} exceeds the process's T = {diffusion.T} steps")
         return space_timesteps(diffusion.T, steps, spacing)
     tau = torch.as_tensor(timesteps).reshape(-1)
-    if tau.is_floating_point() or tau.numel() == 0:
+    if tau.is_floating_point() or tau.dtype == torch.bool or tau.numel() == 0:
         raise ValueError("timesteps must be a non-empty sequence of integers")
     tau = tau.long().sort().values
     if int(tau[0]) < 0 or int(tau[-1]) >= diffusion.T:
@@ -117,6 +117,8 @@ def _check_common(x: torch.Tensor, keep_every: int | None) -> None:
                          f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
     if keep_every is not None and (not isinstance(keep_every, int) or keep_every < 1):
         raise ValueError(f"keep_every must be a positive integer or None, got {keep_every!r}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError("the starting sample contains NaN or infinity; every step would propagate it")
 
 
 @torch.no_grad()

@@ -16,12 +16,44 @@ Imagen's guidance weight ``w`` is the same number as GLIDE's ``s``.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 Cond = Any  # a tensor (B, ...), or a dict / tuple / list of them (passed to model_fn as one object)
+
+
+def check_scale(scale: float | torch.Tensor, batch: int | None = None) -> float | torch.Tensor:
+    """The guidance scale ``s`` as a float (or a per-sample tensor), checked: a finite number >= 0
+    (0: unconditional, 1: conditional, > 1: guided). A tensor is 0-d, or ``(B,)`` / ``(1,)`` with
+    ``batch`` = B. NaN or inf would turn every sample into NaN; a negative s extrapolates past the
+    unconditional model, away from the condition (to steer away from a condition, pass it as
+    ``null_cond`` with s > 1, the "negative prompt")."""
+    rule = "the guidance scale s must be a finite number >= 0 (0: unconditional, 1: conditional, > 1: guided)"
+    if isinstance(scale, torch.Tensor):
+        if scale.dtype == torch.bool or scale.is_complex():
+            raise TypeError(f"{rule}; got a tensor of dtype {scale.dtype}")
+        if scale.ndim > 1 or (scale.ndim == 1 and batch is not None and scale.numel() not in (1, batch)):
+            raise ValueError(f"a per-sample guidance scale must have shape ({batch if batch is not None else 'B'},), "
+                             f"got {tuple(scale.shape)}")
+        if scale.numel() and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+            raise ValueError(f"{rule}; got {scale.tolist()}")
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{rule}; got {type(scale).__name__} {scale!r}")
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"{rule}; got {scale!r}")
+    return float(scale)
+
+
+def _check_null_kind(u: torch.Tensor, c: torch.Tensor, what: str) -> None:
+    """An integer condition (class labels) needs an integer null condition: 10.5 is not a class."""
+    if not (c.is_floating_point() or c.is_complex()) and (u.is_floating_point() or u.is_complex()):
+        if u.numel() and not bool((u == u.round()).all()):
+            raise ValueError(f"null_cond must be a class index like {what} (integers), got {u.flatten()[:4].tolist()}")
 
 
 def _match(u: Cond, c: Cond, what: str = "cond") -> Cond:
@@ -41,6 +73,7 @@ def _match(u: Cond, c: Cond, what: str = "cond") -> Cond:
                 f"cfg_eps: null_cond has shape {tuple(u.shape)} but {what} has shape {tuple(c.shape)}; "
                 "they must match (the null condition may have batch 1)"
             )
+        _check_null_kind(u, c, what)
         return u.to(c.dtype)
     if isinstance(c, Mapping):
         if not isinstance(u, Mapping) or set(u) != set(c):
@@ -86,7 +119,7 @@ def cfg_eps(
         null_cond: the null condition of the same structure; a tensor may have batch 1 (or no
             batch dimension) and is broadcast.
         scale: ``s`` (GLIDE convention): 1 = conditional, 0 = unconditional, > 1 = guided. A float
-            or a ``(B,)`` tensor (one scale per sample).
+            or a ``(B,)`` tensor (one scale per sample), finite and >= 0 (:func:`check_scale`).
         eps_channels: if the model also outputs other channels (a learned variance, as in
             Improved DDPM / GLIDE), guide only the first ``eps_channels`` and take the rest from the
             conditional output.
@@ -94,7 +127,8 @@ def cfg_eps(
     Returns:
         ``(B, C_out, H, W)``. ``s = 1`` and ``s = 0`` skip the unneeded half and are exact.
     """
-    if isinstance(scale, (int, float)):
+    scale = check_scale(scale, xt.shape[0])
+    if isinstance(scale, float):
         if scale == 1:
             return model_fn(xt, t, cond)
         if scale == 0:
@@ -137,8 +171,13 @@ def drop_condition(
     """
     if not 0.0 <= p_uncond <= 1.0:
         raise ValueError(f"drop_condition: p_uncond must be in [0, 1], got {p_uncond}")
+    if not torch.is_tensor(cond) or cond.ndim < 1:
+        raise ValueError(f"drop_condition: cond must be a batched tensor (B, ...), got "
+                         f"{tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__}")
     b = cond.shape[0]
-    null = torch.as_tensor(null_cond, dtype=cond.dtype, device=cond.device)
+    null = torch.as_tensor(null_cond, device=cond.device)
+    _check_null_kind(null, cond, "cond")
+    null = null.to(cond.dtype)
     if null.ndim == cond.ndim - 1:
         null = null.unsqueeze(0)
     try:

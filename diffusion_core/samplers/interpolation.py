@@ -34,6 +34,8 @@ def _prepare(z0: torch.Tensor, z1: torch.Tensor, alpha: float | Sequence[float] 
         raise ValueError("z0 and z1 must have at least one dimension")
     dtype = z0.dtype if z0.is_floating_point() else torch.float32
     a = torch.as_tensor(alpha, dtype=dtype, device=z0.device)
+    if a.numel() and not bool(torch.isfinite(a).all()):
+        raise ValueError(f"alpha must be finite, got {a.tolist()}")
     if a.ndim > 1:
         raise ValueError(f"alpha must be a number or a 1-D tensor of alphas, got shape {tuple(a.shape)}")
     # rows: (R, D) with R = 1 for a single vector
