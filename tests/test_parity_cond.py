@@ -94,6 +94,33 @@ def test_unet_matches_diffusers_with_and_without_residuals(i):
         assert rel_error(a, b) <= TOL
 
 
+@pytest.mark.parametrize("i", [0, 1])
+def test_unet_gradients_match_diffusers_so_training_is_the_same(i):
+    """Training parity: the same loss gives the same gradient for every weight, ControlNet-style residuals
+    (which carry gradient back to their producer) included."""
+    theirs, ours = _unet_pair(i)
+    c = theirs.config
+    g = torch.Generator().manual_seed(10 + i)
+    x = torch.randn(2, c.in_channels, 8, 8, generator=g)
+    t = torch.tensor([17, 901])
+    ctx = torch.randn(2, 5, c.cross_attention_dim, generator=g)
+    labels = torch.tensor([1, c.num_class_embeds - 1]) if c.num_class_embeds else None
+    shapes = _skips(ours, x, t, ctx, labels)
+    res = [0.3 * torch.randn(s, generator=g) for s in shapes]
+    res.append(0.3 * torch.randn(shapes[-1], generator=g))  # the middle's (diffusers needs it with the skips)
+    res_t = [r.clone().requires_grad_(True) for r in res]
+    res_o = [r.clone().requires_grad_(True) for r in res]
+    theirs(x, t, ctx, class_labels=labels, down_block_additional_residuals=tuple(res_t[:-1]),
+           mid_block_additional_residual=res_t[-1]).sample.square().mean().backward()
+    ours(x, t, ctx, class_labels=labels, down_block_additional_residuals=res_o[:-1],
+         mid_block_additional_residual=res_o[-1]).square().mean().backward()
+    t_params = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        assert rel_error(t_params[name].grad, p.grad) <= 1e-4, name
+    for a, b in zip(res_t, res_o):
+        assert rel_error(a.grad, b.grad) <= 1e-4
+
+
 VAE_CONFIGS = [
     dict(block_out_channels=(16,), layers_per_block=1, latent_channels=4, norm_num_groups=8),  # f = 1
     dict(block_out_channels=(16, 32), layers_per_block=2, latent_channels=3, norm_num_groups=8),  # f = 2
