@@ -4,6 +4,10 @@
 the registries below (``"module:function"``, imported lazily); each converter returns the
 equivalent diffusion_core object. ``load_state_dict`` is the strict loader they all share: a key
 that is missing, unexpected or of the wrong shape is an error that names it.
+
+IP-Adapter files (the official layout ``{"image_proj": ..., "ip_adapter": ...}``) go into a UNet with
+``load_ip_adapter``; ``set_ip_adapter_scale`` and ``unload_ip_adapter`` go with it
+(:mod:`diffusion_core.models.ip_adapter`).
 """
 
 from __future__ import annotations
@@ -195,3 +199,30 @@ def load_pretrained(path: str | Path, subfolder: str | None = None) -> Any:
         _check_loading_info(folder, name, info)
         return from_transformers(ref)
     raise ValueError(f"{config_file} names neither a diffusers class (_class_name) nor transformers architectures")
+
+
+def load_ip_adapter(unet: nn.Module, state_dict: Any, scale: float | Any = 1.0) -> nn.Module:
+    """Load one IP-Adapter (a state dict in the official layout ``{"image_proj": {...}, "ip_adapter":
+    {"1.to_k_ip.weight", ...}}``, flat or nested, or an official ``.safetensors`` path) or a list of
+    them into a :class:`~diffusion_core.models.unet_cond.UNet2DCondition`, strictly (a missing,
+    unexpected or wrongly shaped key is a :class:`CheckpointMismatchError` naming it); base and plus
+    (Resampler) layouts. The UNet then takes ``added_cond_kwargs={"image_embeds": [...]}``. See
+    :func:`diffusion_core.models.ip_adapter.load_ip_adapter`."""
+    from .models.ip_adapter import load_ip_adapter as load
+
+    return load(unet, state_dict, scale)
+
+
+def set_ip_adapter_scale(unet: nn.Module, scale: float | Any) -> None:
+    """The image prompt's weight lambda (IP-Adapter eq. 5): one number for every loaded adapter or
+    one per adapter; 0 gives the text-only UNet exactly."""
+    from .models.ip_adapter import set_ip_adapter_scale as set_scale
+
+    set_scale(unet, scale)
+
+
+def unload_ip_adapter(unet: nn.Module) -> nn.Module:
+    """Remove the loaded IP-Adapter(s): the default attention processors and no image projection."""
+    from .models.ip_adapter import unload_ip_adapter as unload
+
+    return unload(unet)

@@ -25,6 +25,7 @@ PRESETS: dict[str, str] = {
     "clip-vit-l14-vision": "diffusion_core.models.clip:clip_vit_l14_vision",
     "clip-vit-l14": "diffusion_core.models.clip:clip_vit_l14",
     "t2i-adapter-sd15": "diffusion_core.models.t2i_adapter:t2i_adapter_sd15",
+    "ip-adapter-sd15": "diffusion_core.models.ip_adapter:ip_adapter_sd15",
 }
 
 

@@ -30,6 +30,19 @@ def test_t2i_adapter_preset_counts_the_public_checkpoint_on_meta():
     assert all(p.is_meta for p in model.parameters()), "a meta build must allocate no memory"
 
 
+def test_ip_adapter_preset_counts_the_public_checkpoint_on_meta():
+    from diffusion_core.models.ip_adapter import IPAdapter
+
+    model = presets.build("ip-adapter-sd15", device="meta")
+    assert isinstance(model, IPAdapter)
+    # h94/IP-Adapter models/ip-adapter_sd15: image projection 1024 -> 4 x 768, then K/V for 16 layers
+    assert presets.count_parameters(model.image_proj) == 3_150_336
+    assert presets.count_parameters(model.ip_adapter) == 19_169_280
+    assert presets.count_parameters(model) == 22_319_616
+    assert list(model.ip_adapter) == [str(i) for i in range(1, 32, 2)]  # the file's "1.to_k_ip.weight" ... "31."
+    assert all(p.is_meta for p in model.parameters()), "a meta build must allocate no memory"
+
+
 def test_config_presets_match_the_registered_builders():
     with torch.device("meta"):
         assert presets.count_parameters(UNet2D(UNetConfig.ddpm_cifar10())) == 35_746_307

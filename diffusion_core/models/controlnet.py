@@ -171,8 +171,9 @@ class ControlNet(UNetEncoder):
             names = ("conv_in", "time_proj", "time_embedding", "class_embedding", "down_blocks", "mid_block")
             for name in names:
                 src = getattr(unet, name)
-                if src is not None:
-                    getattr(net, name).load_state_dict(src.state_dict())
+                if src is not None:  # an IP-Adapter's added keys/values (attn2.processor.*) stay with the UNet
+                    getattr(net, name).load_state_dict({k: v for k, v in src.state_dict().items()
+                                                        if ".processor." not in k})
         return net
 
     def check_fits(self, unet: UNetEncoder) -> None:

@@ -5,7 +5,8 @@ ControlNet (07) adds residuals to its skips, T2I-Adapter (08) adds features insi
 IP-Adapter (09) swaps its cross-attention processors. ``forward(z_t, t, input_ids=None,
 context=None, **unet_kwargs)`` hands ``unet_kwargs`` (``down_block_additional_residuals``,
 ``mid_block_additional_residual``, ``down_intrablock_additional_residuals``,
-``cross_attention_kwargs``) to :class:`~.unet_cond.UNet2DCondition` unchanged.
+``cross_attention_kwargs``, ``added_cond_kwargs={"image_embeds": [...]}``) to
+:class:`~.unet_cond.UNet2DCondition` unchanged.
 """
 
 from __future__ import annotations

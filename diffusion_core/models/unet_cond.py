@@ -20,6 +20,10 @@ The seams later chapters use (all in :meth:`UNet2DCondition.forward`):
   one per block (diffusers' semantics, see :meth:`UNet2DCondition.forward`).
 * IP-Adapter (ch. 09): the processors of the cross-attention layers (``attn2``) are swapped through
   :meth:`UNet2DCondition.set_cross_attention_processors`; ``cross_attention_kwargs`` reach them.
+  With an adapter loaded (:func:`.ip_adapter.load_ip_adapter`), ``encoder_hid_proj`` projects
+  ``added_cond_kwargs={"image_embeds": [...]}`` to image tokens, which reach the ``attn2`` processors
+  as ``ip_hidden_states``. :meth:`UNet2DCondition.attention_layers` lists the attention layers in
+  diffusers' order (down blocks, up blocks, then the middle block), the order adapter files count in.
 
 Parameter names follow diffusers' ``UNet2DConditionModel`` so its checkpoints load.
 """
@@ -410,15 +414,74 @@ class UNet2DCondition(UNetEncoder):
         self.up_blocks = build_up_blocks(cfg)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, cfg.block_out_channels[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(cfg.block_out_channels[0], cfg.out_channels, 3, padding=1)
+        # the loaded IP-Adapters' image projections (a MultiIPAdapterImageProjection), or None
+        self.encoder_hid_proj: nn.Module | None
+        self.register_module("encoder_hid_proj", None)
 
     # -- the IP-Adapter seam --------------------------------------------------------------------
+    def attention_layers(self) -> Iterator[tuple[str, Attention]]:
+        """Every attention layer of the UNet (``attn1`` and ``attn2`` of each transformer block, in
+        turn) with its diffusers name, in diffusers' order: the down blocks, the UP blocks, then the
+        middle block (diffusers registers ``up_blocks`` before ``mid_block``; its ``attn_processors``
+        and the IP-Adapter files count in this order). The forward pass visits the middle block
+        before the up blocks. Attention inside ``encoder_hid_proj`` (a Resampler) is not listed."""
+        for prefix in ("down_blocks", "up_blocks", "mid_block"):
+            part = getattr(self, prefix)
+            if part is None:
+                continue
+            for name, module in part.named_modules(prefix=prefix):
+                if isinstance(module, Attention):
+                    yield name, module
+
+    def attention_processors(self) -> dict[str, Callable[..., torch.Tensor]]:
+        """``{"<layer name>.processor": processor}`` in :meth:`attention_layers` order (diffusers'
+        ``attn_processors``)."""
+        return {f"{name}.processor": attn.processor for name, attn in self.attention_layers()}
+
     def cross_attentions(self) -> Iterator[tuple[str, Attention]]:
-        """The cross-attention layers with their diffusers names, in forward order
-        (``"down_blocks.0.attentions.0.transformer_blocks.0.attn2"``, ..., ``"mid_block..."``,
-        ``"up_blocks..."``)."""
-        for name, module in self.named_modules():
-            if name.endswith(".attn2") and isinstance(module, Attention):
+        """The cross-attention layers (``attn2``) with their diffusers names, in diffusers' order
+        (:meth:`attention_layers`: ``"down_blocks.0.attentions.0.transformer_blocks.0.attn2"``, ...,
+        ``"up_blocks..."``, then ``"mid_block..."``)."""
+        for name, module in self.attention_layers():
+            if name.endswith(".attn2"):
                 yield name, module
+
+    @property
+    def num_ip_adapters(self) -> int:
+        """How many IP-Adapters are loaded (0: none)."""
+        proj = self.encoder_hid_proj
+        return 0 if proj is None else len(proj.image_projection_layers)
+
+    def _image_tokens(self, batch: int, added_cond_kwargs: Mapping[str, Any] | None,
+                      cross_attention_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        """``cross_attention_kwargs`` plus ``ip_hidden_states``, the loaded IP-Adapters' image tokens
+        projected from ``added_cond_kwargs["image_embeds"]``."""
+        who = type(self).__name__
+        added = dict(added_cond_kwargs or {})
+        extra = sorted(k for k in added if k != "image_embeds")
+        if extra:
+            raise ValueError(f"{who}: added_cond_kwargs {extra} are not used by this UNet (it has no addition "
+                             "embedding, e.g. SDXL's text_embeds/time_ids); it takes only 'image_embeds' (IP-Adapter)")
+        embeds = added.get("image_embeds")
+        proj = self.encoder_hid_proj
+        if proj is None:
+            if embeds is not None:
+                raise ValueError(f"{who} got added_cond_kwargs['image_embeds'] but has no IP-Adapter loaded "
+                                 "(interop.load_ip_adapter)")
+            return cross_attention_kwargs
+        kwargs = dict(cross_attention_kwargs or {})
+        if embeds is None:
+            if "ip_hidden_states" in kwargs:  # image tokens given directly
+                return kwargs
+            raise ValueError(f"{who} has {self.num_ip_adapters} IP-Adapter(s) loaded and needs "
+                             "added_cond_kwargs={'image_embeds': [...]}, one image embedding tensor per adapter "
+                             "(set_ip_adapter_scale(unet, 0) weighs them out; unload_ip_adapter removes them)")
+        if "ip_hidden_states" in kwargs:
+            raise ValueError(f"{who}: got both added_cond_kwargs['image_embeds'] and "
+                             "cross_attention_kwargs['ip_hidden_states']; give one")
+        proj.check(embeds, batch, who)
+        kwargs["ip_hidden_states"] = proj(embeds)
+        return kwargs
 
     def set_cross_attention_processors(
         self, processors: Callable[..., torch.Tensor] | Mapping[str, Callable[..., torch.Tensor]]
@@ -452,6 +515,7 @@ class UNet2DCondition(UNetEncoder):
         mid_block_additional_residual: torch.Tensor | None = None,
         down_intrablock_additional_residuals: Sequence[torch.Tensor] | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        added_cond_kwargs: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
         """Predict ``eps`` (or whatever the model was trained for): ``(B, out_channels, H, W)``.
 
@@ -473,12 +537,18 @@ class UNet2DCondition(UNetEncoder):
                 downsampling; either way the block's last skip carries it. One more, shaped like
                 the middle block's output, is added there (SDXL's adapters). Any other shape or
                 count is an error naming the mismatch.
-            cross_attention_kwargs: passed as keyword arguments to every ``attn2`` processor (e.g.
-                IP-Adapter's ``scale``). The default processor accepts none.
+            cross_attention_kwargs: passed as keyword arguments to every ``attn2`` processor. The
+                default processor accepts none.
+            added_cond_kwargs: IP-Adapter (ch. 09), as in diffusers: ``{"image_embeds": [e_0, ...]}``,
+                one tensor per loaded adapter, ``(B, num_images, D)`` for a base adapter (CLIP's image
+                embedding), ``(B, num_images, S, D)`` for a plus adapter (the image encoder's
+                tokens). ``encoder_hid_proj`` turns them into image tokens that every ``attn2``
+                processor gets as ``ip_hidden_states``. Required iff an adapter is loaded.
         """
         self._check_inputs(x, encoder_hidden_states, class_labels)
+        kw = self._image_tokens(x.shape[0], added_cond_kwargs, cross_attention_kwargs)
         emb = self.time_embed(x, t, class_labels)
-        ctx, kw = encoder_hidden_states, cross_attention_kwargs
+        ctx = encoder_hidden_states
         h, skips = self.encode(self.conv_in(x), emb, ctx, kw, down_intrablock_additional_residuals)
 
         if down_block_additional_residuals is not None:
@@ -527,6 +597,8 @@ def _unet_config_from_diffusers(c: Mapping[str, Any], what: str = "UNet2DConditi
     package does not implement is an error that names it. A ControlNet config has no up blocks: they
     mirror the down blocks (the ControlNet never builds them)."""
     c = dict(c)
+    if c.get("encoder_hid_dim_type") == "ip_image_proj" and c.get("encoder_hid_dim") is None:
+        c["encoder_hid_dim_type"] = None  # IP-Adapters loaded: the converter attaches them
     bad = [f"{k}={c.get(k)!r}" for k, v in _UNSUPPORTED_DEFAULTS.items()
            if k in c and c.get(k) != v and not (k == "act_fn" and c.get(k) == "swish")]
     if c.get("norm_num_groups", 32) is None:
@@ -562,12 +634,18 @@ def _unet_config_from_diffusers(c: Mapping[str, Any], what: str = "UNet2DConditi
 
 def from_diffusers_unet_2d_condition(model) -> UNet2DCondition:
     """Convert a diffusers ``UNet2DConditionModel`` (the SD 1.x/2.x family, optionally with
-    ``num_class_embeds``) into ours with the same weights, loaded strictly. ``upcast_attention``
-    (a float16 precision switch) is ignored: attention runs in the input's dtype."""
+    ``num_class_embeds``, optionally with IP-Adapters loaded) into ours with the same weights,
+    loaded strictly. ``upcast_attention`` (a float16 precision switch) is ignored: attention runs in
+    the input's dtype."""
     from ..interop import load_state_dict
 
     cfg = _unet_config_from_diffusers(model.config)
     p = next(model.parameters())
     with torch.device(p.device):
-        ours = UNet2DCondition(cfg).to(p.dtype)
+        ours = UNet2DCondition(cfg)
+        if type(getattr(model, "encoder_hid_proj", None)).__name__ == "MultiIPAdapterImageProjection":
+            from .ip_adapter import attach_like_diffusers
+
+            attach_like_diffusers(ours, model)
+        ours = ours.to(p.dtype)
     return load_state_dict(ours, model.state_dict(), what="diffusers UNet2DConditionModel")
