@@ -207,7 +207,18 @@ print("edge F1 >= base + 0.1:", "cleared" if rep["adapter"]["edge_f1"] >= rep["b
       + claim.BARS["adapter_f1_over_base"] else "NOT cleared")
 
 # %% [markdown]
-# *Reading (cpu profile).* READING_ADAPTER
+# *Reading (cpu profile, `benchmarks/run.py --chapter 08 --profile cpu`, one thread, 200 unseen scenes).* At
+# the same 1,200 steps of batch 32, the edge adapter reaches an edge F1 of 0.88 against the ControlNet's
+# 0.95 (base 0.39, real images 1.00), with 0.29 of its parameters (191,712 against 667,344; at full size
+# 77.4M against 361.3M, 0.21) and in 0.6 of its training time (109 s against 179 s: it never runs a copy of
+# the encoder). Per sampling step it costs 1.01 times the base model, the ControlNet 1.60 (1.53 in chapter
+# 07's run of the same measurement: the spread of this timing). The depth adapter cuts the depth error from
+# 0.040 to 0.013 (the depth ControlNet: 0.011). The training curves differ in shape: the adapter is at
+# 0.80 after 100 steps and creeps up to 0.92, where the ControlNet waits 200 steps and then jumps past it.
+# So the paper's trade holds in miniature (a fraction of the parameters and almost no per-step cost for
+# somewhat less adherence); "comparable" is fair for 0.88 against 0.95 here, not "equal". Caption accuracy
+# rises with the adapter too (0.35 to 0.73), as with the ControlNet (0.80), because the edges fix the shape
+# and position this base model gets wrong. All three bars are cleared.
 #
 # *The paper's figure beside ours.* The paper's Tab. 1 compares FID and CLIP score on COCO against
 # ControlNet and others and calls the adapters' results comparable; its headline is the cost: about
@@ -254,7 +265,11 @@ print(f"edges + palette adapters (weights {rep['weights']}, with the caption): e
       f"(palette alone {rep['palette']['palette_error']:.4f}, base {rep['base']['palette_error']:.4f})")
 
 # %% [markdown]
-# *Reading (cpu profile).* READING_COMPOSE
+# *Reading (cpu profile).* The palette adapter alone brings the palette error from 0.49 (the base,
+# whose colours come from the caption) to 0.14: the colour of every 4x4 block follows the condition,
+# background included. With the edge adapter added at weight 1 each, edge F1 is 0.99 (the edge adapter
+# alone 0.88) and the palette error stays at 0.14: two adapters trained apart, summed, each still does its
+# job, and the palette's layout even helps the edges.
 
 # %% [markdown]
 # ## Summary
