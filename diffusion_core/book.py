@@ -9,10 +9,18 @@ Commands (run from the repository root; ``make book`` calls the first)::
 
 ``build`` executes every chapter listed in ``book.toml`` in a fresh kernel of this Python, with
 ``DIFFUSION_PROFILE``, ``DIFFUSION_HEADLESS=1`` and ``DIFFUSION_CACHE`` (trained models shared
-across chapters; default ``.cache/models``) set, and writes ``_build/index.html`` plus one page per
-chapter. A chapter is executed again only when its fingerprint changed: the hash of its notebook's
-cells, of every ``diffusion_core/**/*.py`` and of the profile. A failing chapter is reported with
-its cell, the others still build, and the exit code is 1.
+across chapters; default ``.cache/models``) set, shuts that kernel down (and removes its connection
+file) as soon as the chapter is done, writes the chapter's page ``_build/<number>_<slug>.html`` at
+once, and rewrites ``_build/index.html`` after every chapter. A chapter is executed again only when
+its fingerprint changed: the hash of its notebook's cells, of every ``diffusion_core/**/*.py`` but
+this builder and of the profile. A failing chapter is reported with its cell, the others still
+build, and the exit code is 1.
+
+The pages work offline, opened from disk: MathJax is copied into ``_build/_static/mathjax`` (from
+the jupyter-server-mathjax package), nothing is loaded from a CDN, widgets show what they drew, the
+Colab badge is text, and a page built at the smoke profile says on top that its models are barely
+trained. With a Chromium (or Chrome) on PATH, ``build`` also saves ``_build/screenshot-index.png``
+and ``_build/screenshot-<chapter>.png``, taken offline at 1280 px wide (``--no-screenshots``: not).
 
 The format of ``book.toml``: top-level ``title``, ``subtitle``, ``repository``
 (``https://github.com/OWNER/REPO``) and ``branch``; then one ``[[chapters]]`` table per chapter in
@@ -33,7 +41,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,9 +378,11 @@ def _package_dir(root: Path) -> Path:
 
 
 def _package_digest(package_dir: Path) -> str:
+    """Hash of the package's code that the chapters run: every module but this one (the builder,
+    which no chapter imports; a change to how pages look re-renders them, see _renderer_digest)."""
     h = hashlib.sha256()
     for py in sorted(package_dir.rglob("*.py")):
-        if "__pycache__" in py.parts:
+        if "__pycache__" in py.parts or py.relative_to(package_dir).as_posix() == "book.py":
             continue
         h.update(py.relative_to(package_dir).as_posix().encode() + b"\0")
         h.update(py.read_bytes() + b"\0")
@@ -391,6 +401,12 @@ def fingerprint(notebook: str | os.PathLike[str], profile: str, package_digest: 
     for cell in nb.cells:
         h.update(f"{cell.cell_type}\0{cell.source}\0".encode())
     return h.hexdigest()
+
+
+def _renderer_digest() -> str:
+    """Hash of this module: part of every page's key, so a change to the renderer rewrites the pages
+    (without executing any chapter again)."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
 def _load_state(path: Path) -> dict[str, Any]:
@@ -462,7 +478,8 @@ def execute_notebook(nb: Any, cwd: Path, env: dict[str, str], timeout: int | Non
         if on_cell is not None:
             on_cell(cell_index)
 
-    client = NotebookClient(nb, km=_kernel_manager(), timeout=timeout, allow_errors=False,
+    km = _kernel_manager()
+    client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=False,
                             resources={"metadata": {"path": str(cwd)}},
                             on_cell_start=started, on_cell_executed=executed)
     try:
@@ -477,20 +494,118 @@ def execute_notebook(nb: Any, cwd: Path, env: dict[str, str], timeout: int | Non
                 trace = _ANSI.sub("", "\n".join(out.get("traceback", [])))
         raise ChapterFailed(None if index is None else index + 1, len(nb.cells),
                             _first_line(cell.source) if cell is not None else "", error, trace) from exc
+    finally:
+        _shutdown_kernel(client, km)
+
+
+def _shutdown_kernel(client: Any, km: Any) -> None:
+    """Stop the chapter's kernel now and remove its connection file.
+
+    nbclient leaves a kernel it was handed (``km=``) running; a build of the whole book would
+    otherwise hold every finished chapter's kernel (and its memory) until it exits.
+    """
+    kc = getattr(client, "kc", None)
+    if kc is not None:
+        try:
+            kc.stop_channels()
+        except Exception:
+            pass
+    try:
+        if km.has_kernel:
+            km.shutdown_kernel(now=False)  # asks politely, kills after km.shutdown_wait_time
+    except Exception:
+        try:
+            km.shutdown_kernel(now=True)
+        except Exception:
+            pass
+    try:
+        km.cleanup_resources()  # the connection file, also when the kernel never started
+    except Exception:
+        pass
 
 
 # --------------------------------------------------------------------------------------------
 # HTML
 # --------------------------------------------------------------------------------------------
+# Pages work offline, opened from disk: no script, stylesheet or image is loaded from the network.
+# nbconvert's lab template loads require.js, MathJax and the widget manager from CDNs; the book's
+# template (below) drops require.js and the widget manager, and loads MathJax 2 from a copy in
+# _build/_static/mathjax, taken from the jupyter-server-mathjax package (the book extra).
 
+STATIC_DIR = "_static"
+MATHJAX_DIR = f"{STATIC_DIR}/mathjax"
+# Not copied: the accessibility explorer, translations (English is built in) and the SVG output's fonts.
+_MATHJAX_SKIP = {"extensions/a11y", "localization", "jax/output/SVG"}
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+_WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+_EXPLORE_CALL = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\.)?explore\(", re.M)
+_EXTERNAL_IMG = re.compile(r"<img\b[^>]*?\bsrc=[\"']((?:https?:)?//[^\"']*)[\"'][^>]*>", re.I)
+_CHAPTER_LINK = re.compile(r"""href=(["'])(?:\./)?(?:chapters/)?([0-9A-Z]{1,2}_[a-z0-9_]+)\.ipynb(#[^"']*)?\1""")
+SCREENSHOT_WIDTH = 1280
+
+_SLIDER_NOTE = ('<div class="book-note">On this page the figure is drawn once, at the values printed above. '
+                "Run the chapter in Jupyter (<code>make lab</code>) or in Colab and its sliders move it.</div>")
+_WIDGET_NOTE = ('<div class="book-note">An interactive control was here: it moves only when the chapter runs '
+                "in Jupyter (<code>make lab</code>) or in Colab.</div>")
+_COLAB_BADGE = ('<span class="book-colab-badge" role="img" aria-label="Open In Colab">'
+                "<span>Open in</span><span>Colab</span></span>")
+
+_MATHJAX_HEAD = """<script type="text/x-mathjax-config">
+MathJax.Hub.Config({
+  tex2jax: {inlineMath: [["$", "$"], ["\\\\(", "\\\\)"]], displayMath: [["$$", "$$"], ["\\\\[", "\\\\]"]],
+            processEscapes: true, processEnvironments: true},
+  TeX: {equationNumbers: {autoNumber: "AMS", useLabelIds: true}},
+  "HTML-CSS": {availableFonts: [], preferredFont: null, webFont: "STIX-Web", imageFont: null,
+               linebreaks: {automatic: true},
+               // MathJax's font probe, url('about:blank'), is a CORS error in a page opened from disk
+               styles: {"@font-face": {"font-family": "MathJax_Blank", src: "local('MathJax Blank')"}}},
+  "fast-preview": {disabled: true},
+  menuSettings: {CHTMLpreview: false},
+  displayAlign: "center", messageStyle: "none", showMathMenu: true
+});
+</script>
+<script src="MATHJAX_DIR/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"></script>""".replace(
+    "MATHJAX_DIR", MATHJAX_DIR)
+
+_NO_MATHJAX_HEAD = ("<!-- formulas are left as TeX: jupyter-server-mathjax (the book extra) was not installed "
+                    "when this page was built -->")
+
+# nbconvert's lab template with the network taken out (see above).
+_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block html_head_js_mathjax -%}
+{{ resources.book_mathjax }}
+{%- endblock html_head_js_mathjax -%}
+"""
+
+# The last rule: MathJax's hidden MathML for screen readers would ask for TeX fonts
+# (MathJax_AMS-Regular.otf, ...) that jupyter-server-mathjax does not ship: a failed load each.
 _CSS = """
-.book-nav{font-family:system-ui,sans-serif;font-size:15px;display:flex;gap:1.5em;align-items:center;
- padding:.6em 1.2em;background:#f6f8fa;border-bottom:1px solid #d0d7de}
+.book-nav{font-family:system-ui,sans-serif;font-size:15px;display:flex;flex-wrap:nowrap;gap:1.2em;align-items:center;
+ white-space:nowrap;padding:.6em 1.2em;background:#f6f8fa;border-bottom:1px solid #d0d7de}
+.book-nav>*{flex:none}
+.book-nav .prev,.book-nav .next{flex:0 1 auto;min-width:5em;display:flex}
+.book-nav .title{overflow:hidden;text-overflow:ellipsis}
+.book-nav .spacer{flex:1 1 0;min-width:0}.book-nav .prev:empty,.book-nav .next:empty{display:none}
 .book-nav.bottom{border-top:1px solid #d0d7de;border-bottom:none;margin-top:2em}
-.book-nav a{color:#0969da;text-decoration:none}.book-nav .spacer{flex:1}
-.book-failed{font-family:system-ui,sans-serif;background:#ffebe9;border:1px solid #ff8182;padding:.8em 1.2em;
- margin:1em}
+.book-nav a{color:#0969da;text-decoration:none}.book-nav .unbuilt{color:#6e7781}
+@media (max-width:720px){.book-nav{flex-wrap:wrap;white-space:normal}}
+.book-failed,.book-smoke{font-family:system-ui,sans-serif;padding:.8em 1.2em;margin:1em}
+.book-failed{background:#ffebe9;border:1px solid #ff8182}
 .book-failed pre{white-space:pre-wrap;font-size:13px}
+.book-smoke{background:#fff8c5;border:1px solid #d4a72c}.book-smoke code{white-space:nowrap}
+.book-note{font-family:system-ui,sans-serif;font-size:13px;color:#59636e;border-left:3px solid #d0d7de;
+ padding:.2em .8em;margin:.3em 0}
+.book-progress{font-family:var(--jp-code-font-family,monospace);font-size:12px;color:#59636e;display:flex;
+ gap:.6em;align-items:center;white-space:pre}
+.book-progress progress{width:14em;height:.9em}
+.book-colab-badge{display:inline-flex;font:600 12px/20px system-ui,sans-serif;border-radius:3px;overflow:hidden;
+ vertical-align:middle}
+.book-colab-badge span{padding:0 6px;color:#fff;background:#555}.book-colab-badge span+span{background:#f9ab00;color:#000}
+.book-external-image{font-family:system-ui,sans-serif;color:#59636e}
+.MJX_Assistive_MathML,.MJX_Assistive_MathML *{font-family:inherit!important}
 """
 
 _INDEX_CSS = """
@@ -500,22 +615,136 @@ table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.45em .6
  vertical-align:top}th{background:#f6f8fa}a{color:#0969da;text-decoration:none}
 .ok{color:#1a7f37}.failed{color:#cf222e;font-weight:bold}.missing,.pending{color:#9a6700}.small{font-size:.9em;
  color:#59636e}
+.book-smoke{background:#fff8c5;border:1px solid #d4a72c;padding:.8em 1.2em;margin:1em 0}
+.book-smoke code{white-space:nowrap}
 """
 
 
-def _nav(book: Book, prev: Chapter | None, nxt: Chapter | None, chapter: Chapter, bottom: bool = False) -> str:
-    def link(ch: Chapter | None, arrow: str) -> str:
-        if ch is None:
-            return "<span></span>"
-        text = f"{arrow} {ch.number} {html.escape(ch.title)}" if arrow == "&larr;" else \
-            f"{ch.number} {html.escape(ch.title)} {arrow}"
-        return f'<a href="{ch.name}.html">{text}</a>'
+def _smoke_banner(index: bool = False) -> str:
+    where, it = ("in these pages", "They were") if index else ("on this page", "It was")
+    return (f'<div class="book-smoke"><b>Smoke profile: the models {where} are barely trained, and their '
+            f"numbers mean nothing.</b> {it} built with <code>--profile smoke</code>, which trains every model for "
+            "a few steps only, to check that the code runs: scores of zero, flat curves and grey blobs are "
+            "expected. For the real results build with <code>make book PROFILE=cpu</code> (or <code>gpu</code>), "
+            "or run the chapter in Colab.</div>")
 
-    return (f'<nav class="book-nav{" bottom" if bottom else ""}">{link(prev, "&larr;")}'
+
+def mathjax_source() -> Path | None:
+    """MathJax 2's files as the jupyter-server-mathjax package ships them; None without it."""
+    try:
+        import jupyter_server_mathjax
+    except ImportError:
+        return None
+    static = Path(jupyter_server_mathjax.__file__).resolve().parent / "static"
+    return static if (static / "MathJax.js").is_file() else None
+
+
+def copy_mathjax(out: Path) -> bool:
+    """Copy MathJax into ``out/_static/mathjax`` (once per source); False when it is not installed."""
+    import shutil
+
+    src = mathjax_source()
+    if src is None:
+        return False
+    dest = out / MATHJAX_DIR
+    stamp = dest / ".copied-from"
+    mark = f"{src}\n{(src / 'MathJax.js').stat().st_mtime_ns}\n{sorted(_MATHJAX_SKIP)}\n"
+    if stamp.is_file() and stamp.read_text(encoding="utf-8") == mark:
+        return True
+
+    def skip(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if (Path(folder) / n).relative_to(src).as_posix() in _MATHJAX_SKIP]
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest, ignore=skip)
+    stamp.write_text(mark, encoding="utf-8")
+    return True
+
+
+def _text(html_value: Any) -> str:
+    """The text of a (tqdm) HTML widget's value, escaped again."""
+    return html.escape(html.unescape(re.sub(r"<[^>]*>", "", str(html_value or ""))))
+
+
+def _static_widget(model_id: str, state: dict[str, Any]) -> str:
+    """HTML for a widget in a static page: a tqdm bar as its last text, any other widget as a note."""
+    model = state.get(model_id) or {}
+    kids = [state.get(str(c).removeprefix("IPY_MODEL_")) or {} for c in model.get("state", {}).get("children", [])]
+    names = [k.get("model_name") for k in kids]
+    if (model.get("model_name") == "HBoxModel" and len(kids) == 3 and names[0] == names[2] == "HTMLModel"
+            and names[1] in ("FloatProgressModel", "IntProgressModel")):
+        left, bar, right = (k.get("state", {}) for k in kids)
+        try:
+            value, top = float(bar.get("value", 0)), float(bar.get("max", 0))
+        except (TypeError, ValueError):
+            value, top = 0.0, 0.0
+        meter = f'<progress value="{value:g}" max="{top:g}"></progress>' if top > 0 else ""
+        return (f'<div class="book-progress"><span>{_text(left.get("value"))}</span>{meter}'
+                f'<span>{_text(right.get("value"))}</span></div>')
+    return _WIDGET_NOTE
+
+
+def static_notebook(nb: Any) -> Any:
+    """A copy of an executed notebook for a static page: widgets become what they showed (a tqdm bar's
+    last text) or a note, and a cell calling ``explore(`` gets a note that its sliders move in Jupyter
+    or Colab. The widget state goes: nothing in the page needs the widget manager."""
+    import copy
+
+    import nbformat
+
+    nb = copy.deepcopy(nb)
+    state = nb.metadata.pop("widgets", {}).get(_WIDGET_STATE, {}).get("state", {})
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        for out in cell.get("outputs", []):
+            data = out.get("data")
+            if data and _WIDGET_VIEW in data:
+                model_id = str((data[_WIDGET_VIEW] or {}).get("model_id", ""))
+                out["data"] = nbformat.from_dict({"text/html": _static_widget(model_id, state)})
+        if cell.get("outputs") and _EXPLORE_CALL.search(cell.source):
+            cell.outputs.append(nbformat.v4.new_output("display_data", data={"text/html": _SLIDER_NOTE}))
+    return nb
+
+
+def _offline(page: str, book: Book) -> str:
+    """No image from the network (the Colab badge becomes a text badge); links to a chapter's notebook
+    lead to its page."""
+    def image(m: re.Match[str]) -> str:
+        if html.unescape(m.group(1)) == COLAB_BADGE_IMAGE:
+            return _COLAB_BADGE
+        alt = re.search(r"\balt=[\"']([^\"']*)[\"']", m.group(0))
+        return (f'<span class="book-external-image" title="{m.group(1)}">'
+                f'[image: {alt.group(1) if alt and alt.group(1) else "not shown offline"}]</span>')
+
+    names = {ch.name for ch in book.chapters}
+
+    def chapter_link(m: re.Match[str]) -> str:
+        quote, name, fragment = m.group(1), m.group(2), m.group(3) or ""
+        return f"href={quote}{name}.html{fragment}{quote}" if name in names else m.group(0)
+
+    return _CHAPTER_LINK.sub(chapter_link, _EXTERNAL_IMG.sub(image, page))
+
+
+def _nav(book: Book, prev: Chapter | None, nxt: Chapter | None, chapter: Chapter, bottom: bool = False,
+         linked: Container[str] | None = None) -> str:
+    """The navigation bar. A neighbour without a page (not built) is shown as text, not linked."""
+    def link(ch: Chapter | None, cls: str) -> str:
+        if ch is None:
+            return f'<span class="{cls}"></span>'
+        label = f"{ch.number} {html.escape(ch.title)}"
+        text = (f'&larr;&nbsp;<span class="title">{label}</span>' if cls == "prev" else
+                f'<span class="title">{label}</span>&nbsp;&rarr;')
+        if linked is not None and ch.name not in linked:
+            return f'<span class="{cls} unbuilt" title="{label} (not built)">{text}</span>'
+        return f'<a class="{cls}" href="{ch.name}.html" title="{label}">{text}</a>'
+
+    return (f'<nav class="book-nav{" bottom" if bottom else ""}">{link(prev, "prev")}'
             f'<a href="index.html">&#8593; {html.escape(book.title)}</a>'
             f'<a href="notebooks/{chapter.name}.ipynb">notebook with outputs</a>'
             f'<a href="{html.escape(colab_url(book, chapter))}">open in Colab</a>'
-            f'<span class="spacer"></span>{link(nxt, "&rarr;")}</nav>')
+            f'<span class="spacer"></span>{link(nxt, "next")}</nav>')
 
 
 def _inject(page: str, top: str, bottom: str) -> str:
@@ -529,32 +758,48 @@ def _inject(page: str, top: str, bottom: str) -> str:
 
 
 def render_chapter_page(nb: Any, book: Book, chapter: Chapter, prev: Chapter | None, nxt: Chapter | None,
-                        failure: str | None = None, exporter: Any = None) -> str:
-    """The chapter's HTML page: nbconvert's lab template, figures embedded, navigation added."""
+                        failure: str | None = None, exporter: Any = None, profile: str | None = None,
+                        linked: Container[str] | None = None, mathjax: bool = True) -> str:
+    """The chapter's HTML page: nbconvert's lab template without the network (MathJax from
+    ``_static/mathjax``, widgets shown as what they drew), figures embedded, navigation added, and
+    a warning on top when the ``profile`` was smoke. ``linked``: the chapters that have a page
+    (None: all)."""
     if exporter is None:
         exporter = _html_exporter()
-    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": f"{chapter.number} {chapter.title}"}})
-    top = _nav(book, prev, nxt, chapter)
+    resources = {"metadata": {"name": f"{chapter.number} {chapter.title}"},
+                 "book_mathjax": _MATHJAX_HEAD if mathjax else _NO_MATHJAX_HEAD}
+    body, _ = exporter.from_notebook_node(static_notebook(nb), resources=resources)
+    top = _nav(book, prev, nxt, chapter, linked=linked)
+    if profile == "smoke":
+        top += _smoke_banner()
     if failure:
         top += (f'<div class="book-failed"><b>This chapter failed to build.</b> The outputs below stop at the '
                 f"failing cell.<pre>{html.escape(failure)}</pre></div>")
-    return _inject(body, top, _nav(book, prev, nxt, chapter, bottom=True))
+    return _inject(_offline(body, book), top, _nav(book, prev, nxt, chapter, bottom=True, linked=linked))
 
 
 def _html_exporter() -> Any:
+    from jinja2 import DictLoader
     from nbconvert import HTMLExporter
 
-    return HTMLExporter(template_name="lab", embed_images=True, exclude_input_prompt=True,
-                        exclude_output_prompt=True)
+    return HTMLExporter(template_name="lab", template_file="book.html.j2",
+                        extra_loaders=[DictLoader({"book.html.j2": _TEMPLATE})], embed_images=True,
+                        exclude_input_prompt=True, exclude_output_prompt=True)
 
 
-def render_index(book: Book, state: dict[str, Any], profile: str) -> str:
-    rows = []
+def render_index(book: Book, state: dict[str, Any], profile: str, pages: Container[str] | None = None,
+                 building: dict[str, str] | None = None) -> str:
+    """The index: every chapter with its papers, expected and last run times and status. ``pages``:
+    the chapters that have a page (None: those whose status is ok or failed); ``building``: chapters
+    this build has yet to finish, with "queued" or "running"."""
+    building = building or {}
+    rows, smoke = [], profile == "smoke"
     for ch in book.chapters:
         entry = state["chapters"].get(ch.name, {})
         status = entry.get("status", "missing" if not (book.root / ch.notebook).is_file() else "pending")
         title = html.escape(ch.title)
-        if status in ("ok", "failed"):
+        has_page = status in ("ok", "failed") if pages is None else ch.name in pages
+        if has_page:
             title = f'<a href="{ch.name}.html">{title}</a>'
         papers = "<br>".join(f'<a href="{p.url}">{html.escape(p.title)}</a><br><span class="small">'
                              f"{html.escape(p.authors)} ({p.year})</span>" for p in ch.papers)
@@ -562,16 +807,20 @@ def render_index(book: Book, state: dict[str, Any], profile: str) -> str:
         ran = ""
         if "seconds" in entry:
             ran = f'{_duration(entry["seconds"])} <span class="small">({html.escape(entry.get("profile", "?"))})</span>'
+            smoke = smoke or (has_page and entry.get("profile") == "smoke")
+        if ch.name in building:
+            ran += f'{"<br>" if ran else ""}<span class="small">{html.escape(building[ch.name])} in this build</span>'
         summary = f'<br><span class="small">{html.escape(ch.summary)}</span>' if ch.summary else ""
         rows.append(f"<tr><td>{ch.number}</td><td>{title}{summary}</td><td>{papers}</td><td>{expected}</td>"
                     f'<td>{ran}</td><td class="{status}">{status}</td></tr>')
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    banner = _smoke_banner(index=True) if smoke else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(book.title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_INDEX_CSS}</style></head>
 <body><h1>{html.escape(book.title)}</h1><p class="subtitle">{html.escape(book.subtitle)}</p>
 <p class="small">Built {when} with profile <b>{html.escape(profile)}</b>. Source:
-<a href="{html.escape(book.repository)}">{html.escape(book.repository)}</a>.</p>
+<a href="{html.escape(book.repository)}">{html.escape(book.repository)}</a>.</p>{banner}
 <table><thead><tr><th>#</th><th>Chapter</th><th>Paper</th><th>Expected minutes<br>(smoke / cpu / gpu)</th>
 <th>Last run</th><th>Status</th></tr></thead><tbody>
 {chr(10).join(rows)}
@@ -622,8 +871,12 @@ def _select(book: Book, only: Sequence[str] | None) -> list[Chapter]:
 def build(root: str | os.PathLike[str] = ".", profile: str | None = None, force: bool = False,
           only: Sequence[str] | None = None, out: str | os.PathLike[str] | None = None,
           cache: str | os.PathLike[str] | None = None, timeout: int | None = 3600,
-          log: Callable[[str], None] = print) -> BuildReport:
-    """Execute the chapters that changed and render the book; see the module docstring."""
+          log: Callable[[str], None] = print, screenshots: bool = False) -> BuildReport:
+    """Execute the chapters that changed and render the book; see the module docstring.
+
+    Each chapter's page is written as soon as the chapter is done (and its kernel shut down), and
+    the index after every chapter. ``screenshots``: also save PNGs of the index and one chapter
+    (``screenshot-*.png``) when a Chromium is found (``make book`` does)."""
     book = load_book(root)
     profile = check_profile(profile) if profile else detect_profile()
     out = Path(out).resolve() if out is not None else book.root / "_build"
@@ -643,6 +896,22 @@ def build(root: str | os.PathLike[str] = ".", profile: str | None = None, force:
     report = BuildReport(out=out, profile=profile)
     selected = _select(book, only)
     log(f"Building {book.title!r}: {len(selected)} chapter(s), profile {profile}, output {out}")
+    mathjax = copy_mathjax(out)
+    if not mathjax:
+        log("note: jupyter-server-mathjax is not installed, so the pages show formulas as TeX "
+            "(pip install -e \".[book]\")")
+    building = {ch.name: "queued" for ch in selected}
+
+    def publish() -> None:
+        """(Re)write the pages that changed, then the index."""
+        _render_pages(book, state, out, log, mathjax=mathjax)
+        _save_state(state_path, state)
+        pages = {ch.name for ch in book.chapters if (out / f"{ch.name}.html").is_file()
+                 and state["chapters"].get(ch.name, {}).get("status") in ("ok", "failed")}
+        (out / "index.html").write_text(render_index(book, state, profile, pages=pages, building=building),
+                                        encoding="utf-8")
+
+    publish()
     for i, ch in enumerate(selected, 1):
         tag = f"[{i}/{len(selected)}] {ch.name}"
         src = book.root / ch.notebook
@@ -650,6 +919,8 @@ def build(root: str | os.PathLike[str] = ".", profile: str | None = None, force:
             log(f"{tag}: MISSING {ch.notebook}")
             state["chapters"].pop(ch.name, None)
             report.results.append(ChapterResult(ch.name, "missing", error=f"{ch.notebook} does not exist"))
+            building.pop(ch.name, None)
+            publish()
             continue
         fp = fingerprint(src, profile, digest)
         entry = state["chapters"].get(ch.name, {})
@@ -657,8 +928,12 @@ def build(root: str | os.PathLike[str] = ".", profile: str | None = None, force:
         if (not force and entry.get("status") == "ok" and entry.get("hash") == fp and executed_nb.is_file()):
             log(f"{tag}: up to date (last run {_duration(entry.get('seconds', 0))}, profile {profile})")
             report.results.append(ChapterResult(ch.name, "up to date", entry.get("seconds", 0.0)))
+            building.pop(ch.name, None)
+            publish()
             continue
         nb = nbformat.read(str(src), as_version=4)
+        building[ch.name] = "running"
+        publish()
         log(f"{tag}: executing (profile {profile})...")
         start = time.monotonic()
         bar = _progress(nb, tag)
@@ -683,11 +958,12 @@ def build(root: str | os.PathLike[str] = ".", profile: str | None = None, force:
             if bar:
                 bar.close()
         nbformat.write(nb, str(executed_nb))
-        _save_state(state_path, state)
+        building.pop(ch.name, None)
+        publish()  # this chapter's page (and its neighbours' navigation) now, not at the end
 
-    _render_pages(book, state, out, log)
-    _save_state(state_path, state)
-    (out / "index.html").write_text(render_index(book, state, profile), encoding="utf-8")
+    publish()
+    if screenshots:
+        take_screenshots(book, out, [r.name for r in report.results], log)
     done = sum(r.status in ("executed", "up to date") for r in report.results)
     log(f"{done} of {len(report.results)} chapter(s) built; the book is at {out / 'index.html'}")
     if report.failed:
@@ -695,22 +971,26 @@ def build(root: str | os.PathLike[str] = ".", profile: str | None = None, force:
     return report
 
 
-def _render_pages(book: Book, state: dict[str, Any], out: Path, log: Callable[[str], None]) -> None:
-    """(Re)write each chapter page whose notebook, status or neighbours changed."""
+def _render_pages(book: Book, state: dict[str, Any], out: Path, log: Callable[[str], None],
+                  mathjax: bool = True) -> None:
+    """(Re)write each chapter page whose notebook, status, profile or neighbours changed."""
     import nbformat
 
     exporter = None
     chapters = list(book.chapters)
+    linked = {ch.name for ch in chapters if state["chapters"].get(ch.name)
+              and (out / "notebooks" / f"{ch.name}.ipynb").is_file()}
     for k, ch in enumerate(chapters):
         entry = state["chapters"].get(ch.name)
         executed_nb = out / "notebooks" / f"{ch.name}.ipynb"
-        if not entry or not executed_nb.is_file():
+        if ch.name not in linked or entry is None:
             continue
         prev = chapters[k - 1] if k > 0 else None
         nxt = chapters[k + 1] if k + 1 < len(chapters) else None
-        key = hashlib.sha256(json.dumps([entry.get("hash"), entry["status"], entry.get("error", ""),
-                                         prev and prev.name, nxt and nxt.name, prev and prev.title,
-                                         nxt and nxt.title, ch.title, book.title, book.repository,
+        key = hashlib.sha256(json.dumps([_renderer_digest(), entry.get("hash"), entry["status"], entry.get("error", ""),
+                                         entry.get("profile"), mathjax, prev and prev.name, nxt and nxt.name,
+                                         prev and prev.title, nxt and nxt.title, prev and prev.name in linked,
+                                         nxt and nxt.name in linked, ch.title, book.title, book.repository,
                                          book.branch, executed_nb.stat().st_mtime_ns]).encode()).hexdigest()
         page = out / f"{ch.name}.html"
         if entry.get("page") == key and page.is_file():
@@ -720,8 +1000,79 @@ def _render_pages(book: Book, state: dict[str, Any], out: Path, log: Callable[[s
         if entry["status"] == "failed":
             failure = entry.get("error", "") + ("\n\n" + entry["trace"] if entry.get("trace") else "")
         nb = nbformat.read(str(executed_nb), as_version=4)
-        page.write_text(render_chapter_page(nb, book, ch, prev, nxt, failure, exporter), encoding="utf-8")
+        text = render_chapter_page(nb, book, ch, prev, nxt, failure, exporter, profile=entry.get("profile"),
+                                   linked=linked, mathjax=mathjax)
+        tmp = page.with_suffix(".html.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(page)  # a reader reloading the page never sees half of it
         entry["page"] = key
+
+
+# --------------------------------------------------------------------------------------------
+# Screenshots (headless Chromium, offline)
+# --------------------------------------------------------------------------------------------
+
+# Headless, and offline: every host name fails to resolve and every request goes to a proxy that
+# is not there, so a page that still loaded anything from the network would show it.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+                  "--no-default-browser-check", "--disable-extensions", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update", "--mute-audio",
+                  "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
+                  "--proxy-bypass-list=<-loopback>")
+
+
+def find_chromium() -> str | None:
+    """A Chromium or Chrome binary: ``$CHROMIUM`` if set, else the first of the usual names on PATH."""
+    import shutil
+
+    for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome",
+                 "google-chrome-stable", "chrome"):
+        path = shutil.which(name) if name else None
+        if path:
+            return path
+    return None
+
+
+def screenshot(page: Path, png: Path, chromium: str | None = None, width: int = SCREENSHOT_WIDTH,
+               height: int = 900, timeout: float = 60) -> bool:
+    """Save a PNG of ``page`` (a file) as offline headless Chromium draws it; False if it could not."""
+    import subprocess
+    import tempfile
+
+    chromium = chromium or find_chromium()
+    if chromium is None:
+        return False
+    png.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="book-chromium-") as profile_dir:
+        cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}", f"--window-size={width},{height}",
+               "--virtual-time-budget=20000", f"--screenshot={png}", page.resolve().as_uri()]
+        try:
+            subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=timeout, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return png.is_file() and png.stat().st_size > 0
+
+
+def take_screenshots(book: Book, out: Path, built: Sequence[str], log: Callable[[str], None]) -> list[Path]:
+    """``out/screenshot-index.png`` and ``out/screenshot-<chapter>.png`` (the first chapter of this
+    build that has a page, else the book's first), at 1280 px wide; nothing, quietly, without Chromium."""
+    chromium = find_chromium()
+    if chromium is None:
+        return []
+    for old in out.glob("screenshot-*.png"):
+        old.unlink()
+    names = [n for n in built if (out / f"{n}.html").is_file()]
+    names += [ch.name for ch in book.chapters if (out / f"{ch.name}.html").is_file()]
+    shots = [("index", 900)] + ([(names[0], 2000)] if names else [])
+    saved = []
+    for name, height in shots:
+        png = out / f"screenshot-{name}.png"
+        if screenshot(out / f"{name}.html", png, chromium, height=height):
+            saved.append(png)
+    if saved:
+        log("screenshots: " + ", ".join(str(p) for p in saved))
+    return saved
 
 
 class _Bar:
@@ -761,6 +1112,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     b.add_argument("--out", default=None, help="output folder (default: _build)")
     b.add_argument("--cache", default=None, help="DIFFUSION_CACHE for trained models (default: .cache/models)")
     b.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run (default: 3600)")
+    b.add_argument("--no-screenshots", action="store_true",
+                   help="do not save screenshot-*.png of the index and a chapter (taken only when Chromium is found)")
     r = sub.add_parser("readme", help="regenerate README.md's chapter table")
     r.add_argument("--check", action="store_true", help="only report whether it is stale (exit 1 if so)")
     sub.add_parser("check", help="validate book.toml and each chapter's conventions (pairing, first cell, ...)")
@@ -771,7 +1124,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     try:
         if args.command == "build":
             return build(args.root, profile=args.profile, force=args.force, only=args.only, out=args.out,
-                         cache=args.cache, timeout=args.timeout or None,
+                         cache=args.cache, timeout=args.timeout or None, screenshots=not args.no_screenshots,
                          log=lambda s: print(s, flush=True)).exit_code
         book = load_book(args.root)
         if args.command == "readme":

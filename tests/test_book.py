@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -249,3 +251,92 @@ def test_a_chapter_breaking_a_convention_is_reported(tmp_path, change, complaint
     problems = bk.chapter_problems(book, ch)
     assert any(complaint in p for p in problems), problems
     assert bk.main(["--root", str(tmp_path), "check"]) == 1
+
+
+# ---- the build's kernels and its pages ---------------------------------------------------------------
+
+PID = "import os\nprint(os.getpid())"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.is_file() and stat.read_text().split(")")[-1].split()[0] == "Z")  # a zombie is gone
+
+
+def test_each_kernel_is_shut_down_and_each_page_written_as_soon_as_its_chapter_is_done(tmp_path, monkeypatch):
+    runtime = tmp_path / "runtime"  # where the kernels' connection files go
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(runtime))
+    root = make_book(tmp_path / "book", {("01", "first"): [PID], ("02", "second"): [PID, "raise ValueError('no')"]})
+    out = root / "_build"
+
+    def pid(name: str) -> int:
+        return int(nbformat.read(str(out / f"notebooks/{name}.ipynb"), as_version=4).cells[1].outputs[0]["text"])
+
+    seen: dict[str, object] = {}
+
+    def log(line: str) -> None:
+        if "02_second: executing" in line:  # chapter 01 is done: its kernel gone, its page written
+            seen["kernel alive"] = alive(pid("01_first"))
+            seen["connection files"] = sorted(p.name for p in runtime.glob("kernel-*.json"))
+            seen["page"] = (out / "01_first.html").is_file()
+            seen["index links it"] = 'href="01_first.html"' in (out / "index.html").read_text()
+            seen["index says running"] = "running in this build" in (out / "index.html").read_text()
+
+    report = bk.build(root, profile="smoke", cache=root / "cache", log=log)
+    assert statuses(report) == {"01_first": "executed", "02_second": "failed"}
+    assert seen == {"kernel alive": False, "connection files": [], "page": True, "index links it": True,
+                    "index says running": True}
+    assert not alive(pid("02_second"))  # a failed chapter's kernel is shut down too
+    assert not list(runtime.glob("kernel-*.json"))
+    index = (out / "index.html").read_text()
+    assert "in this build" not in index and 'href="02_second.html"' in index
+
+
+def tqdm_widget(nb, model: str, left: str, value: float, top: float, right: str) -> dict:
+    """A tqdm.notebook bar as nbclient records it: an HBox of HTML, FloatProgress, HTML, and its view."""
+    state = nb.metadata.setdefault("widgets", {}).setdefault(
+        "application/vnd.jupyter.widget-state+json", {"state": {}, "version_major": 2, "version_minor": 0})["state"]
+    kids = [(f"{model}-l", "HTMLModel", {"value": left}), (f"{model}-b", "FloatProgressModel", {"value": value, "max": top}),
+            (f"{model}-r", "HTMLModel", {"value": right})]
+    for kid, name, st in kids:
+        state[kid] = {"model_name": name, "state": st}
+    state[model] = {"model_name": "HBoxModel", "state": {"children": [f"IPY_MODEL_{k}" for k, _, _ in kids]}}
+    return nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": model, "version_major": 2, "version_minor": 0},
+        "text/plain": "  0%|          | 0/300"})
+
+
+def test_a_page_is_static_and_offline_and_a_smoke_page_says_so(tmp_path):
+    root = make_book(tmp_path, {("01", "first"): [], ("02", "second"): []})
+    book = bk.load_book(root)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# First\n{bk.colab_badge(book, book.chapter('01'))}\n\n"
+                                              "See $x_t$ and [the next one](02_second.ipynb)."),
+                nbformat.v4.new_code_cell("train()"), nbformat.v4.new_code_cell("explore(draw, t=(0, 9, 1))"),
+                nbformat.v4.new_code_cell("w = IntSlider()\nw")]
+    nb.cells[1].outputs = [tqdm_widget(nb, "bar", "toy&#x2007;DDPM: 100%", 300, 300, "300/300 [00:01&lt;00:00]")]
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="Shown at t=4\n")]
+    nb.cells[3].outputs = [nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "slider"}, "text/plain": "IntSlider(value=0)"})]
+    first, second = book.chapter("01"), book.chapter("02")
+
+    page = bk.render_chapter_page(nb, book, first, None, second, profile="smoke", linked={"01_first"})
+    for external in ("cdnjs", "unpkg", "require.js", "colab-badge.svg", "widget-state+json"):
+        assert external not in page
+    assert 'src="_static/mathjax/MathJax.js' in page and "$x_t$" in page
+    assert 'href="02_second.html"' not in page.split("</nav>")[0]  # 02 has no page: not linked in the bar
+    assert 'href="02_second.html">the next one' in page  # a link to a chapter's notebook leads to its page
+    assert 'class="book-colab-badge"' in page
+    assert "toy\u2007DDPM: 100%" in page and "300/300 [00:01&lt;00:00]" in page
+    assert re.search(r'<progress (?=[^>]*value="300")(?=[^>]*max="300")', page)
+    assert " 0/300" not in page  # the bar's last state, not its first text
+    assert "sliders move it" in page and "An interactive control was here" in page
+    assert "barely trained" in page
+
+    page = bk.render_chapter_page(nb, book, first, None, second, profile="cpu")
+    assert "barely trained" not in page and 'href="02_second.html" title=' in page
+    assert "widgets" in nb.metadata  # the notebook itself is left as it was
