@@ -247,7 +247,7 @@ def tilted_mass_radius(s: float, c: int) -> tuple[torch.Tensor, float]:
 
 
 def show_toy(s: float = 3.0):
-    x0 = claim.guided_sample(toy_eps, diffusion, toy_x_T, toy_c, NULL, s, steps=50)
+    x0 = claim.guided_sample(toy_eps, diffusion, toy_x_T, toy_c, NULL, s, steps=50, clip_denoised=False)
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
     for c in range(3):
         pts = x0[toy_c == c]

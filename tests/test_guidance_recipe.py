@@ -104,9 +104,29 @@ def test_guided_ddim_at_scale_one_is_conditional_ddim_and_at_zero_unconditional(
     x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
     c, null = torch.tensor([1, 2, 3, 4]), torch.tensor(0)
     for s, want_c in ((1.0, c), (0.0, torch.zeros_like(c))):
-        got = claim.guided_sample(model, diffusion, x_T, c, null, s, steps=10)
-        want = ddim_sample(lambda x, t, cc=want_c: model(x, t, cc), diffusion, x_T, 10, progress=False)
-        torch.testing.assert_close(got, want)
+        for clip in (True, False):
+            got = claim.guided_sample(model, diffusion, x_T, c, null, s, steps=10, clip_denoised=clip)
+            want = ddim_sample(lambda x, t, cc=want_c: model(x, t, cc), diffusion, x_T, 10, progress=False,
+                               clip_denoised=clip)
+            torch.testing.assert_close(got, want)
+
+
+def test_guided_sampling_leaves_unclipped_data_alone():
+    """The toy of chapter 06 spreads to about +-2: with clip_denoised=False no sample sits on the box
+    [-1, 1]^2's edge (review of chapters 01-06: the default clipped half of them there)."""
+    diffusion = GaussianDiffusion(linear_betas(1000))
+
+    def model(x, t, c):  # the exact eps of data N(0, 4 I): eps = sqrt(1 - ab) x / (ab * 4 + 1 - ab)
+        ab = diffusion.alpha_bar[t].to(x)[:, None]
+        return (1 - ab).sqrt() * x / (4 * ab + 1 - ab)
+
+    x_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+    c, null = torch.zeros(2000), torch.tensor(0.0)
+    free = claim.guided_sample(model, diffusion, x_T, c, null, 1.0, steps=20, clip_denoised=False)
+    clipped = claim.guided_sample(model, diffusion, x_T, c, null, 1.0, steps=20, clip_denoised=True)
+    assert 1.8 < free.std() < 2.2
+    assert (free.abs() > 1.01).float().mean() > 0.3
+    assert (clipped.abs() > 1.01).float().mean() == 0
 
 
 class DtypeProbe(torch.nn.Module):

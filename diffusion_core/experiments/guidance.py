@@ -65,14 +65,17 @@ def shapes_sample_count(profile: Profile) -> int:
 @torch.no_grad()
 def guided_sample(model_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], diffusion: GaussianDiffusion,
                   x_T: torch.Tensor, cond: Any, null_cond: Any, scale: float, steps: int, eta: float = 0.0,
-                  generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+                  generator: torch.Generator | None = None, progress: bool = False, *,
+                  clip_denoised: bool) -> torch.Tensor:
     """DDIM from ``x_T`` with the guided noise prediction eps_u + s (eps_c - eps_u) at every step
-    (``cfg_eps``: one batched forward of [null; cond])."""
+    (``cfg_eps``: one batched forward of [null; cond]). ``clip_denoised`` is the data's choice, with no
+    default: True clips each x0 estimate to [-1, 1] (images), False leaves it (a 2-D toy spread to +-2)."""
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return cfg_eps(model_fn, x, t, cond, null_cond, scale)
 
-    return ddim_sample(eps_fn, diffusion, x_T, steps, eta, generator=generator, progress=progress)
+    return ddim_sample(eps_fn, diffusion, x_T, steps, eta, generator=generator, progress=progress,
+                       clip_denoised=clip_denoised)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -117,7 +120,7 @@ def sample_digits(stored: Stored, labels: torch.Tensor, scale: float, steps: int
     for i in range(0, len(labels), batch):
         y = labels[i:i + batch].to(dev)
         with profile.autocast():
-            x0 = guided_sample(_float_out(model), diffusion, x_T[i:i + batch], y, null, scale, steps,
+            x0 = guided_sample(_float_out(model), diffusion, x_T[i:i + batch], y, null, scale, steps, clip_denoised=True,
                                progress=progress)
         out.append(x0.float().cpu())
     return torch.cat(out)
