@@ -179,8 +179,11 @@ def test_lab_loads_the_ipywidgets_extension(lab):
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_lab_starts_the_server_this_test_starts():
     """`make -n lab` (prints, runs nothing): JupyterLab from .venv, in chapters/, this kernel first."""
-    out = subprocess.run(["make", "-n", "-W", "pyproject.toml", "lab"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=30, check=True).stdout
+    # run as a top-level make even when the tests themselves run under `make test` (MAKELEVEL would add
+    # "make[1]: Entering/Leaving directory" lines around the commands)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-W", "pyproject.toml", "lab"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30, check=True, env=env).stdout
     command = out.replace("\\\n", " ").splitlines()[-1]
     assert "-m jupyter lab" in command and "/bin/python" in command, out
     for part in ("--ServerApp.root_dir=chapters", f"--MultiKernelManager.default_kernel_name={KERNEL}",
