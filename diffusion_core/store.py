@@ -81,6 +81,8 @@ RECIPES: dict[str, Recipe | str] = {
     "shapes-t2i-adapter-edges": "diffusion_core.recipes.control:ADAPTER_EDGES",
     "shapes-t2i-adapter-depth": "diffusion_core.recipes.control:ADAPTER_DEPTH",
     "shapes-t2i-adapter-palette": "diffusion_core.recipes.control:ADAPTER_PALETTE",
+    "shapes-ip-adapter": "diffusion_core.recipes.ip_adapter:IP_ADAPTER",
+    "shapes-ip-concat": "diffusion_core.recipes.ip_adapter:IP_CONCAT",
 
 }
 
