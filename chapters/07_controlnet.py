@@ -34,11 +34,12 @@
 # **Prerequisites.** Chapter 04 (the conditional UNet, the autoencoder and the text-to-image model this
 # chapter controls), chapter 06 (classifier-free guidance, used when sampling).
 #
-# **Run time.** `smoke` about 1 minute; `cpu` (a 2-core laptop) about 12 minutes with chapter 04's models
-# cached (two ControlNets trained here, about 4 minutes each), about 25 minutes cold (the autoencoder, the
-# text-to-image model and the evaluator trained first); `gpu` about 10 minutes. For a quick look on a
-# laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter (smoke models are barely trained: their
-# numbers mean nothing). The ControlNets are cached and chapter 08 reuses them.
+# **Run time** (measured on a 2-core CPU, 5 December 2026, both cores). `smoke` about 1 minute; `cpu`
+# 4.5 minutes with chapter 04's models cached (the two ControlNets are trained here, 110 s each), 1 minute
+# once they are cached too; cold, add about 10 minutes for chapter 04's models (the text-to-image model,
+# about 6.5 minutes; its autoencoder, 1; the shapes evaluator, 2); `gpu` about 10 minutes (not measured).
+# For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter (smoke models are barely
+# trained: their numbers mean nothing). The ControlNets are cached and chapters 08 and 09 reuse them.
 
 # %% [markdown]
 # ## Setup

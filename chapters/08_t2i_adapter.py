@@ -35,11 +35,11 @@
 # **Prerequisites.** Chapter 07 (ControlNet: its models are reused here for the comparison), chapter 04
 # (the conditional UNet and its encoder).
 #
-# **Run time.** `smoke` about 1 minute; `cpu` (a 2-core laptop) about 10 minutes with chapter 07's
-# ControlNets cached (three adapters trained here, about 2 to 3 minutes each), about 35 minutes cold (chapter
-# 04's and 07's models trained first); `gpu` about 10 minutes. For a quick look on a laptop, set
-# `DIFFUSION_PROFILE=smoke` before starting Jupyter (smoke models are barely trained: their numbers mean
-# nothing).
+# **Run time** (measured on a 2-core CPU, 5 December 2026, both cores). `smoke` about 1 minute; `cpu`
+# 4 minutes with chapter 07's models cached (the three adapters are trained here, 65 s each), 1 minute once
+# they are cached too; cold, add chapter 07's edge ControlNet (2 minutes) and chapter 04's models (about 10);
+# `gpu` about 10 minutes (not measured). For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before
+# starting Jupyter (smoke models are barely trained: their numbers mean nothing).
 
 # %% [markdown]
 # ## Setup

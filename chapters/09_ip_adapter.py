@@ -37,11 +37,12 @@
 # image embeddings are the prompts here, and an independently trained CLIP is the judge), chapter 06
 # (classifier-free guidance), chapter 07 (ControlNet, reused in section 7).
 #
-# **Run time.** `smoke` about 1 minute; `cpu` (a 2-core laptop) about 7 minutes with the models of
-# chapters 04, 05 and 07 cached (two adapters trained here, about 2 to 2.5 minutes each), about 35 minutes
-# cold (the autoencoder, the text-to-image model, the two CLIPs, the evaluator and the edge ControlNet trained
-# first); `gpu` about 10 minutes. For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting
-# Jupyter (smoke models are barely trained: their numbers mean nothing).
+# **Run time** (measured on a 2-core CPU, 5 December 2026, both cores). `smoke` about 1 minute; `cpu`
+# 4.5 minutes with the models of chapters 04, 05 and 07 cached (the two adapters are trained here, 90 s
+# each), 1.5 minutes once they are cached too; cold, add chapter 05's two CLIPs (about 10 minutes, measured
+# on a busy machine), chapter 07's edge ControlNet (2) and chapter 04's models (about 10); `gpu` about 10
+# minutes (not measured). For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter
+# (smoke models are barely trained: their numbers mean nothing).
 
 # %% [markdown]
 # ## Setup
