@@ -63,9 +63,10 @@ def sampling_steps(profile: Profile) -> int:
     return profile.pick(smoke=4, cpu=20, gpu=50)
 
 
-class Setting:
-    """The locked base model, its autoencoder, process and tokenizer, and a fixed set of evaluation
-    scenes (one object each, unseen in training) with their caption states."""
+class LockedBase:
+    """The locked base model (chapter 04's text-to-image model), its autoencoder, process and tokenizer,
+    and a fixed set of evaluation scenes (one object each, unseen in training) with their caption states
+    and the empty caption's: what every add-on chapter (07, 08, 09) samples and scores on."""
 
     def __init__(self, profile: Profile, n: int | None = None, seed: int = 1):
         self.profile = profile
@@ -82,6 +83,11 @@ class Setting:
 
     def encode(self, captions: list[str]) -> torch.Tensor:
         return self.base.encode_text(self.tok.encode(list(captions)).to(self.device))
+
+
+class Setting(LockedBase):
+    """:class:`LockedBase` with the spatial conditions of its scenes and sampling with ControlNets or
+    T2I-Adapters."""
 
     def cond(self, kind: str) -> torch.Tensor:
         return C.conditions(self.scenes, kind)

@@ -45,8 +45,8 @@ from ..profiles import Profile
 from ..recipes import clip as K
 from ..recipes import control as C
 from ..recipes import ip_adapter as IP
-from ..recipes import latent as L
 from ..store import load
+from .control import LockedBase
 
 PAPER = {
     "ip_adapter": "IP-Adapter (Ye et al. 2023): decoupled cross-attention, a separate key/value pair per "
@@ -137,7 +137,7 @@ def same_caption_images(scenes: Scenes, resolution: int, seed: int = 4242, chunk
 # ------------------------------------------------------------------------------------------------
 # the setting: base, prompts, judges, and a memo of samples shared by the claims
 # ------------------------------------------------------------------------------------------------
-class Setting:
+class Setting(LockedBase):
     """The locked base model with its autoencoder, process and tokenizer; a fixed set of unseen
     one-object scenes (the image prompts, the same scenes as chapter 07's); their frozen-CLIP
     embeddings; another scene for each (``other``: the next one, a random other image); the
@@ -145,13 +145,7 @@ class Setting:
     evaluator. Samples are memoised by name (:meth:`run`) so the claims share them."""
 
     def __init__(self, profile: Profile, n: int | None = None, seed: int = 1):
-        self.profile = profile
-        self.stored, self.vae, self.diffusion = C.load_base(profile)
-        self.base = self.stored.model
-        self.device = next(self.base.parameters()).device
-        self.tok = L.tokenizer_for(self.stored.config)
-        world = L.world_for(profile, text=True, max_objects=self.stored.config["max_objects"])
-        self.scenes = world.fixed(n or sample_count(profile), seed=seed, split="train")
+        super().__init__(profile, n or sample_count(profile), seed)
         self.n = len(self.scenes)
         self.perm = torch.roll(torch.arange(self.n), -1)
         self.other = self.scenes[self.perm]
@@ -162,14 +156,9 @@ class Setting:
         self.embeds = self.clip.encode_image(self.scenes.images)              # (N, P) unit, CPU
         self.judge_prompts = self.judge.encode_image(self.scenes.images)
         with torch.no_grad():
-            self.context = self.encode(self.scenes.captions)
             self.conflict_context = self.encode(self.conflict.captions)
-            self.null = self.encode([L.NULL_CAPTION])
         self.steps = sampling_steps(profile)
         self.samples: dict[str, torch.Tensor] = {}
-
-    def encode(self, captions: list[str]) -> torch.Tensor:
-        return self.base.encode_text(self.tok.encode(list(captions)).to(self.device))
 
     def empty(self, n: int | None = None) -> torch.Tensor:
         return self.null.expand(n or self.n, -1, -1)
