@@ -35,18 +35,37 @@ def ddpm_sample(model: Callable[..., torch.Tensor], diffusion: GaussianDiffusion
                 model_kwargs: dict[str, Any] | None = None, progress: bool = True,
                 keep_every: int | None = None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Run p(x_{t-1} | x_t) from x_T down to x_0. ``model(x_t, t, **model_kwargs)`` gives the network
-    output; ``keep_every=k`` also returns the trajectory [x_T, ..., x_0] every k steps."""
+    output; ``keep_every=k`` also returns the trajectory [x_T, ..., x_0] every k steps.
+
+    The numbers are those of ``diffusion.p_mean_variance`` at each step; its per-step coefficients are
+    read once, as Python floats, so the loop itself is only the few elementwise operations below."""
     _check_start(x_T, keep_every)
+    d, kw = diffusion, model_kwargs or {}
+    # x0_hat = a_t x_t - b_t pred:  eps: 1/sqrt(alpha_bar_t), sqrt(1/alpha_bar_t - 1);  v: sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)
+    a, b = ((d.sqrt_alpha_bar, d.sqrt_one_minus_alpha_bar) if d.prediction == "v"
+            else (d.sqrt_recip_alpha_bar, d.sqrt_recipm1_alpha_bar))
+    a, b, coef1, coef2 = a.tolist(), b.tolist(), d.posterior_mean_coef1.tolist(), d.posterior_mean_coef2.tolist()
+    # fixed variances: sigma_t^2 = beta_tilde_t (fixed_small) or beta_t (fixed_large)
+    log_var = d.posterior_log_variance_clipped if d.variance == "fixed_small" else d.log_large_variance
+    sigma = (0.5 * log_var.to(x_T.dtype)).exp().tolist()  # in x's precision, as p_mean_variance computes it
+    log_beta, log_beta_tilde = d.log_betas.tolist(), d.posterior_log_variance_clipped.tolist()
+    model_t = d.timestep_map.to(x_T.device)[:, None].expand(d.T, x_T.shape[0])  # row t: the network's t, (B,)
     x = x_T
     kept = [x.cpu()] if keep_every else []
-    steps = range(diffusion.T - 1, -1, -1)
-    for i in tqdm(steps, desc="DDPM sampling", disable=not progress, leave=False):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        p = diffusion.p_mean_variance(model(x, diffusion.model_t(t), **(model_kwargs or {})), x, t,
-                                      clip_denoised=clip_denoised, check=False)
-        z = randn_like(x, generator) if i > 0 else torch.zeros_like(x)
-        # x_{t-1} = mu_theta(x_t, t) + sigma_t z
-        x = p.mean + (0.5 * p.log_variance).exp() * z
-        if keep_every and (i % keep_every == 0):
+    for t in tqdm(range(d.T - 1, -1, -1), desc="DDPM sampling", disable=not progress, leave=False):
+        pred, v = d.split_output(model(x, model_t[t], **kw), x)
+        x0 = pred if d.prediction == "x0" else a[t] * x - b[t] * pred
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        # mu_theta(x_t, t) = mu_tilde_t(x_t, x0_hat) = coef1_t x0_hat + coef2_t x_t   (DDPM eq. 7)
+        x = coef1[t] * x0 + coef2[t] * x
+        if t > 0:
+            sigma_t = sigma[t]
+            if v is not None:  # log Sigma = v' log beta_t + (1 - v') log beta_tilde_t, v' = (v + 1) / 2  (Improved DDPM eq. 15)
+                frac = (v + 1.0) / 2.0
+                sigma_t = (0.5 * (frac * log_beta[t] + (1.0 - frac) * log_beta_tilde[t])).exp()
+            # x_{t-1} = mu_theta(x_t, t) + sigma_t z,   z ~ N(0, I)   (z = 0 at the last step)
+            x = x + sigma_t * randn_like(x, generator)
+        if keep_every and (t % keep_every == 0):
             kept.append(x.cpu())
     return (x, kept) if keep_every else x
