@@ -243,15 +243,30 @@ def default_bpe_path() -> Path:
     )
 
 
+def _fix_text(text: str) -> str:
+    """``ftfy.fix_text(text)``, as CLIP and OpenCLIP run it (ftfy's default settings): it repairs
+    mojibake (``"cafÃ©"`` -> ``"café"``), straightens curly quotes (so ``"it’s"`` splits like
+    ``"it's"``), turns full-width letters and Latin ligatures into plain ones, drops control characters
+    and normalises to NFC. There is no fallback without ftfy: any stand-in would give different ids
+    on some real text, silently, so a missing ftfy raises ``ImportError``."""
+    try:
+        import ftfy
+    except ImportError as e:
+        raise ImportError(
+            "CLIPTokenizer needs the 'ftfy' package to clean text as CLIP does (ftfy.fix_text, before "
+            "the BPE); without it some captions would get different ids. Install it: pip install ftfy"
+        ) from e
+    return ftfy.fix_text(text)
+
+
 def _clean(text: str) -> str:
-    """CLIP's text normalisation: unicode NFC, HTML entities unescaped (twice, for doubly escaped
-    text), runs of whitespace collapsed to one space, ends stripped, lower-cased. (The original code
-    also runs ``ftfy.fix_text``, which repairs mojibake and straightens curly quotes; that is not done
-    here, nor by transformers' CLIPTokenizer.)"""
-    text = unicodedata.normalize("NFC", text)
-    text = html.unescape(html.unescape(text))
-    text = re.sub(r"\s+", " ", text).strip()
-    return text.lower()
+    """CLIP's text normalisation, exactly as OpenCLIP's ``SimpleTokenizer`` (``clean="lower"``) and the
+    original CLIP code do it: ``ftfy.fix_text`` (see :func:`_fix_text`), HTML entities unescaped twice
+    (for doubly escaped text), ends stripped, runs of whitespace collapsed to one space, lower-cased.
+    (transformers' fast CLIPTokenizer runs only NFC, whitespace and lower-casing, so it can differ on
+    curly quotes, mojibake, full-width letters and HTML entities.)"""
+    text = html.unescape(html.unescape(_fix_text(text)))
+    return " ".join(text.split()).lower()
 
 
 _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
@@ -318,6 +333,7 @@ class CLIPTokenizer:
         pad_token_id: int | None = None,
         num_merges: int = CLIP_NUM_MERGES,
     ):
+        _fix_text("")  # raises a clear ImportError now, rather than at the first caption, without ftfy
         path = Path(bpe_path)
         if not path.is_file():
             raise FileNotFoundError(f"CLIP BPE vocabulary file not found: {path}")
