@@ -83,6 +83,8 @@ RECIPES: dict[str, Recipe | str] = {
     "shapes-t2i-adapter-palette": "diffusion_core.recipes.control:ADAPTER_PALETTE",
     "shapes-ip-adapter": "diffusion_core.recipes.ip_adapter:IP_ADAPTER",
     "shapes-ip-concat": "diffusion_core.recipes.ip_adapter:IP_CONCAT",
+    "faces-identity": "diffusion_core.evaluate.identity:FACES_IDENTITY",
+    "faces-identity-judge": "diffusion_core.evaluate.identity:FACES_IDENTITY_JUDGE",
 
 }
 
