@@ -514,7 +514,7 @@ for f in skipped["fd"]["linear"]:
 # The bound on held-out digits in bits per dimension, in float32. Where the bound lives (the first
 # terms, the decoder $L_0$ included) every term is computed; the rest are estimated from stratified
 # draws, each image drawing its own timesteps, so the standard error over images is an honest one
-# (`claim.bound_bpd`). The $L_\text{simple}$ model is scored with both fixed variances. Every model
+# (`diffusion_core.process.likelihood.bound_bpd`, the estimator chapter 01 uses too). The $L_\text{simple}$ model is scored with both fixed variances. Every model
 # sees the same timesteps and noise, so the *differences* are paired and much more precise than the
 # values themselves.
 

@@ -11,8 +11,11 @@ import torch
 from torch import nn
 
 from diffusion_core import store
+from diffusion_core.data.digits import digits
+from diffusion_core.experiments import ddpm
 from diffusion_core.experiments import improved as claim
 from diffusion_core.process import GaussianDiffusion
+from diffusion_core.process.likelihood import BOUND_PARTS, bound_bpd
 from diffusion_core.profiles import Profile
 from diffusion_core.recipes import improved as R
 from diffusion_core.recipes.digits import DIGITS_DDPM, diffusion_for
@@ -139,6 +142,7 @@ def test_sizes_use_one_sample_count_for_every_k_and_enough_of_them_on_cpu():
 
 
 def test_bound_bpd_sums_every_term_when_exact_and_is_unbiased_when_stratified():
+    # process.likelihood.bound_bpd: the one estimator of the bound, used by chapters 01 and 02
     # an oracle network that predicts eps exactly: every term of the bound is then a KL between two
     # Gaussians with the same mean, which depends on t only, so the exact sum is known in closed form
     T = 40
@@ -149,25 +153,44 @@ def test_bound_bpd_sums_every_term_when_exact_and_is_unbiased_when_stratified():
     def oracle(xt, t):
         return (xt - d.at(d.sqrt_alpha_bar, t, xt) * x0) / d.at(d.sqrt_one_minus_alpha_bar, t, xt)
 
-    full = claim.bound_bpd(oracle, d, x0, exact=T, strata=0, seed=0)
+    full = bound_bpd(oracle, d, x0, exact=T, strata=0, seed=0)
     manual = d.prior_bpd(x0).double()
     for t in range(T):
         tt = torch.full((len(x0),), t)
         xt = d.q_sample(x0, tt, generator=torch.Generator().manual_seed(t))
         manual = manual + d.vb_terms_bpd(oracle(xt, tt), x0, xt, tt).double()
     assert torch.allclose(full["total"], manual, rtol=1e-5)
-    assert torch.allclose(sum(full[k] for k in claim.BOUND_PARTS), full["total"])
+    assert torch.allclose(sum(full[k] for k in BOUND_PARTS), full["total"])
     assert torch.allclose(full["final_step"], d.vb_terms_bpd(oracle(x0, torch.full((len(x0),), T - 1)), x0, x0,
                                                              torch.full((len(x0),), T - 1)).double(), rtol=1e-5)
-    est = claim.bound_bpd(oracle, d, x0, exact=3, strata=5, seed=1)
+    est = bound_bpd(oracle, d, x0, exact=3, strata=5, seed=1)
     assert torch.allclose(est["decoder"], full["decoder"], rtol=1e-5)                # L_0 is always exact
     assert not torch.allclose(est["total"], full["total"])                 # every image drew its own t
     se = est["total"].std() / len(x0) ** 0.5
     assert abs(est["total"].mean() - full["total"].mean()) < 4 * se         # ... and the mean is unbiased
     with pytest.raises(ValueError, match="strata"):
-        claim.bound_bpd(oracle, d, x0, exact=3, strata=0)
+        bound_bpd(oracle, d, x0, exact=3, strata=0)
     with pytest.raises(ValueError, match="exact"):
-        claim.bound_bpd(oracle, d, x0, exact=0, strata=5)
+        bound_bpd(oracle, d, x0, exact=0, strata=5)
+
+
+def test_chapters_01_and_02_give_the_same_model_the_same_nll(monkeypatch):
+    # chapter 01 (experiments.ddpm.heldout_nll, behind loss_comparison) and chapter 02
+    # (experiments.improved.nll_comparison) once disagreed for one model (2.16 vs 2.70 bits/dim): two
+    # estimators. Now both call process.likelihood.bound_bpd on the same images with the same settings.
+    stubs = {"digits-ddpm": ("fixed_large", "linear"), "digits-iddpm-hybrid-linear": ("learned_range", "linear"),
+             "digits-iddpm-hybrid": ("learned_range", "cosine")}
+    monkeypatch.setattr(claim, "load", lambda name, profile: stub(*stubs[name]))
+    for seed in (0, 3):
+        ch01 = ddpm.heldout_nll(stub("fixed_large"), SMOKE, seed=seed)
+        row = claim.nll_comparison(SMOKE, seed=seed)["rows"]["L_simple, linear, fixed large"]
+        assert (row["nll_bpd"], row["nll_stderr"]) == (ch01["nll_bpd"], ch01["nll_stderr"])
+        s = ddpm.nll_settings(SMOKE)
+        x = digits("heldout", 8)[0][: s["images"]]
+        direct = bound_bpd(stub("fixed_large").model, diffusion_for(stub().config), x, s["exact"], s["strata"], seed)
+        assert ch01["nll_bpd"] == pytest.approx(direct["total"].mean().item(), rel=1e-12)
+    assert ddpm.heldout_nll(stub("fixed_large"), SMOKE, seed=0) != ddpm.heldout_nll(stub("fixed_large"), SMOKE, seed=3)
+    assert claim.nll_settings is ddpm.nll_settings
 
 
 def test_steps_grid_reaches_from_10_to_all_1000_steps_at_every_profile():

@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from ..data.digits import digits
 from ..evaluate.digits import DigitEvaluator, digit_evaluator
 from ..process.gaussian import GaussianDiffusion
 from ..process.respacing import space_timesteps
@@ -41,6 +40,7 @@ from ..profiles import Profile, current
 from ..recipes.digits import diffusion_for
 from ..samplers.ancestral import ddpm_sample
 from ..store import Stored, load
+from .ddpm import heldout_bound, mean_stderr, nll_settings
 
 #: the three ways of sampling compared over K: variance -> the stored model that is sampled
 SAMPLERS: dict[str, tuple[str, str]] = {
@@ -258,89 +258,27 @@ def skip_prefix(profile: Profile, fractions: Sequence[float] = (0.0, 0.1, 0.2, 0
 # NLL: L_simple vs L_hybrid, linear vs cosine
 # --------------------------------------------------------------------------------------------------
 
-def nll_settings(profile: Profile) -> dict[str, Any]:
-    """Held-out images, and how the bound's T terms are summed: the first and the last ``exact`` terms
-    one by one (the first hold most of the bound and are where the variances differ; the last, with
-    the cosine schedule's clipped beta, can be large too), the T - 2 exact between them from
-    ``strata`` stratified draws per image (:func:`bound_bpd`). On a GPU every term is summed."""
-    return profile.pick(smoke={"images": 32, "exact": 3, "strata": 6},
-                        cpu={"images": 300, "exact": 10, "strata": 40},
-                        gpu={"images": 500, "exact": 500, "strata": 0})
-
-
-#: the parts :func:`bound_bpd` splits the bound into (each (B,), they sum to ``total``)
-BOUND_PARTS = ("prior", "decoder", "first", "middle", "last")
-
-
-@torch.no_grad()
-def bound_bpd(model: torch.nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor, exact: int, strata: int,
-              seed: int = 0) -> dict[str, torch.Tensor]:
-    """The variational bound L_vlb = L_T + sum_{t=0}^{T-1} L_t on -log p(x0) in bits/dim for each
-    image x0 (B, C, H, W), in float32 arithmetic (no autocast). Returns (B,) float64 tensors on the CPU:
-    ``total`` and its parts ``prior`` (L_T), ``decoder`` (L_0), ``first`` (L_1 .. L_{E-1}), ``middle``
-    and ``last`` (L_{T-E} .. L_{T-1}), with E = ``exact``; also ``final_step``, L_{T-1} alone.
-
-    L_T and the first and last E terms are computed one by one. The t in E..T-E-1 are split into
-    ``strata`` equal runs of integers [a, b); each image draws its own t uniformly in each run and adds
-    (b - a) L_t, an unbiased estimate of that run's sum. Since every image draws its own timesteps, the
-    spread over images includes the spread over timesteps: its standard error is honest. The same seed
-    gives every model the same timesteps and noise, so differences between models are paired.
-    """
-    T, B, dev = diffusion.T, x0.shape[0], x0.device
-    if exact < 1:
-        raise ValueError(f"exact must be at least 1 (the decoder L_0 is always computed), got {exact}")
-    exact = min(exact, (T + 1) // 2)
-    inner = T - 2 * exact                                    # terms left to the strata
-    if inner > 0 and not 1 <= strata <= inner:
-        raise ValueError(f"strata must lie in 1..{inner} to cover t = {exact}..{T - exact - 1}, got {strata}")
-    g = torch.Generator().manual_seed(seed)
-
-    def term(t: torch.Tensor) -> torch.Tensor:
-        xt = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(dev))
-        return diffusion.vb_terms_bpd(model(xt, diffusion.model_t(t)), x0, xt, t).double().cpu()
-
-    def exact_terms(ts: range) -> list[torch.Tensor]:
-        return [term(torch.full((B,), t, device=dev, dtype=torch.long)) for t in ts]
-
-    zero = torch.zeros(B, dtype=torch.float64)
-    head = exact_terms(range(exact))                         # L_0 .. L_{E-1}
-    tail = exact_terms(range(max(exact, T - exact), T))      # L_{T-E} .. L_{T-1}
-    middle = zero.clone()
-    if inner > 0:
-        edges = torch.linspace(exact, T - exact, strata + 1, dtype=torch.float64).round().long().tolist()
-        for a, b in zip(edges[:-1], edges[1:]):              # sum_{t=a}^{b-1} L_t ~ (b - a) L_t, t ~ U{a..b-1}
-            t = torch.randint(a, b, (B,), generator=g).to(dev)
-            middle = middle + (b - a) * term(t)
-    parts = {"prior": diffusion.prior_bpd(x0).double().cpu(), "decoder": head[0],
-             "first": sum(head[1:], zero), "middle": middle, "last": sum(tail, zero)}
-    return {"total": sum(parts.values(), zero), **parts, "final_step": tail[-1] if tail else head[-1]}
-
-
 def heldout_bpd(stored: Stored, profile: Profile, variance: str | None = None, seed: int = 0
                 ) -> dict[str, torch.Tensor]:
-    """:func:`bound_bpd` of a stored model on the held-out digits (``nll_settings``), with its reverse
+    """:func:`~diffusion_core.process.likelihood.bound_bpd` of a stored model on the held-out digits,
+    exactly as chapter 01 scores it (``ddpm.heldout_bound``, ``nll_settings``), with its reverse
     variance set to ``variance`` (default: as trained)."""
-    s = nll_settings(profile)
     base = diffusion_for(stored.config)
     diffusion = base if variance is None else GaussianDiffusion(base.betas, base.prediction, variance)
     if (diffusion.variance == "learned_range") != (base.variance == "learned_range"):
         raise ValueError(f"{stored.name} was trained with {base.variance} variance; it has no {variance} bound")
-    x = digits("heldout", stored.config["resolution"])[0][: s["images"]].to(_device(stored))
-    return bound_bpd(stored.model.eval(), diffusion, x, s["exact"], s["strata"], seed)
-
-
-def _mean_se(v: torch.Tensor) -> tuple[float, float]:
-    return v.mean().item(), (v.std() / v.numel() ** 0.5).item()
+    return heldout_bound(stored, profile, diffusion, seed)
 
 
 def nll_comparison(profile: Profile, seed: int = 0) -> dict[str, Any]:
     """The bound on held-out digits (bits/dim) for each of :data:`NLL_MODELS`: ``rows`` {label: nll_bpd,
-    nll_stderr (over images), and the mean of each part of :func:`bound_bpd` (``decoder``, ``final_step``,
+    nll_stderr (over images), and the mean of each part of
+    :func:`~diffusion_core.process.likelihood.bound_bpd` (``decoder``, ``final_step``,
     ...)}, and the paired differences of :data:`NLL_DIFFERENCES` with their standard errors."""
     parts = {label: heldout_bpd(load(name, profile), profile, variance, seed)
              for label, (name, variance) in NLL_MODELS.items()}
-    rows = {label: {**dict(zip(("nll_bpd", "nll_stderr"), _mean_se(p["total"]))),
+    rows = {label: {**dict(zip(("nll_bpd", "nll_stderr"), mean_stderr(p["total"]))),
                     **{k: v.mean().item() for k, v in p.items() if k != "total"}} for label, p in parts.items()}
-    diffs = {key: dict(zip(("mean", "stderr"), _mean_se(parts[a]["total"] - parts[b]["total"])))
+    diffs = {key: dict(zip(("mean", "stderr"), mean_stderr(parts[a]["total"] - parts[b]["total"])))
              for key, (a, b) in NLL_DIFFERENCES.items()}
     return {"rows": rows, "differences": diffs, "settings": nll_settings(profile)}

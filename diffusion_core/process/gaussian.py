@@ -336,58 +336,6 @@ class GaussianDiffusion:
         terms["loss"] = terms["vb"] if loss == "vlb" else terms["mse"] + hybrid_lambda * terms["vb"]
         return terms
 
-    @torch.no_grad()
-    def nll_bpd(self, model: ModelFn, x0: torch.Tensor, timesteps: int | None = None,
-                generator: torch.Generator | None = None, model_kwargs: dict[str, Any] | None = None,
-                progress: bool = False) -> dict[str, torch.Tensor]:
-        """The variational bound on -log p(x_0) in bits per dimension, per sample (B,):
-
-            L_vlb = L_T + sum_{t=1}^{T-1} L_{t-1} + L_0   (DDPM eq. 5)
-
-        ``timesteps=None`` sums every term (T network calls). ``timesteps=K`` keeps L_0 exactly and
-        estimates the other T-1 terms from K stratified draws (one uniform t in each of K equal
-        strata of 1..T-1), an unbiased estimate of the same bound at K/T of the cost.
-        Returns ``{"total": (B,), "prior": (B,), "decoder": (B,), "terms_sum": (B,)}``.
-        """
-        if x0.ndim < 2 or x0.shape[0] == 0 or not x0.is_floating_point():
-            raise ValueError(f"x0 must be a non-empty float batch, (B, ...), got shape {tuple(x0.shape)} {x0.dtype}")
-        if timesteps is not None and (not isinstance(timesteps, int) or isinstance(timesteps, bool) or timesteps < 1):
-            raise ValueError(f"timesteps must be a positive integer number of strata (or None), got {timesteps!r}")
-        lo, hi = float(x0.min()), float(x0.max())
-        if not (-1.0 - 1e-6 <= lo and hi <= 1.0 + 1e-6):  # NaN fails too
-            raise ValueError(f"x0 must be data in [-1, 1] (the discretised decoder's bins), got values in "
-                             f"[{lo:.4g}, {hi:.4g}]; map images in [0, 1] with 2 x - 1")
-        B = x0.shape[0]
-        dev = x0.device
-        kw = model_kwargs or {}
-
-        def term(t_int: torch.Tensor) -> torch.Tensor:
-            t = t_int.expand(B) if t_int.ndim == 0 else t_int
-            e = randn_like(x0, generator)
-            xt = self.q_sample(x0, t, e)
-            return self.vb_terms_bpd(model(xt, self.model_t(t), **kw), x0, xt, t)
-
-        decoder = term(torch.zeros((), dtype=torch.long, device=dev))
-        rest = torch.zeros(B, dtype=torch.float64, device=dev)
-        if self.T > 1:
-            if timesteps is None or timesteps >= self.T - 1:
-                ts, weight = torch.arange(1, self.T), 1.0
-            else:
-                if timesteps < 1:
-                    raise ValueError("timesteps must be a positive number of strata")
-                edges = torch.linspace(1, self.T, timesteps + 1, dtype=torch.float64)
-                u = torch.rand(timesteps, generator=generator, dtype=torch.float64, device=generator.device if generator else "cpu").cpu()
-                ts = (edges[:-1] + u * (edges[1:] - edges[:-1])).floor().long().clamp(1, self.T - 1)
-                weight = (self.T - 1) / timesteps
-            iterator = ts.tolist()
-            if progress:
-                from tqdm.auto import tqdm
-                iterator = tqdm(iterator, desc="bound terms", leave=False)
-            for ti in iterator:
-                rest += weight * term(torch.tensor(ti, device=dev)).double()
-        prior = self.prior_bpd(x0)
-        return {"total": prior.double() + decoder.double() + rest, "prior": prior, "decoder": decoder, "terms_sum": rest}
-
 
 def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard normal noise shaped like x, drawn from ``generator`` (on its own device) if given."""
