@@ -394,6 +394,7 @@ with torch.no_grad():
 assert ctx.shape == (64, sc["context_length"], sc["text_width"]) and torch.isfinite(ctx).all()
 assert torch.allclose(ctx[is_null], ctx[is_null][:1].expand_as(ctx[is_null]))   # one null caption for all
 
+# %% [markdown]
 # ## 6. The claim in miniature: fidelity against diversity over s
 #
 # For each model and each $s \in \{0, 1, 1.5, 2, 3, 5, 8\}$ we draw samples from the same noise and
