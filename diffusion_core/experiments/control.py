@@ -10,7 +10,7 @@ Chapter 07 (Zhang, Rao & Agrawala 2023):
 3. The "sudden convergence": edge F1 over training steps, measured while the recipe trains
    (``stored.metrics["adherence_by_step"]``).
 4. :func:`composition`: the edge and depth ControlNets together (their residuals add).
-5. :func:`scale_sweep`: samples from fixed noise over ``conditioning_scale``.
+5. ``conditioning_scale``: the chapter's slider samples from fixed noise with :meth:`Setting.sample`.
 
 Chapter 08 (Mou et al. 2023): :func:`adapter_report`: adherence of T2I-Adapters trained at the
 ControlNets' budget, parameters, per-step sampling overhead (:func:`step_overhead`), two adapters
@@ -199,16 +199,6 @@ def composition(profile: Profile, setting: Setting | None = None, seed: int = 0,
                    "depth_error": _mean(M.depth_error(s.scenes.images, depth))}
     out["samples"] = {k: v[:8] for k, v in runs.items()}
     return out
-
-
-def scale_sweep(profile: Profile, scales: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0), n: int = 8,
-                kind: str = "edges", seed: int = 0, setting: Setting | None = None) -> dict[str, Any]:
-    """Samples of the first ``n`` scenes from fixed noise for each ``conditioning_scale`` (0: the base)."""
-    s = setting or Setting(profile)
-    net = load_controlnet(kind, profile).model
-    images = {sc: s.sample(net, kind, sc, seed=seed, n=n) for sc in scales}
-    f1 = {sc: edge_f1(im, s.cond("edges")[:n])["f1"] for sc, im in images.items()}
-    return {"images": images, "edge_f1": f1, "conditions": s.cond(kind)[:n], "captions": s.scenes.captions[:n]}
 
 
 def step_overhead(profile: Profile, addon: str, batch: int = 64, steps: int = 20, repeats: int | None = None,
