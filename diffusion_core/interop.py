@@ -31,6 +31,7 @@ DIFFUSERS: dict[str, str] = {
     "DDIMScheduler": "diffusion_core.schedulers:from_diffusers_ddim_scheduler",
     "T2IAdapter": "diffusion_core.models.t2i_adapter:from_diffusers_t2i_adapter",
     "MultiAdapter": "diffusion_core.models.t2i_adapter:from_diffusers_multi_adapter",
+    "UnCLIPTextProjModel": "diffusion_core.models.unclip:from_diffusers_unclip_text_proj",
 }
 
 # transformers class name -> "module:function(obj) -> diffusion_core object"
