@@ -146,14 +146,34 @@ def test_karlo_decoder_with_unclip_text_projection_matches_diffusers():
     assert rel_error(a, b) <= TOL
 
 
-def test_karlo_decoder_counts_diffusers_parameters_on_meta():
-    from diffusion_core.presets import count_parameters
+def test_karlo_decoder_preset_counts_diffusers_parameters_on_meta():
+    """The preset is the decoder configuration of diffusers' Karlo conversion script
+    (scripts/convert_kakao_brain_unclip_to_diffusers.py, DECODER_CONFIG)."""
+    from diffusion_core import presets
+
+    karlo = dict(sample_size=64, layers_per_block=3, block_out_channels=(320, 640, 960, 1280), in_channels=3,
+                 out_channels=6, down_block_types=GLIDE_DOWN[:1] + GLIDE_DOWN[1:] * 3,
+                 up_block_types=GLIDE_UP[:1] * 3 + GLIDE_UP[1:], mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+                 cross_attention_dim=1536, class_embed_type="identity", attention_head_dim=64,
+                 resnet_time_scale_shift="scale_shift")
+    with torch.device("meta"):
+        theirs = diffusers.UNet2DConditionModel(**karlo)
+    ours = presets.build("karlo-decoder", device="meta")
+    assert presets.count_parameters(ours) == presets.count_parameters(theirs) == 885_439_686
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_if_stage1_xl_converts_from_its_diffusers_config_on_meta():
+    """The full-size IF stage I XL configuration goes through the converter: diffusers' model (on the
+    meta device) and ours from its config have the same parameter names and shapes."""
+    from diffusion_core.models.unet_cond import _unet_config_from_diffusers
 
     with torch.device("meta"):
-        theirs = diffusers.UNet2DConditionModel(**{**CondUNetConfig.karlo_decoder().to_diffusers_config()})
-        ours = UNet2DCondition(CondUNetConfig.karlo_decoder())
-    assert count_parameters(ours) == count_parameters(theirs)
-    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+        theirs = diffusers.UNet2DConditionModel(**CondUNetConfig.if_stage1_xl().to_diffusers_config())
+        ours = UNet2DCondition(_unet_config_from_diffusers(theirs.config))
+    shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert sum(p.numel() for p in ours.parameters()) == 4_304_695_110
 
 
 def test_config_round_trips_through_diffusers():

@@ -25,6 +25,13 @@ The seams later chapters use (all in :meth:`UNet2DCondition.forward`):
   as ``ip_hidden_states``. :meth:`UNet2DCondition.attention_layers` lists the attention layers in
   diffusers' order (down blocks, up blocks, then the middle block), the order adapter files count in.
 
+The same class, through :class:`CondUNetConfig` options and the block factories of
+:mod:`.unet_blocks` (no second UNet), is the pixel-space text-conditional UNet of GLIDE (Nichol et
+al. 2021), unCLIP's decoder (Ramesh et al. 2022) and DeepFloyd IF (after Imagen, Saharia et al.
+2022), chapters 11-13: residual blocks with scale-shift norm that also resample, attention layers
+whose keys and values take the text tokens too, the text (or CLIP image) embedding added to the
+timestep embedding, and an ``attention_mask`` over the text tokens.
+
 Parameter names follow diffusers' ``UNet2DConditionModel`` so its checkpoints load.
 """
 
@@ -196,7 +203,11 @@ class CondUNetConfig:
     @classmethod
     def if_stage1_xl(cls) -> CondUNetConfig:
         """DeepFloyd IF stage I XL (DeepFloyd/IF-I-XL-v1.0, 4,304,695,110 parameters): 64x64 pixels,
-        T5-XXL tokens (4096) projected to 2816, attention at 32, 16 and 8, GELU, AdaGN, learned variance."""
+        T5-XXL tokens (4096) projected to 2816 and pooled into the time embedding, attention at 32, 16
+        and 8 (64-dim heads, group-normed text), GELU, AdaGN, 6 output channels (eps and the learned
+        variance). The options are those diffusers' conversion script (``scripts/convert_if.py``,
+        stage I) writes; ``time_embedding_act_fn``/``resnet_skip_time_act`` are its stage II options
+        and change no parameter count."""
         return cls(
             sample_size=64, in_channels=3, out_channels=6, block_out_channels=(704, 1408, 2112, 2816),
             down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
@@ -204,7 +215,7 @@ class CondUNetConfig:
             mid_block_type="UNetMidBlock2DSimpleCrossAttn", layers_per_block=3, cross_attention_dim=2816,
             attention_head_dim=64, encoder_hid_dim=4096, encoder_hid_dim_type="text_proj", addition_embed_type="text",
             addition_embed_type_num_heads=64, cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift",
-            act_fn="gelu", time_embedding_act_fn="gelu",
+            act_fn="gelu",
         )
 
     @classmethod
