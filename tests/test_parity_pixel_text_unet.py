@@ -41,6 +41,20 @@ CONFIGS = {
                   mid_block_type="UNetMidBlock2DSimpleCrossAttn", layers_per_block=1, cross_attention_dim=32,
                   attention_head_dim=8, norm_num_groups=8, resnet_time_scale_shift="scale_shift",
                   class_embed_type="identity", in_channels=3, out_channels=6),
+    # DeepFloyd IF stage II as diffusers' convert_if.py writes it: the noise level of the augmented
+    # low-resolution input (concatenated to x_t) as a "timestep" class label, the pooled text added,
+    # GELU time embedding and no activation before each block's projection, skips scaled by 1/0.7071,
+    # cross-attention only, its own time width, per-block depth
+    "if_stage2": dict(block_out_channels=(16, 32, 32), down_block_types=("ResnetDownsampleBlock2D",
+                      "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"),
+                      up_block_types=("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+                      mid_block_type="UNetMidBlock2DSimpleCrossAttn", layers_per_block=(1, 1, 2), in_channels=6,
+                      out_channels=6, cross_attention_dim=32, encoder_hid_dim=40, attention_head_dim=8,
+                      addition_embed_type="text", addition_embed_type_num_heads=4, class_embed_type="timestep",
+                      time_embedding_dim=32, cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift",
+                      act_fn="gelu", time_embedding_act_fn="gelu", resnet_skip_time_act=True,
+                      resnet_out_scale_factor=1 / 0.7071, mid_block_scale_factor=1 / 0.7071,
+                      only_cross_attention=True, norm_num_groups=8),
     # mixed: plain, transformer and added-K/V blocks; noise level as a "timestep" class label (IF stage
     # II's embedding, without its class_embeddings_concat); own time width; scaled middle
     "mixed": dict(block_out_channels=(16, 32, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
@@ -202,10 +216,9 @@ def test_unsupported_diffusers_option_is_an_error_naming_the_key(key, value):
         _unet_config_from_diffusers(config)
 
 
-def test_if_stage2_config_is_refused_by_name():
-    """IF stage II's UNet conditions on the noise level of its augmented low-resolution input
-    through class_embed_type="timestep" concatenated to the time embedding: the concatenation is not
-    built here, so its conversion names class_embeddings_concat."""
+def test_concatenated_class_embedding_is_refused_by_name():
+    """A class embedding concatenated to the time embedding (``class_embeddings_concat``, doubling
+    the width the blocks take) is not built here: converting it names the key."""
     torch.manual_seed(0)
     theirs = diffusers.UNet2DConditionModel(sample_size=8, **dict(
         CONFIGS["glide"], class_embed_type="timestep", projection_class_embeddings_input_dim=None,
