@@ -198,6 +198,35 @@ def test_config_round_trips_through_diffusers():
         assert from_diffusers(back).config == ours.config
 
 
+def test_saved_folders_load_with_load_pretrained(tmp_path):
+    """A diffusers folder (config.json with every key diffusers writes, safetensors) of an IF-like UNet
+    and of unCLIP's text projection loads into our classes with the same outputs."""
+    from diffusion_core.interop import load_pretrained
+
+    theirs, _ = _pair("if")
+    theirs.save_pretrained(tmp_path / "unet")
+    ours = load_pretrained(tmp_path, subfolder="unet").eval()
+    g = torch.Generator().manual_seed(2)
+    x, ctx, labels = _inputs(theirs, g)
+    with torch.no_grad():
+        assert rel_error(theirs(x, 7, ctx).sample, ours(x, 7, ctx)) <= TOL
+
+    try:
+        from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel as TheirProj
+    except ImportError:
+        from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel as TheirProj
+    proj = TheirProj(clip_extra_context_tokens=2, clip_embeddings_dim=8, time_embed_dim=12, cross_attention_dim=6)
+    perturb(proj, 9)
+    proj.save_pretrained(tmp_path / "text_proj")
+    loaded = load_pretrained(tmp_path / "text_proj")
+    assert isinstance(loaded, UnCLIPTextProjModel)
+    kw = dict(image_embeddings=torch.randn(1, 8), prompt_embeds=torch.randn(2, 8),
+              text_encoder_hidden_states=torch.randn(2, 3, 8), do_classifier_free_guidance=True)
+    with torch.no_grad():
+        for a, b in zip(proj(**kw), loaded(**kw)):
+            assert rel_error(a, b) <= TOL
+
+
 @pytest.mark.parametrize("key, value", [
     ("class_embeddings_concat", True),  # IF stage II: the noise level's embedding concatenated
     ("addition_embed_type", "text_time"),  # SDXL
