@@ -104,6 +104,36 @@ def test_pixel_text_unet_matches_diffusers(name):
     assert rel_error(a, b) <= TOL
 
 
+@pytest.mark.parametrize("norm, only_cross", [(None, False), ("group_norm", False), ("layer_norm", False),
+                                              ("group_norm", True)])
+def test_added_kv_attention_matches_diffusers(norm, only_cross):
+    """One attention layer of the family against diffusers' Attention with AttnAddedKVProcessor2_0:
+    text keys/values before the image's, a normed text, a text mask (not with only_cross_attention,
+    where diffusers pads the mask for image keys that are not there)."""
+    from diffusers.models.attention_processor import Attention as TheirAttention
+    from diffusers.models.attention_processor import AttnAddedKVProcessor2_0
+
+    from diffusion_core.models.attention import Attention
+
+    torch.manual_seed(0)
+    kw = dict(heads=4, dim_head=8, bias=True, norm_num_groups=8, added_kv_proj_dim=32, only_cross_attention=only_cross,
+              cross_attention_norm=norm)
+    theirs = TheirAttention(32, cross_attention_dim=32, upcast_softmax=True, processor=AttnAddedKVProcessor2_0(), **kw)
+    perturb(theirs, 1)
+    ours = Attention(32, residual_connection=True, **kw)
+    ours.load_state_dict(theirs.state_dict())
+    g = torch.Generator().manual_seed(2)
+    h, c = torch.randn(2, 32, 4, 4, generator=g), torch.randn(2, 6, 32, generator=g)
+    keep = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    with torch.no_grad():
+        assert rel_error(theirs(h, c), ours(h, c)) <= TOL
+        if not only_cross:
+            bias = ((1 - keep.float()) * -10000.0)[:, None]  # as UNet2DConditionModel makes it
+            a = theirs(h, c, attention_mask=bias)
+            assert rel_error(a, ours(h, c, attention_mask=keep.bool()[:, None, None])) <= TOL
+            assert rel_error(a, ours(h, c, attention_mask=bias[:, None])) <= TOL  # an additive bias works too
+
+
 @pytest.mark.parametrize("name", ["glide", "karlo"])
 def test_attention_mask_over_padded_text_matches_diffusers(name):
     theirs, ours = _pair(name, seed=3)
