@@ -31,6 +31,7 @@ DIFFUSERS: dict[str, str] = {
     "DDIMScheduler": "diffusion_core.schedulers:from_diffusers_ddim_scheduler",
     "T2IAdapter": "diffusion_core.models.t2i_adapter:from_diffusers_t2i_adapter",
     "MultiAdapter": "diffusion_core.models.t2i_adapter:from_diffusers_multi_adapter",
+    "UnCLIPTextProjModel": "diffusion_core.models.unclip:from_diffusers_unclip_text_proj",
 }
 
 # transformers class name -> "module:function(obj) -> diffusion_core object"
@@ -156,6 +157,24 @@ def _check_loading_info(folder: Path, name: str, info: Mapping[str, Any]) -> Non
                       f"{listed(unexpected)}", stacklevel=3)
 
 
+# diffusers classes that its top level does not export: where they live (newest diffusers last)
+_DIFFUSERS_CLASS_MODULES: dict[str, tuple[str, ...]] = {
+    "UnCLIPTextProjModel": ("diffusers.pipelines.unclip.text_proj", "diffusers.pipelines.deprecated.unclip.text_proj"),
+}
+
+
+def _diffusers_class(diffusers: Any, name: str) -> Any:
+    """The diffusers class called ``name`` (its top level, or the modules listed above), or None."""
+    if hasattr(diffusers, name):
+        return getattr(diffusers, name)
+    for module in _DIFFUSERS_CLASS_MODULES.get(name, ()):
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
 def load_pretrained(path: str | Path, subfolder: str | None = None) -> Any:
     """Load a diffusers or transformers model folder saved on disk (``config.json`` + safetensors)
     and return the equivalent diffusion_core module with the same weights.
@@ -179,9 +198,9 @@ def load_pretrained(path: str | Path, subfolder: str | None = None) -> Any:
         import diffusers
 
         name = config["_class_name"]
-        if name not in DIFFUSERS or not hasattr(diffusers, name):
+        cls = _diffusers_class(diffusers, name) if name in DIFFUSERS else None
+        if cls is None:
             raise TypeError(f"{folder} holds a diffusers {name}; loadable: {', '.join(sorted(DIFFUSERS))}")
-        cls = getattr(diffusers, name)
         if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):  # a scheduler: no weights
             return from_diffusers(cls.from_pretrained(str(folder)))
         # low_cpu_mem_usage=False: the weights are loaded into a built model, so a missing one is
