@@ -9,7 +9,7 @@ loop produces:
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, t), t, x, generator=g).prev_sample
 
-What diffusers does, in this book's terms (read from diffusers 0.42; ``thresholding=False``):
+What diffusers does, in this book's terms (read from diffusers 0.42):
 
 * The process. alpha_bar is diffusers' ``alphas_cumprod`` (a float32 cumulative product of its
   float32 betas); our float64 process is built from those very numbers, beta_t = 1 - alpha_bar_t /
@@ -25,15 +25,21 @@ What diffusers does, in this book's terms (read from diffusers 0.42; ``threshold
   beta_tilde_1 substitute at the end), "learned_range" interpolates their logs (Improved DDPM eq. 15).
   Noise is added whenever the *timestep* is > 0, so with "trailing" spacing or a ``steps_offset``
   the last step (timestep tau_0 > 0, landing on alpha_bar = 1) draws noise too: negligible for
-  fixed_small (std 1e-10), but std sqrt(1 - alpha_bar_{tau_0}) for fixed_large. x0_hat is clipped
-  to [-clip_sample_range, clip_sample_range] when ``clip_sample``.
+  fixed_small (std 1e-10), but std sqrt(1 - alpha_bar_{tau_0}) for fixed_large.
+* x0_hat, in both schedulers: with ``thresholding=True``, Imagen's dynamic thresholding with
+  q = ``dynamic_thresholding_ratio`` and s capped at ``sample_max_value`` (which takes precedence
+  over ``clip_sample``; see :mod:`diffusion_core.process.thresholding` for how this relates to the
+  paper's rule); else clipped to [-clip_sample_range, clip_sample_range] when ``clip_sample``. The
+  equivalents hold this choice as one :class:`Threshold` (``.threshold``). DeepFloyd IF stage I's
+  scheduler (learned_range, squaredcos_cap_v2, thresholding with ratio 0.95 and sample_max_value
+  1.5) is therefore converted exactly.
 * DDIMScheduler steps from t to t - T // K whatever the spacing ("linspace" and "trailing" lists
   then need not step to the next listed timestep), lands on alpha_bar = 1 at the end (or on
   alpha_bar_0 when ``set_alpha_to_one=False``), and by default keeps the network's own eps_hat after
   clipping x0_hat (``use_clipped_model_output=False``), unlike :func:`ddim_sample`, which re-derives
   it. When eta > 0 it draws noise at every step.
 
-Not supported (a clear error): ``thresholding=True`` (see chapter 13), ``rescale_betas_zero_snr``
+Not supported (a clear error): ``rescale_betas_zero_snr``
 (beta_T = 1 lies outside GaussianDiffusion), and the variance types "learned" and
 "fixed_large_log" (the latter takes the square root of a log variance in diffusers' step).
 """
@@ -42,7 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +57,7 @@ from tqdm.auto import tqdm
 from .process.gaussian import GaussianDiffusion, randn_like
 from .process.respacing import space_timesteps
 from .process.schedules import ScheduleError
+from .process.thresholding import Threshold
 from .samplers.ddim import check_eta, ddim_sigma, ddim_step, x0_eps_from_prediction
 
 PREDICTION_FROM_DIFFUSERS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -64,9 +71,6 @@ ModelFn = Callable[..., torch.Tensor]
 def diffusion_from_scheduler(scheduler: Any, variance: str = "fixed_small") -> GaussianDiffusion:
     """The GaussianDiffusion whose alpha_bar is the scheduler's ``alphas_cumprod`` (in float64)."""
     cfg = scheduler.config
-    if cfg.get("thresholding", False):
-        raise NotImplementedError("thresholding=True (dynamic thresholding) is not converted; chapter 13 "
-                                  "implements it as a denoised_fn")
     if cfg.get("prediction_type") not in PREDICTION_FROM_DIFFUSERS:
         raise ValueError(f"unknown prediction_type {cfg.get('prediction_type')!r}; "
                          f"expected one of {tuple(PREDICTION_FROM_DIFFUSERS)}")
@@ -100,13 +104,13 @@ def _noise_source(generator: torch.Generator | None, noises: Sequence[torch.Tens
 
 @dataclass
 class DiffusersEquivalent:
-    """A diffusers scheduler's process (``diffusion``, T steps) and its timestep and clipping options."""
+    """A diffusers scheduler's process (``diffusion``, T steps), its timestep options, and what it does
+    to x0_hat (``threshold``: diffusers' default clips it to [-1, 1])."""
 
     diffusion: GaussianDiffusion
     timestep_spacing: str = "leading"
     steps_offset: int = 0
-    clip_sample: bool = True
-    clip_sample_range: float = 1.0
+    threshold: Threshold = field(default_factory=lambda: Threshold("static"))
 
     def timesteps(self, steps: int | None = None) -> torch.Tensor:
         """The training timesteps of a K-step run in sampling order (descending), as diffusers' list."""
@@ -117,9 +121,8 @@ class DiffusersEquivalent:
         return space_timesteps(T, steps, kind, offset=self.steps_offset if kind == "leading" else 0).flip(0)
 
     def _x0_clipped(self, x0_hat: torch.Tensor) -> torch.Tensor:
-        if not self.clip_sample:
-            return x0_hat
-        return x0_hat.clamp(-self.clip_sample_range, self.clip_sample_range)
+        # none, clip to [-r, r], or dynamic thresholding (Imagen Sec. 2.3, diffusers' convention)
+        return self.threshold(x0_hat)
 
 
 @dataclass
@@ -230,8 +233,7 @@ def _options(scheduler: Any) -> dict[str, Any]:
     if spacing not in SPACING_FROM_DIFFUSERS:
         raise ValueError(f"unknown timestep_spacing {spacing!r}; expected one of {tuple(SPACING_FROM_DIFFUSERS)}")
     return {"timestep_spacing": spacing, "steps_offset": int(cfg.get("steps_offset", 0)),
-            "clip_sample": bool(cfg.get("clip_sample", True)),
-            "clip_sample_range": float(cfg.get("clip_sample_range", 1.0))}
+            "threshold": Threshold.from_diffusers_config(cfg)}
 
 
 def from_diffusers_ddpm_scheduler(scheduler: Any) -> DDPMEquivalent:
