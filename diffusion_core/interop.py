@@ -67,6 +67,13 @@ FROM_CONFIG: dict[str, str] = {
     "CLIPModel": "diffusion_core.models.clip:clip_model_from_transformers_config",
 }
 
+# scheduler class name in a scheduler_config.json -> "module:function(config: dict) -> our equivalent"
+# (no weights to load)
+SCHEDULERS_FROM_CONFIG: dict[str, str] = {
+    "DDPMScheduler": "diffusion_core.schedulers:ddpm_from_diffusers_config",
+    "DDIMScheduler": "diffusion_core.schedulers:ddim_from_diffusers_config",
+}
+
 # class name -> "module:function(model, state_dict, *, what) -> model", a strict loader for files whose
 # keys need a harmless adjustment first (CLIP: stale position_ids buffers, a bare tower's missing
 # prefix); classes not listed load with load_state_dict itself
@@ -259,10 +266,11 @@ def load_folder_weights(model: nn.Module, folder: str | Path, *, variant: str | 
     return (loader or load_state_dict)(model, state, what=str(index_file or files[0]))
 
 
-def load_pretrained(path: str | Path, subfolder: str | None = None, *, variant: str | None = None) -> nn.Module:
+def load_pretrained(path: str | Path, subfolder: str | None = None, *, variant: str | None = None) -> Any:
     """Load a diffusers or transformers model folder saved on disk (``config.json`` + safetensors,
     sharded or not) into the equivalent diffusion_core module, in eval mode, with neither library
-    imported.
+    imported; or a diffusers scheduler folder (``scheduler_config.json``: DDPM, DDIM) into its
+    equivalent (:mod:`diffusion_core.schedulers`).
 
     The folder's ``config.json`` says which class it holds (diffusers: ``_class_name``; transformers:
     ``architectures``); :data:`FROM_CONFIG` builds our module from that config dict (with the same
@@ -276,8 +284,16 @@ def load_pretrained(path: str | Path, subfolder: str | None = None, *, variant: 
     """
     folder = Path(path) / subfolder if subfolder else Path(path)
     config_file = folder / "config.json"
+    if not config_file.is_file() and (folder / "scheduler_config.json").is_file():
+        config = read_config(folder / "scheduler_config.json")
+        name = config.get("_class_name")
+        if name not in SCHEDULERS_FROM_CONFIG:
+            raise TypeError(f"{folder} holds a diffusers scheduler {name}, which has no converter here; "
+                            f"loadable: {', '.join(sorted(SCHEDULERS_FROM_CONFIG))}")
+        return _resolve(SCHEDULERS_FROM_CONFIG[name])(config)
     if not config_file.is_file():
-        parts = [p.name for p in sorted(folder.iterdir()) if (p / "config.json").is_file()] if folder.is_dir() else []
+        parts = [p.name for p in sorted(folder.iterdir())
+                 if (p / "config.json").is_file() or (p / "scheduler_config.json").is_file()] if folder.is_dir() else []
         hint = (f"it is a pipeline folder: pass subfolder= one of {', '.join(parts)}" if parts
                 else "for a pipeline folder pass subfolder='unet' (or 'vae', ...)")
         raise FileNotFoundError(f"no config.json in {folder}; {hint}")

@@ -47,13 +47,37 @@ def _inputs(name: str) -> dict[str, torch.Tensor]:
         return {"img": torch.randn(1, 3, 16, 16, generator=g), "z": torch.randn(1, 4, 8, 8, generator=g)}
     if name == "t2i_adapter":
         return {"cond": torch.rand(2, 3, 32, 32, generator=g)}
+    if name.startswith("scheduler"):
+        return {"x": torch.randn(2, 3, 8, 8, generator=g)}
     ids = torch.tensor([[5, 6, 7, 99, 0, 0], [9, 8, 99, 1, 1, 1]])
     pix = torch.randn(2, 3, 16, 16, generator=g)
     return {"ids": ids, "pix": pix}
 
 
+MIX = torch.randn(6, 3, generator=torch.Generator().manual_seed(11))
+
+
+def six_channel_model(x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    """A fixed random map of (x, t) to eps (3 channels, up to +-2: x0_hat well outside [-1, 1]) and
+    the learned-range variance v (3 channels in [-1, 1]), as DeepFloyd IF stage I's UNet outputs."""
+    t = torch.as_tensor(t).reshape(-1, 1, 1, 1).to(x.dtype)
+    h = torch.einsum("oc,bchw->bohw", MIX.to(x.dtype), x) * (1.0 + torch.cos(t / 150.0))
+    return torch.cat([2.0 * torch.tanh(h[:, :3] - 0.3), torch.tanh(h[:, 3:] + 0.1)], dim=1)
+
+
 def _build_reference(name: str):
     torch.manual_seed(0)
+    if name == "scheduler_if_stage1":
+        import diffusers
+
+        return diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range",
+                                       thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5,
+                                       clip_sample=False)
+    if name == "scheduler_ddim":
+        import diffusers
+
+        return diffusers.DDIMScheduler(beta_schedule="scaled_linear", thresholding=True, sample_max_value=2.0,
+                                       timestep_spacing="trailing")
     if name.startswith("unet_cond") or name == "controlnet":
         import diffusers
 
@@ -100,6 +124,17 @@ def _build_reference(name: str):
 
 
 def _reference_outputs(name: str, model, inp: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    if name.startswith("scheduler"):  # diffusers' loop, 10 steps, noise from a seeded generator
+        x, g, out = inp["x"], torch.Generator().manual_seed(3), []
+        model.set_timesteps(10)
+        for t in model.timesteps:
+            output = six_channel_model(x, t)
+            if name == "scheduler_ddim":
+                x = model.step(output[:, :3], t, x, eta=1.0, generator=g).prev_sample
+            else:
+                x = model.step(output, t, x, generator=g).prev_sample
+            out.append(x)
+        return out
     with torch.no_grad():
         if name.startswith("unet_cond"):
             return [model(inp["x"], inp["t"], encoder_hidden_states=inp["ctx"]).sample]
@@ -124,6 +159,14 @@ def _reference_outputs(name: str, model, inp: dict[str, torch.Tensor]) -> list[t
 
 def _our_outputs(name: str, model, inp: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """The same outputs from our module (run in the subprocess without diffusers/transformers)."""
+    if name.startswith("scheduler"):
+        g = torch.Generator().manual_seed(3)
+        if name == "scheduler_ddim":
+            _, traj = model.sample(lambda x, t: six_channel_model(x, t)[:, :3], inp["x"], 10, 1.0, generator=g,
+                                   keep_every=1)
+        else:
+            _, traj = model.sample(six_channel_model, inp["x"], 10, generator=g, keep_every=1)
+        return traj[1:]
     with torch.no_grad():
         if name.startswith("unet_cond"):
             return [model(inp["x"], inp["t"], encoder_hidden_states=inp["ctx"])]
@@ -152,6 +195,7 @@ OUR_CLASSES = {
     "clip_text": "CLIPTextModel", "clip_text_legacy_eos": "CLIPTextModel",
     "clip_text_projection": "CLIPTextModelWithProjection", "clip_vision": "CLIPVisionModel",
     "clip_vision_projection": "CLIPVisionModelWithProjection", "clip": "CLIPModel", "clip_sharded": "CLIPModel",
+    "scheduler_if_stage1": "DDPMEquivalent", "scheduler_ddim": "DDIMEquivalent",
 }
 CASES = list(OUR_CLASSES)
 
@@ -160,8 +204,13 @@ def _save(name: str, folder: Path) -> list[torch.Tensor]:
     """Save the reference model of ``name`` into ``folder`` (with its inputs); return its outputs."""
     from safetensors.torch import save_file
 
-    model = _perturb(_build_reference(name), seed=len(name))
     inp = _inputs(name)
+    if name.startswith("scheduler"):
+        scheduler = _build_reference(name)
+        scheduler.save_config(str(folder))
+        save_file(inp, str(folder / "inputs.safetensors"))
+        return _reference_outputs(name, scheduler, inp)
+    model = _perturb(_build_reference(name), seed=len(name))
     kw = {}
     if name.endswith("_sharded"):
         kw["max_shard_size"] = "20KB"
@@ -183,9 +232,10 @@ def load_all_ours(root: str) -> None:
         model = interop.load_pretrained(folder, variant="fp16" if name == "unet2d_fp16" else None)
         inp = load_file(str(folder / "inputs.safetensors"))
         outs = _our_outputs(name, model, inp)
+        is_module = isinstance(model, torch.nn.Module)
         save_file({str(i): o.contiguous() for i, o in enumerate(outs)}, str(folder / "ours.safetensors"),
-                  metadata={"class": type(model).__name__, "training": str(model.training),
-                            "dtype": str(next(model.parameters()).dtype)})
+                  metadata={"class": type(model).__name__, "training": str(model.training) if is_module else "False",
+                            "dtype": str(next(model.parameters()).dtype) if is_module else "torch.float32"})
     for lib in ("diffusers", "transformers"):
         assert sys.modules.get(lib) is None, f"{lib} was imported"
 

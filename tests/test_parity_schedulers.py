@@ -361,3 +361,40 @@ def test_ddim_with_if_thresholding_matches_diffusers_in_float32():
         ref = diffusers_loop(s, fn, x, 50, seed=16, eta=eta)
         _, ours = from_diffusers(s).sample(fn, x, 50, eta, generator=torch.Generator().manual_seed(16), keep_every=1)
         assert max_rel_diff(ours[1:], ref) < 1e-5, eta
+
+
+CONFIG_OPTIONS = [{}, {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+                  {"beta_schedule": "squaredcos_cap_v2"}, {"num_train_timesteps": 37},
+                  {"trained_betas": [0.01, 0.02, 0.05, 0.1, 0.2]}]
+
+
+@pytest.mark.parametrize("cls,options", [(DDPMScheduler, o) for o in [*CONFIG_OPTIONS, {"beta_schedule": "sigmoid"}]]
+                         + [(DDIMScheduler, o) for o in CONFIG_OPTIONS])
+def test_alpha_bar_from_a_config_dict_is_the_schedulers_own(cls, options):
+    """A scheduler_config.json alone (no diffusers) gives diffusers' float32 alphas_cumprod bit for bit,
+    and so the same equivalent as the object."""
+    from diffusion_core.schedulers import (
+        ddim_from_diffusers_config,
+        ddpm_from_diffusers_config,
+        diffusers_alpha_bar,
+    )
+
+    s = cls(**options, thresholding=True, set_alpha_to_one=False) if cls is DDIMScheduler else cls(**options)
+    assert torch.equal(diffusers_alpha_bar(dict(s.config)), s.alphas_cumprod)
+    from_config = (ddpm_from_diffusers_config if cls is DDPMScheduler else ddim_from_diffusers_config)(dict(s.config))
+    from_object = from_diffusers(s)
+    assert torch.equal(from_config.diffusion.alpha_bar, from_object.diffusion.alpha_bar)
+    fields = ("threshold", "timestep_spacing", "steps_offset", "variance_type", "final_alpha_bar")
+    assert [getattr(from_config, f, None) for f in fields] == [getattr(from_object, f, None) for f in fields]
+
+
+def test_config_dicts_refuse_what_objects_refuse():
+    from diffusion_core.process import ScheduleError
+    from diffusion_core.schedulers import ddpm_from_diffusers_config
+
+    with pytest.raises(ScheduleError, match="zero terminal"):
+        ddpm_from_diffusers_config({"rescale_betas_zero_snr": True})
+    with pytest.raises(NotImplementedError, match="beta_schedule 'laplace'"):
+        ddpm_from_diffusers_config({"beta_schedule": "laplace"})
+    with pytest.raises(NotImplementedError, match="fixed_large_log"):
+        ddpm_from_diffusers_config({"variance_type": "fixed_large_log"})
