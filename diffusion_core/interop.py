@@ -48,6 +48,8 @@ TRANSFORMERS: dict[str, str] = {
     "CLIPVisionModel": "diffusion_core.models.clip:vision_model_from_transformers",
     "CLIPVisionModelWithProjection": "diffusion_core.models.clip:vision_model_with_projection_from_transformers",
     "CLIPModel": "diffusion_core.models.clip:clip_model_from_transformers",
+    "BertModel": "diffusion_core.models.bert:bert_from_transformers",
+    "T5EncoderModel": "diffusion_core.models.t5:t5_encoder_from_transformers",
 }
 
 

@@ -26,6 +26,7 @@ PRESETS: dict[str, str] = {
     "clip-vit-l14": "diffusion_core.models.clip:clip_vit_l14",
     "t2i-adapter-sd15": "diffusion_core.models.t2i_adapter:t2i_adapter_sd15",
     "ip-adapter-sd15": "diffusion_core.models.ip_adapter:ip_adapter_sd15",
+    "t5-v1_1-xxl-encoder": "diffusion_core.models.t5:t5_v1_1_xxl_encoder",
 }
 
 

@@ -85,6 +85,12 @@ RECIPES: dict[str, Recipe | str] = {
     "shapes-ip-concat": "diffusion_core.recipes.ip_adapter:IP_CONCAT",
     "faces-identity": "diffusion_core.evaluate.identity:FACES_IDENTITY",
     "faces-identity-judge": "diffusion_core.evaluate.identity:FACES_IDENTITY_JUDGE",
+    "faces-vae-f4": "diffusion_core.recipes.faces:FACES_VAE",
+    "faces-ldm-t2i": "diffusion_core.recipes.faces:FACES_T2I",
+    "faces-evaluator": "diffusion_core.evaluate.faces:FACES_EVALUATOR",
+    "faces-clip": "diffusion_core.recipes.faces:FACES_CLIP",
+    "faces-instantid": "diffusion_core.recipes.instantid:INSTANTID",
+    "faces-ip-clip": "diffusion_core.recipes.instantid:IP_CLIP",
 
 }
 

@@ -55,3 +55,18 @@ def test_unknown_preset_error_names_the_known_ones():
     message = str(info.value)
     assert "ddpm-cifar100" in message
     assert "ddpm-cifar10" in message and "ddpm-256" in message
+
+
+def test_t5_xxl_encoder_preset_counts_the_public_checkpoint_on_meta():
+    from diffusion_core.models.t5 import T5EncoderModel
+
+    model = presets.build("t5-v1_1-xxl-encoder", device="meta")
+    assert isinstance(model, T5EncoderModel)
+    # google/t5-v1_1-xxl's encoder (DeepFloyd IF's text_encoder): the 32128 x 4096 embedding is
+    # `shared` and `encoder.embed_tokens` at once, counted once
+    assert model.encoder.embed_tokens is model.shared
+    assert presets.count_parameters(model) == 4_762_310_656
+    per_block = 4 * 4096 * 4096 + 3 * 4096 * 10240 + 2 * 4096  # q, k, v, o; wi_0, wi_1, wo; two norms
+    assert presets.count_parameters(model.encoder.block[1]) == per_block
+    assert 32128 * 4096 + 24 * per_block + 32 * 64 + 4096 == 4_762_310_656  # + relative bias + final norm
+    assert all(p.is_meta for p in model.parameters()), "a meta build must allocate no memory"

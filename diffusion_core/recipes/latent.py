@@ -253,8 +253,11 @@ def vae_statistics(vae: AutoencoderKL, images: torch.Tensor, batch: int = 250, s
             "sigma_mean": torch.cat(sig).mean().item()}
 
 
-def train_vae(vae: AutoencoderKL, c: dict[str, Any], p: Profile, progress: bool = True) -> dict[str, Any]:
-    data = training_set(p)
+def train_vae(vae: AutoencoderKL, c: dict[str, Any], p: Profile, progress: bool = True,
+              data: TrainingSet | None = None, heldout: torch.Tensor | None = None) -> dict[str, Any]:
+    """Train ``vae`` by the recipe ``c`` on ``data`` (default: the shapes :func:`training_set`) and
+    report its statistics on ``heldout`` images (default: 500 held-out scenes)."""
+    data = training_set(p) if data is None else data
     g = torch.Generator(device=p.device).manual_seed(c["seed"])
     torch.manual_seed(c["seed"])
 
@@ -270,7 +273,8 @@ def train_vae(vae: AutoencoderKL, c: dict[str, Any], p: Profile, progress: bool 
     tail = res.losses[-50:]
     out = {"final_loss": round(sum(tail) / len(tail), 5), "train_seconds": round(res.seconds, 1),
            "latent_scale": scale}
-    out.update({k: round(v, 5) for k, v in vae_statistics(vae, heldout_images(p, 500)).items()})
+    heldout = heldout_images(p, 500) if heldout is None else heldout
+    out.update({k: round(v, 5) for k, v in vae_statistics(vae, heldout).items()})
     return out
 
 
@@ -570,9 +574,11 @@ def t2i_unet_config(c: dict[str, Any]) -> CondUNetConfig:
     )
 
 
-def build_t2i(c: dict[str, Any]) -> TextToImageUNet:
+def build_t2i(c: dict[str, Any], tok: WordTokenizer | None = None) -> TextToImageUNet:
+    """The text-to-image model of config ``c``: a caption transformer over ``tok``'s vocabulary
+    (default: the shapes world's, :func:`tokenizer_for`) and the UNet of :func:`t2i_unet_config`."""
     torch.manual_seed(c["seed"])
-    tok = tokenizer_for(c)
+    tok = tokenizer_for(c) if tok is None else tok
     text = CLIPTextConfig.tiny(vocab_size=tok.vocab_size, max_position_embeddings=c["context_length"],
                                hidden_size=c["text_width"], intermediate_size=2 * c["text_width"],
                                num_hidden_layers=c["text_layers"], num_attention_heads=T2I_HEADS,
@@ -612,9 +618,14 @@ def caption_batches(codes: LatentCodes, ids: torch.Tensor, batch_size: int, seed
 
 
 def _train_t2i(model: TextToImageUNet, c: dict[str, Any], p: Profile) -> dict[str, Any]:
-    data = training_set(p, c["max_objects"])
-    tok = tokenizer_for(c)
-    codes = LatentCodes(data.pixels, _vae_for(c["f"], p))
+    return train_t2i(model, c, p, training_set(p, c["max_objects"]), _vae_for(c["f"], p), tokenizer_for(c))
+
+
+def train_t2i(model: TextToImageUNet, c: dict[str, Any], p: Profile, data: TrainingSet, vae: AutoencoderKL,
+              tok: WordTokenizer) -> dict[str, Any]:
+    """Train a text-to-image model by the recipe ``c`` on the captioned images ``data`` in ``vae``'s
+    latent space (Algorithm 1 of Ho & Salimans: :func:`t2i_loss`); the store keeps the EMA weights."""
+    codes = LatentCodes(data.pixels, vae)
     ids = caption_ids(data, tok, c["paraphrases"])
     null_ids = tok.encode([NULL_CAPTION])[0]
     diffusion = diffusion_for(c)
