@@ -67,6 +67,8 @@ FROM_CONFIG: dict[str, str] = {
     "CLIPVisionModel": "diffusion_core.models.clip:vision_model_from_transformers_config",
     "CLIPVisionModelWithProjection": "diffusion_core.models.clip:vision_model_with_projection_from_transformers_config",
     "CLIPModel": "diffusion_core.models.clip:clip_model_from_transformers_config",
+    "BertModel": "diffusion_core.models.bert:bert_from_transformers_config",
+    "T5EncoderModel": "diffusion_core.models.t5:t5_encoder_from_transformers_config",
 }
 
 # scheduler class name in a scheduler_config.json -> "module:function(config: dict) -> our equivalent"
@@ -80,9 +82,11 @@ SCHEDULERS_FROM_CONFIG: dict[str, str] = {
 # keys need a harmless adjustment first (CLIP: stale position_ids buffers, a bare tower's missing
 # prefix); classes not listed load with load_state_dict itself
 CHECKPOINT_LOADERS: dict[str, str] = {
-    name: "diffusion_core.models.clip:load_clip_state_dict"
-    for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPVisionModel", "CLIPVisionModelWithProjection",
-                 "CLIPModel")
+    **{name: "diffusion_core.models.clip:load_clip_state_dict"
+       for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPVisionModel",
+                    "CLIPVisionModelWithProjection", "CLIPModel")},
+    "BertModel": "diffusion_core.models.bert:load_bert_state_dict",  # stale position_ids, a bert. prefix
+    "T5EncoderModel": "diffusion_core.models.t5:load_t5_state_dict",  # the tied embedding stored once
 }
 
 

