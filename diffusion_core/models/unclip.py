@@ -91,16 +91,26 @@ class UnCLIPTextProjModel(nn.Module):
         return torch.cat([extra, tokens], dim=1), time_addition
 
 
+def unclip_text_proj_from_diffusers_config(c: Any) -> UnCLIPTextProjModel:
+    """A fresh ``UnCLIPTextProjModel`` of a diffusers config (``model.config`` or a config.json dict)."""
+    def get(key: str) -> Any:
+        value = c.get(key) if isinstance(c, dict) else getattr(c, key, None)
+        if value is None:
+            raise ValueError(f"UnCLIPTextProjModel config: {key} is missing")
+        return value
+
+    return UnCLIPTextProjModel(clip_extra_context_tokens=get("clip_extra_context_tokens"),
+                               clip_embeddings_dim=get("clip_embeddings_dim"), time_embed_dim=get("time_embed_dim"),
+                               cross_attention_dim=get("cross_attention_dim"))
+
+
 def from_diffusers_unclip_text_proj(model: Any) -> UnCLIPTextProjModel:
     """Convert a diffusers ``UnCLIPTextProjModel`` into ours with the same weights (strict)."""
     from ..interop import load_state_dict
 
-    c = model.config
     p = next(model.parameters())
     with torch.device(p.device):
-        ours = UnCLIPTextProjModel(clip_extra_context_tokens=c.clip_extra_context_tokens,
-                                   clip_embeddings_dim=c.clip_embeddings_dim, time_embed_dim=c.time_embed_dim,
-                                   cross_attention_dim=c.cross_attention_dim).to(p.dtype)
+        ours = unclip_text_proj_from_diffusers_config(dict(model.config)).to(p.dtype)
     return load_state_dict(ours, model.state_dict(), what="diffusers UnCLIPTextProjModel")
 
 

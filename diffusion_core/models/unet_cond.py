@@ -983,13 +983,22 @@ _FAMILY_NUMBERS = {  # key: diffusers' default (any value is built)
 }
 
 
-def _unet_config_from_diffusers(c: Mapping[str, Any], what: str = "UNet2DConditionModel",
-                                out_channels: int | None = None) -> CondUNetConfig:
-    """Our config from a diffusers ``UNet2DConditionModel`` (or ``ControlNetModel``) config; anything this
+# UNet2DConditionModel's own defaults, for the keys a config.json must otherwise carry (diffusers 0.2x-0.4x)
+_DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
+    in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    cross_attention_dim=1280,
+)
+
+
+def unet_config_from_diffusers(c: Mapping[str, Any], what: str = "UNet2DConditionModel",
+                               out_channels: int | None = None) -> CondUNetConfig:
+    """Our config from a diffusers ``UNet2DConditionModel`` (or ``ControlNetModel``) config
+    (``model.config`` or a config.json dict; missing keys take diffusers' defaults); anything this
     package does not implement is a ValueError that names the config key (e.g. IF stage II's
     ``class_embeddings_concat=True``). A ControlNet config has no up blocks: they mirror the down
     blocks (the ControlNet never builds them); the ControlNet refuses the GLIDE/IF options."""
-    c = dict(c)
+    c = {**_DIFFUSERS_DEFAULTS, **dict(c)}
     if c.get("encoder_hid_dim_type") == "ip_image_proj" and c.get("encoder_hid_dim") is None:
         c["encoder_hid_dim_type"] = None  # IP-Adapters loaded: the converter attaches them
     if c.get("encoder_hid_dim") is not None and c.get("encoder_hid_dim_type") is None:
@@ -1046,6 +1055,14 @@ def _unet_config_from_diffusers(c: Mapping[str, Any], what: str = "UNet2DConditi
     )
 
 
+_unet_config_from_diffusers = unet_config_from_diffusers  # the name other modules used
+
+
+def unet_2d_condition_from_diffusers_config(config: Mapping[str, Any]) -> UNet2DCondition:
+    """An (untrained) :class:`UNet2DCondition` for a diffusers ``UNet2DConditionModel`` config dict."""
+    return UNet2DCondition(unet_config_from_diffusers(config))
+
+
 def from_diffusers_unet_2d_condition(model) -> UNet2DCondition:
     """Convert a diffusers ``UNet2DConditionModel`` (the SD 1.x/2.x family, optionally with
     ``num_class_embeds``, optionally with IP-Adapters loaded) into ours with the same weights,
@@ -1053,7 +1070,7 @@ def from_diffusers_unet_2d_condition(model) -> UNet2DCondition:
     the input's dtype."""
     from ..interop import load_state_dict
 
-    cfg = _unet_config_from_diffusers(model.config)
+    cfg = unet_config_from_diffusers(model.config)
     p = next(model.parameters())
     with torch.device(p.device):
         ours = UNet2DCondition(cfg)
