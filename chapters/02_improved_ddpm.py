@@ -55,6 +55,7 @@ if IN_COLAB:
                     "git+https://github.com/diffusion-from-the-papers/diffusion-from-the-papers"], check=True)
 
 # %%
+import inspect
 import math
 
 import matplotlib.pyplot as plt
@@ -307,6 +308,8 @@ assert abs((w_draw.double() * T * L_all[t_draw]).mean() / total - 1) < 0.01     
 # %%
 print(f"the bound's sum over t: {total:.3f} bits/dim; one-sample standard deviation: uniform t {sd_uniform:.2f}, "
       f"importance-sampled t {sd_importance:.4f} (near 0 by construction: the terms are exact)")
+print()
+print(inspect.getsource(ImportanceSampler.probs))
 
 # %% [markdown]
 # **Learning the variance.** Improved DDPM lets the network output, besides $\epsilon_\theta$, one
@@ -395,8 +398,16 @@ assert torch.allclose(grads["loss"][:, 1:], 1e-3 * grads["vb"][:, 1:])          
 # The network is called with the original $s_k$. Its $\epsilon$-prediction is still right (it only
 # depends on $x_t$ and $\bar\alpha_t$), and a learned variance still works: $v$ interpolates between the
 # new, much larger $\beta'_k$ and $\tilde\beta'_k$, so it rescales itself to the shorter process. A
-# fixed variance has to pick one end, and with few steps the two ends are far apart.
-#
+# fixed variance has to pick one end, and with few steps the two ends are far apart. In the package
+# (argument checks left out), `respace` is these three lines, and `space_timesteps(T, K, "uniform")`
+# rounds `linspace(0, T - 1, K)`:
+
+# %%
+respace_source = inspect.getsource(GaussianDiffusion.respace)
+print(respace_source.split('        """')[0] + "        ...  # checks; ts: the kept timesteps, sorted\n"
+      + respace_source[respace_source.index("        ab = self.alpha_bar[ts]"):])
+
+# %% [markdown]
 # **Check:** the respaced process has the same $\bar\alpha$ on the kept steps, calls the network with
 # the original timesteps, and its learned variance sits between its own $\tilde\beta'$ and $\beta'$.
 
