@@ -313,7 +313,7 @@ print(inspect.getsource(ImportanceSampler.probs))
 
 # %% [markdown]
 # **Learning the variance.** Improved DDPM lets the network output, besides $\epsilon_\theta$, one
-# number $v$ per dimension and interpolates *in the log domain* between the two bounds (their eq. 15):
+# number $v$ per dimension and interpolates *in the log domain* between the two fixed choices (their eq. 15):
 #
 # $$\Sigma_\theta(x_t, t) = \exp\big(v \log\beta_t + (1 - v)\log\tilde\beta_t\big).$$
 #
