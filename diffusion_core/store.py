@@ -329,17 +329,21 @@ def _load_distributed(r: Recipe, prof: Profile, config: dict[str, Any], key: str
                 found[0] = _read_cached(r, prof, config, key, path, target, verbose)
             return found[0] is not None
 
+        def read_rank0_file() -> Stored:
+            try:
+                return _read_cached(r, prof, config, key, path, target, False, strict=True)
+            except (ValueError, CheckpointMismatchError) as e:
+                raise RuntimeError(f"[store] rank {distributed.rank()} cannot read the file rank 0 checked or "
+                                   f"wrote ({e}); on several machines {ENV_VAR} must be a folder they all "
+                                   f"share") from e
+
         if distributed.run_on_main(cached_on_main):  # the others load the file rank 0 found valid
-            return found[0] if main else _read_cached(r, prof, config, key, path, target, False, strict=True)
+            return found[0] if main else read_rank0_file()
         model, metrics = _train(r, prof, config, verbose and main)
         distributed.run_on_main(lambda: _save(r, prof, config, key, path, model, metrics))  # the others wait
         if main:
             return Stored(model.to(target), r.name, prof.name, config, metrics, path, True)
-        try:
-            stored = _read_cached(r, prof, config, key, path, target, False, strict=True)
-        except ValueError as e:
-            raise RuntimeError(f"[store] rank {distributed.rank()} cannot read the file rank 0 wrote ({e}); under "
-                               f"several machines {ENV_VAR} must be a folder they all share") from e
+        stored = read_rank0_file()
         stored.trained_now = True
         return stored
 

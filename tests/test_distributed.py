@@ -4,6 +4,8 @@ writes to the model store."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -102,8 +104,10 @@ def _worker(rank: int, port: int, out: str, cache: str) -> None:
 
     out_dir = Path(out)
     result = {}
+    printed = io.StringIO()  # what this process prints: the bar (stderr) and the store's lines (stdout)
     # train() makes the process group itself from the torchrun-style environment
-    result["even"] = _state(_train_tiny(8, torch.float64, progress=True))
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        result["even"] = _state(_train_tiny(8, torch.float64, progress=True))
     result["world"] = D.world_size()
     result["uneven"] = _state(_train_tiny(7, torch.float64))      # 4 + 3 examples
     result["float32"] = _state(_train_tiny(8))
@@ -127,8 +131,10 @@ def _worker(rank: int, port: int, out: str, cache: str) -> None:
     store.save = recording_save
     _recipe()
     profile = Profile("smoke", torch.device("cpu"))
-    first = store.load("test-ddp-tiny", profile, verbose=rank == 0)
-    second = store.load("test-ddp-tiny", profile, verbose=rank == 0)
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        first = store.load("test-ddp-tiny", profile)
+        second = store.load("test-ddp-tiny", profile)
+    result["printed"] = printed.getvalue()
     result["store"] = {"first_trained": first.trained_now, "second_trained": second.trained_now,
                        "metrics": first.metrics, "second_metrics": second.metrics,
                        "weights": {k: v.clone() for k, v in first.model.state_dict().items()}}
@@ -222,6 +228,14 @@ def test_processes_are_bitwise_in_step(two_processes):
             assert all(torch.equal(a[k], b[k]) for k in a), (case, part)
 
 
+def test_only_rank_0_prints_the_bar_and_the_stores_lines(two_processes):
+    results, _, _ = two_processes
+    assert "training:" in results[0]["printed"] and "/4 [" in results[0]["printed"]   # the bar
+    assert "[store] test-ddp-tiny (smoke): training" in results[0]["printed"]
+    assert "[store] test-ddp-tiny (smoke): loaded" in results[0]["printed"]
+    assert results[1]["printed"] == ""
+
+
 def test_different_batches_on_different_processes_are_an_error(two_processes):
     results, _, _ = two_processes
     for r in results:
@@ -298,3 +312,13 @@ def test_without_torchrun_nothing_is_distributed(monkeypatch):
     with pytest.raises(RuntimeError, match="torchrun"):
         D.init("cpu")
     assert json.dumps(D.run_on_main(lambda: {"a": 1})) == '{"a": 1}'
+
+
+def test_store_command_lists_recipes_and_refuses_unknown_names(capsys):
+    from diffusion_core import store
+
+    assert store.main(["--list"]) == 0
+    assert "digits-ddpm" in capsys.readouterr().out.split()
+    with pytest.raises(SystemExit) as e:
+        store.main(["no-such-recipe"])
+    assert e.value.code == 2 and "unknown recipe(s) no-such-recipe" in capsys.readouterr().err
