@@ -55,6 +55,24 @@ def _train_tiny(batch_size: int, dtype: torch.dtype = torch.float32, progress: b
                  Profile("smoke", torch.device("cpu")), progress=progress)
 
 
+def _train_conditional():
+    """Classifier-free guidance's loss (chapter 06): labels dropped to the null class with a seeded
+    generator, then L_simple; float64, global batch 8."""
+    from diffusion_core.models.unet import UNet2D
+    from diffusion_core.recipes.digits import unet_config
+    from diffusion_core.recipes.guidance import digits_loss
+
+    torch.manual_seed(0)
+    model = UNet2D(unet_config(width=16, resolution=8, dropout=0.0, num_classes=11)).double()
+    diffusion = GaussianDiffusion.from_schedule("linear", 100)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 10
+    cfg = TrainConfig(steps=STEPS, lr=2e-3, warmup_steps=1, ema_decay=0.9)
+    res = train(model, lambda m, b: digits_loss(m, diffusion, b[0], b[1], 0.5, 10, g),
+                batches(_data(torch.float64), 8, 3, labels), cfg, Profile("smoke", torch.device("cpu")), progress=False)
+    return _state(res)
+
+
 class _WithUnused(torch.nn.Module):
     """A linear map and a parameter the loss never uses (its gradient stays None, in one process too)."""
 
@@ -112,6 +130,7 @@ def _worker(rank: int, port: int, out: str, cache: str) -> None:
     result["uneven"] = _state(_train_tiny(7, torch.float64))      # 4 + 3 examples
     result["float32"] = _state(_train_tiny(8))
     result["unused"] = _train_with_unused()
+    result["conditional"] = _train_conditional()
     # a batch stream that differs between processes is refused on every process
     try:
         train(_tiny_unet(), lambda m, x: m(x, torch.zeros(len(x))).square().mean(),
@@ -198,6 +217,14 @@ def test_uneven_shards_still_equal_one_process(two_processes):
         _assert_close(r["uneven"]["model"], ref["model"], rtol=1e-9, atol=1e-12)
         _assert_close(r["uneven"]["ema"], ref["ema"], rtol=1e-9, atol=1e-12)
         assert r["uneven"]["losses"] == pytest.approx(ref["losses"], rel=1e-12)
+
+
+def test_condition_dropout_is_sliced_from_the_global_draw_too(two_processes):
+    results, _, _ = two_processes
+    ref = _train_conditional()
+    for r in results:
+        _assert_close(r["conditional"]["model"], ref["model"], rtol=1e-9, atol=1e-12)
+        assert r["conditional"]["losses"] == pytest.approx(ref["losses"], rel=1e-12)
 
 
 def test_float32_training_equals_one_process_up_to_rounding(two_processes):
