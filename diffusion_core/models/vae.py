@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import batch_randn
 from .attention import Attention
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -113,7 +114,7 @@ class DiagonalGaussian:
         """The reparameterisation ``z = mean + std * eps``, ``eps ~ N(0, I)``: differentiable in
         mean and std. ``generator`` may live on another device (e.g. a CPU generator)."""
         device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        eps = batch_randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
         return self.mean + self.std * eps.to(self.mean.device)
 
     def kl(self) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import batch_randint, batch_randn
 from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .schedules import check_betas, make_betas
 from .thresholding import ThresholdLike, resolve_threshold
@@ -171,9 +172,10 @@ class GaussianDiffusion:
         return self.timestep_map.to(t.device)[t]
 
     def sample_t(self, batch: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
-        """t ~ Uniform{0, ..., T-1}."""
+        """t ~ Uniform{0, ..., T-1}, one per example (under several processes, this process's rows of
+        the global batch's draw: :func:`diffusion_core.distributed.batch_randint`)."""
         gen_device = generator.device if generator is not None else "cpu"
-        return torch.randint(0, self.T, (batch,), generator=generator, device=gen_device).to(device)
+        return batch_randint(0, self.T, (batch,), generator=generator, device=gen_device).to(device)
 
     # ----------------------------------------------------------------------------- forward process q
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -339,7 +341,9 @@ class GaussianDiffusion:
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn from ``generator`` (on its own device) if given."""
+    """Standard normal noise shaped like x (a batch), drawn from ``generator`` (on its own device) if
+    given; under several processes, this process's rows of the global batch's noise
+    (:func:`diffusion_core.distributed.batch_randn`)."""
     if generator is None:
         return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    return batch_randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
