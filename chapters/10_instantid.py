@@ -216,8 +216,10 @@ print(*target.captions, sep="\n")
 # ## 5. Training InstantID and its baseline at one budget
 #
 # `faces-instantid` and `faces-ip-clip` are store recipes (`recipes.instantid`), trained on first use with
-# the same data, steps, batch, learning rate and dropout (caption, image and both dropped 5% of the time
-# each, IP-Adapter's rates: a caption here never names the person, so the image branch always has work).
+# the same data, steps, batch, learning rate and dropout: the image and both prompts dropped 5% of the time
+# each (IP-Adapter's rates) and the caption half of the time (ControlNet's rate: a faces caption names the
+# pose and tilt, and with the caption always there IdentityNet's landmarks have little left to teach; a first
+# version that dropped it 5% of the time had not moved the landmark error after half its training).
 # The baseline is chapter 09's IP-Adapter with the image embedding of a CLIP trained on these faces and
 # their captions (`faces-clip`, chapter 05's recipe); it has no IdentityNet. As both papers train, the
 # prompt is the training photo itself.

@@ -21,10 +21,13 @@ one budget (:func:`budget`), so that chapter 10 compares them at equal training 
   cross-attention; no IdentityNet. The same data, steps, batch, learning rate and dropout.
 
 As both papers train, the image prompt is the training image itself (its face embedding, or its CLIP
-embedding), and IdentityNet's landmarks are that image's own. Each example drops the caption (to the
-empty caption), the image prompt (to the zero embedding) or both with probability 0.05 each, IP-
-Adapter's rates: unlike the shapes world of chapter 09, a faces caption never names the identity, so
-the image branch has work to do whether or not the caption is there. ``W'_k, W'_v`` start as copies
+embedding), and IdentityNet's landmarks are that image's own. Each example drops the image prompt (to
+the zero embedding) or both prompts with probability 0.05 each (IP-Adapter's rates), and the caption
+alone (to the empty caption) half of the time, ControlNet's rate: a faces caption names the pose and
+tilt, so with the caption always there IdentityNet's landmarks have little left to teach. Version 1
+dropped the caption 5% of the time (a faces caption never names the person, so the image branch has
+work either way): after 750 of its 1,500 steps the landmark error of its samples had not moved from
+the base's (2.5 px against 0.6 px for real photos) and the identity similarity had reached 0.11. ``W'_k, W'_v`` start as copies
 of the base's ``W_k, W_v`` (chapter 09), IdentityNet as a copy of the base's encoder with zero
 convolutions (chapter 07).
 
@@ -71,8 +74,8 @@ GUIDANCE = 3.0                 # classifier-free guidance on the caption and the
 
 def budget(p: Profile) -> dict[str, Any]:
     """The training budget both adapters share (equal compute in chapter 10)."""
-    return {"steps": p.pick(smoke=24, cpu=1500, gpu=4000), "batch_size": p.pick(smoke=8, cpu=32, gpu=64),
-            "lr": 5e-4, "weight_decay": 0.01, "p_drop_text": 0.05, "p_drop_image": 0.05, "p_drop_both": 0.05,
+    return {"steps": p.pick(smoke=24, cpu=2000, gpu=5000), "batch_size": p.pick(smoke=8, cpu=32, gpu=64),
+            "lr": 5e-4, "weight_decay": 0.01, "p_drop_text": 0.5, "p_drop_image": 0.05, "p_drop_both": 0.05,
             "seed": 0, "eval_every": p.pick(smoke=12, cpu=250, gpu=500), "eval_n": p.pick(smoke=8, cpu=32, gpu=64),
             "eval_steps": p.pick(smoke=4, cpu=10, gpu=20)}
 
@@ -350,12 +353,12 @@ def recipe_name(kind: str) -> str:
 
 
 INSTANTID = register(Recipe(
-    recipe_name("instantid"), 1, _config("instantid"), build, _train,
+    recipe_name("instantid"), 2, _config("instantid"), build, _train,
     "InstantID on the locked faces-ldm-t2i: the frozen ArcFace face embedding through a Resampler to 4 tokens in "
     "decoupled cross-attention, and IdentityNet (a ControlNet on the landmark image whose cross-attention reads the "
-    "face tokens); caption, image and both dropped 5% each"))
+    "face tokens); caption dropped 50% of the time, image and both 5% each"))
 IP_CLIP = register(Recipe(
-    recipe_name("ip-clip"), 1, _config("ip-clip"), build, _train,
+    recipe_name("ip-clip"), 2, _config("ip-clip"), build, _train,
     "IP-Adapter on the locked faces-ldm-t2i with the faces CLIP's image embedding (4 tokens, decoupled "
     "cross-attention), at InstantID's budget"))
 RECIPES = {"instantid": INSTANTID, "ip-clip": IP_CLIP}
