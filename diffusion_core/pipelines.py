@@ -39,6 +39,7 @@ import torch
 
 from .models.clip import CLIPTextModel
 from .models.controlnet import ControlNet
+from .models.tokenizers import CLIPTokenizer
 from .models.unet_cond import UNet2DCondition
 from .models.vae import AutoencoderKL
 from .process.gaussian import GaussianDiffusion
@@ -113,17 +114,41 @@ class StableDiffusion:
     @classmethod
     def from_pretrained(cls, path: str | Path, tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
                         controlnet: ControlNet | None = None) -> StableDiffusion:
-        """The parts from a diffusers pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, and
-        ``scheduler/scheduler_config.json`` whose values configure our DDIM), each loaded with
-        :func:`~diffusion_core.interop.load_pretrained`. The tokenizer is CLIP's BPE by default."""
+        """The parts from a diffusers pipeline folder: ``unet/``, ``vae/``, ``text_encoder/`` (each with
+        :func:`~diffusion_core.interop.load_pretrained`), ``scheduler/scheduler_config.json`` (its values
+        configure our DDIM) and the tokenizer's ``tokenizer/merges.txt`` (:func:`clip_tokenizer_from_folder`;
+        without it, CLIP's BPE file of the ``open_clip_torch`` wheel)."""
         from .interop import load_pretrained, read_config
-        from .models.tokenizers import CLIPTokenizer
 
         path = Path(path)
         sched = path / "scheduler" / "scheduler_config.json"
-        return cls(tokenizer or CLIPTokenizer.from_default(), load_pretrained(path, "text_encoder"),
-                   load_pretrained(path, "unet"), load_pretrained(path, "vae"),
-                   ddim_scheduler(read_config(sched) if sched.is_file() else None), controlnet)
+        if tokenizer is None:
+            has_merges = (path / "tokenizer" / "merges.txt").is_file()
+            tokenizer = clip_tokenizer_from_folder(path / "tokenizer") if has_merges else CLIPTokenizer.from_default()
+        return cls(tokenizer, load_pretrained(path, "text_encoder"), load_pretrained(path, "unet"),
+                   load_pretrained(path, "vae"), ddim_scheduler(read_config(sched) if sched.is_file() else None),
+                   controlnet)
+
+
+def clip_tokenizer_from_folder(folder: str | Path) -> CLIPTokenizer:
+    """Our CLIP tokenizer from a transformers tokenizer folder (``merges.txt``; ``vocab.json``, when
+    present, must be the vocabulary our tokenizer derives from the merges; the context length is
+    ``tokenizer_config.json``'s ``model_max_length``, 77 by default). No transformers needed."""
+    import json
+
+    folder = Path(folder)
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+    merges = [line for line in lines[1:] if line.strip()]  # line 0 is the "#version" header
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    length = config.get("model_max_length", 77)
+    tok = CLIPTokenizer(folder / "merges.txt", context_length=length if isinstance(length, int) and length < 10**6 else 77,
+                        num_merges=len(merges))
+    vocab_file = folder / "vocab.json"
+    if vocab_file.is_file() and json.loads(vocab_file.read_text(encoding="utf-8")) != tok.encoder:
+        raise ValueError(f"{vocab_file} is not the vocabulary of CLIP's BPE built from {folder / 'merges.txt'} "
+                         "(bytes, bytes + </w>, one entry per merge, then <|startoftext|>, <|endoftext|>)")
+    return tok
 
 
 def _prompt_lists(prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None) -> tuple[list[str], list[str]]:
@@ -279,5 +304,5 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return (images / 2 + 0.5).clamp(0.0, 1.0)
 
 
-__all__ = ["SD15_SCHEDULER_CONFIG", "StableDiffusion", "ddim_scheduler", "encode_prompt", "initial_latents",
+__all__ = ["SD15_SCHEDULER_CONFIG", "StableDiffusion", "clip_tokenizer_from_folder", "ddim_scheduler", "encode_prompt", "initial_latents",
            "text_to_image", "to_unit_range"]

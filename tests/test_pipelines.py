@@ -282,3 +282,42 @@ def test_parts_that_do_not_fit_are_errors(parts, tokenizers):
         text_to_image(sd, PROMPTS, steps=2)
     with pytest.raises(ValueError, match="one image embedding tensor per adapter, got 2"):
         text_to_image(sd, PROMPTS, steps=2, ip_adapter_image_embeds=[torch.randn(2, 1, EMBED)] * 2)
+
+
+def _write_tokenizer_files(tokenizer, folder) -> None:
+    """vocab.json, merges.txt and tokenizer_config.json as a transformers CLIP tokenizer folder holds them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.encoder), encoding="utf-8")
+    merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                       encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": CONTEXT}), encoding="utf-8")
+
+
+def test_clip_tokenizer_from_folder_reads_merges_and_checks_the_vocabulary(tokenizers, tmp_path):
+    ours_tok, theirs_tok = tokenizers
+    _write_tokenizer_files(ours_tok, tmp_path)
+    tok_from_folder = pipelines.clip_tokenizer_from_folder(tmp_path)
+    assert tok_from_folder.context_length == CONTEXT and tok_from_folder.vocab_size == ours_tok.vocab_size
+    assert torch.equal(tok_from_folder(PROMPTS + NEGATIVES), ours_tok(PROMPTS + NEGATIVES))
+    vocab = dict(ours_tok.encoder)
+    vocab["a</w>"], vocab["b</w>"] = vocab["b</w>"], vocab["a</w>"]
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    with pytest.raises(ValueError, match="vocab.json is not the vocabulary"):
+        pipelines.clip_tokenizer_from_folder(tmp_path)
+
+
+def test_from_pretrained_loads_a_saved_pipeline_folder_and_samples_the_same(parts, tokenizers, tmp_path):
+    ours_tok, theirs_tok = tokenizers
+    _pipeline(parts, theirs_tok).save_pretrained(tmp_path)
+    assert (tmp_path / "scheduler" / "scheduler_config.json").is_file()
+    _write_tokenizer_files(ours_tok, tmp_path / "tokenizer")  # SD 1.5's folder holds these files
+    loaded = StableDiffusion.from_pretrained(tmp_path)
+    assert torch.equal(loaded.tokenizer(PROMPTS), ours_tok(PROMPTS))
+    # the saved scheduler config is read into our DDIM: SD 1.5's options
+    assert loaded.scheduler.timesteps(4).tolist() == [751, 501, 251, 1]
+    assert loaded.scheduler.final_alpha_bar < 1
+    z_T = _latents()
+    a = text_to_image(_ours(parts, ours_tok), PROMPTS, NEGATIVES, steps=2, guidance_scale=3.0, latents=z_T)
+    b = text_to_image(loaded, PROMPTS, NEGATIVES, steps=2, guidance_scale=3.0, latents=z_T)
+    assert torch.equal(a, b)
