@@ -54,15 +54,22 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False,
     "clip_sample": False,
 }
+# diffusers' DDIMScheduler defaults: what a config that leaves a key out gets
+DDIM_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+    "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True,
+    "clip_sample": True, "clip_sample_range": 1.0,
+}
 _BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 
 
 def ddim_scheduler(config: Mapping[str, Any] | None = None) -> DDIMEquivalent:
     """Our DDIM sampler with the options of a diffusers scheduler config (a dict or a
-    ``scheduler_config.json``'s contents; without diffusers): SD 1.5's by default
-    (:data:`SD15_SCHEDULER_CONFIG`). Step for step what diffusers' ``DDIMScheduler.from_config(config)``
-    does (see :mod:`diffusion_core.schedulers`); unsupported options are errors naming them."""
-    c = {**SD15_SCHEDULER_CONFIG, **dict(config or {})}
+    ``scheduler_config.json``'s contents, whatever scheduler class it names; read without diffusers),
+    keys it leaves out taking ``DDIMScheduler``'s defaults; SD 1.5's (:data:`SD15_SCHEDULER_CONFIG`)
+    when ``config`` is None. Step for step what diffusers' ``DDIMScheduler.from_config(config)`` does
+    (see :mod:`diffusion_core.schedulers`); unsupported options are errors naming them."""
+    c = {**DDIM_DEFAULTS, **dict(SD15_SCHEDULER_CONFIG if config is None else config)}
     bad = [f"{k}={c[k]!r}" for k in ("thresholding", "rescale_betas_zero_snr") if c.get(k)]
     if c.get("trained_betas") is not None:
         bad.append("trained_betas")
@@ -81,7 +88,7 @@ def ddim_scheduler(config: Mapping[str, Any] | None = None) -> DDIMEquivalent:
     # the last step lands on alpha_bar = 1 (set_alpha_to_one) or on alpha_bar_0
     final = 1.0 if c["set_alpha_to_one"] else float(diffusion.alpha_bar[0])
     return DDIMEquivalent(diffusion, timestep_spacing=c["timestep_spacing"], steps_offset=int(c["steps_offset"]),
-                          clip_sample=bool(c["clip_sample"]), clip_sample_range=float(c.get("clip_sample_range", 1.0)),
+                          clip_sample=bool(c["clip_sample"]), clip_sample_range=float(c["clip_sample_range"]),
                           final_alpha_bar=final)
 
 
@@ -108,6 +115,10 @@ class StableDiffusion:
         if self.vae.config.latent_channels != u.in_channels or u.out_channels != u.in_channels:
             raise ValueError(f"StableDiffusion: the autoencoder has {self.vae.config.latent_channels} latent channels; "
                              f"the UNet takes {u.in_channels} and predicts {u.out_channels}")
+        n = getattr(self.tokenizer, "context_length", None)
+        if n is not None and n > self.text_encoder.config.max_position_embeddings:
+            raise ValueError(f"StableDiffusion: the tokenizer pads to {n} tokens, the text encoder takes at most "
+                             f"{self.text_encoder.config.max_position_embeddings}")
         if self.controlnet is not None:
             self.controlnet.check_fits(self.unet)
 
@@ -141,9 +152,9 @@ def clip_tokenizer_from_folder(folder: str | Path) -> CLIPTokenizer:
     merges = [line for line in lines[1:] if line.strip()]  # line 0 is the "#version" header
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    length = config.get("model_max_length", 77)
-    tok = CLIPTokenizer(folder / "merges.txt", context_length=length if isinstance(length, int) and length < 10**6 else 77,
-                        num_merges=len(merges))
+    length = config.get("model_max_length", 77)  # transformers writes a huge number for "no limit"
+    length = length if isinstance(length, int) and length <= 4096 else 77
+    tok = CLIPTokenizer(folder / "merges.txt", context_length=length, num_merges=len(merges))
     vocab_file = folder / "vocab.json"
     if vocab_file.is_file() and json.loads(vocab_file.read_text(encoding="utf-8")) != tok.encoder:
         raise ValueError(f"{vocab_file} is not the vocabulary of CLIP's BPE built from {folder / 'merges.txt'} "
@@ -304,5 +315,5 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return (images / 2 + 0.5).clamp(0.0, 1.0)
 
 
-__all__ = ["SD15_SCHEDULER_CONFIG", "StableDiffusion", "clip_tokenizer_from_folder", "ddim_scheduler", "encode_prompt", "initial_latents",
+__all__ = ["DDIM_DEFAULTS", "SD15_SCHEDULER_CONFIG", "StableDiffusion", "clip_tokenizer_from_folder", "ddim_scheduler", "encode_prompt", "initial_latents",
            "text_to_image", "to_unit_range"]

@@ -210,7 +210,7 @@ def test_ddim_scheduler_reads_a_diffusers_config_as_diffusers_does():
     for config in (SD15_SCHEDULER_CONFIG, {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                                            "timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": True,
                                            "prediction_type": "v_prediction"}):
-        ref = interop.from_diffusers(diffusers.DDIMScheduler(**{**SD15_SCHEDULER_CONFIG, **config}))
+        ref = interop.from_diffusers(diffusers.DDIMScheduler.from_config(config))
         ours = ddim_scheduler(config)
         assert torch.allclose(ours.diffusion.alpha_bar, ref.diffusion.alpha_bar, rtol=1e-5, atol=0)
         assert torch.equal(ours.timesteps(7), ref.timesteps(7))
@@ -218,6 +218,15 @@ def test_ddim_scheduler_reads_a_diffusers_config_as_diffusers_does():
         assert (ours.timestep_spacing, ours.steps_offset, ours.clip_sample, ours.diffusion.prediction) == \
             (ref.timestep_spacing, ref.steps_offset, ref.clip_sample, ref.diffusion.prediction)
     assert ddim_scheduler().timesteps(4).tolist() == [751, 501, 251, 1]  # SD 1.5: leading spacing + steps_offset 1
+    # SD 1.5's own scheduler_config.json names the PNDMScheduler it was released with; its values are read
+    released = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+                "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+                "clip_sample": False}
+    ours, ref = ddim_scheduler(released), interop.from_diffusers(diffusers.DDIMScheduler.from_config(released))
+    assert ours.timesteps(4).tolist() == ref.timesteps(4).tolist() == [751, 501, 251, 1]
+    assert math.isclose(ours.final_alpha_bar, ref.final_alpha_bar, rel_tol=1e-6) and not ours.clip_sample
+    assert ddim_scheduler({}).steps_offset == 0 and ddim_scheduler({}).final_alpha_bar == 1.0  # DDIMScheduler's defaults
     with pytest.raises(ValueError, match="thresholding"):
         ddim_scheduler({"thresholding": True})
     with pytest.raises(ValueError, match="beta_schedule='sigmoid'"):
@@ -269,6 +278,9 @@ def test_parts_that_do_not_fit_are_errors(parts, tokenizers):
             sample_size=8, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=24, norm_num_groups=8,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             attention_head_dim=2)), sd.vae)
+    long_tok = tok.CLIPTokenizer(tok.default_bpe_path(), context_length=CONTEXT + 1, num_merges=MERGES)
+    with pytest.raises(ValueError, match="the tokenizer pads to 17 tokens, the text encoder takes at most 16"):
+        StableDiffusion(long_tok, sd.text_encoder, sd.unet, sd.vae)
     net = _controlnet(parts["unet"])
     with_net = _ours(parts, ours_tok, net)
     with pytest.raises(ValueError, match="a ControlNet needs a control_image"):
