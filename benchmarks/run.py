@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chapter", required=True, help=f"one of {', '.join(CHAPTERS)}")
     parser.add_argument("--profile", default=None, help=f"one of {', '.join(PROFILES)} (default: detected)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", action="store_true",
+                        help="also write the JSON, with the commit measured, to benchmarks/results/NN-PROFILE.json "
+                             "(the run a chapter's reading quotes)")
     args = parser.parse_args(argv)
     chapter = args.chapter.zfill(2)
     if chapter not in CHAPTERS:
@@ -64,7 +67,28 @@ def main(argv: list[str] | None = None) -> int:
            "speed": _plain(result.get("speed", {})), "machine": machine(),
            "seconds": round(time.perf_counter() - start, 1)}
     print(json.dumps(out))
+    if args.save:
+        out = {"commit": _commit(), **out}
+        path = Path(__file__).resolve().parent / "results" / f"{chapter}-{profile.name}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"saved {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}", file=sys.stderr)
     return 0
+
+
+def _commit() -> str:
+    """The git commit measured (with "+dirty" when the tree has changes), or "unknown"."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 if __name__ == "__main__":

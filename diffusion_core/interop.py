@@ -5,6 +5,14 @@ the registries below (``"module:function"``, imported lazily); each converter re
 equivalent diffusion_core object. ``load_state_dict`` is the strict loader they all share: a key
 that is missing, unexpected or of the wrong shape is an error that names it.
 
+``load_pretrained(folder)`` reads a model folder saved by either library (``config.json`` and
+safetensors weights, sharded or not) straight into our classes, with neither library imported:
+the folder's class name selects a builder in :data:`FROM_CONFIG` (a config dict -> our untrained
+module; the object converters above read their configs through the very same functions), and the
+weights go through :func:`load_state_dict`. To make another class loadable from a folder, register
+its config-dict builder there (and, if its files need a harmless key adjustment, a strict loader in
+:data:`CHECKPOINT_LOADERS`).
+
 IP-Adapter files (the official layout ``{"image_proj": ..., "ip_adapter": ...}``) go into a UNet with
 ``load_ip_adapter``; ``set_ip_adapter_scale`` and ``unload_ip_adapter`` go with it
 (:mod:`diffusion_core.models.ip_adapter`).
@@ -31,6 +39,7 @@ DIFFUSERS: dict[str, str] = {
     "DDIMScheduler": "diffusion_core.schedulers:from_diffusers_ddim_scheduler",
     "T2IAdapter": "diffusion_core.models.t2i_adapter:from_diffusers_t2i_adapter",
     "MultiAdapter": "diffusion_core.models.t2i_adapter:from_diffusers_multi_adapter",
+    "UnCLIPTextProjModel": "diffusion_core.models.unclip:from_diffusers_unclip_text_proj",
 }
 
 # transformers class name -> "module:function(obj) -> diffusion_core object"
@@ -45,8 +54,52 @@ TRANSFORMERS: dict[str, str] = {
 }
 
 
+# class name in a model folder's config.json (diffusers: ``_class_name``; transformers:
+# ``architectures[0]``) -> "module:function(config: dict) -> our module, untrained"; load_pretrained
+# builds it and then loads the folder's weights into it
+FROM_CONFIG: dict[str, str] = {
+    "UNet2DConditionModel": "diffusion_core.models.unet_cond:unet_2d_condition_from_diffusers_config",
+    "ControlNetModel": "diffusion_core.models.controlnet:controlnet_from_diffusers_config",
+    "AutoencoderKL": "diffusion_core.models.vae:autoencoder_kl_from_diffusers_config",
+    "UNet2DModel": "diffusion_core.models.unet:unet2d_from_diffusers_config",
+    "T2IAdapter": "diffusion_core.models.t2i_adapter:t2i_adapter_from_diffusers_config",
+    "UnCLIPTextProjModel": "diffusion_core.models.unclip:unclip_text_proj_from_diffusers_config",
+    "CLIPTextModel": "diffusion_core.models.clip:text_model_from_transformers_config",
+    "CLIPTextModelWithProjection": "diffusion_core.models.clip:text_model_with_projection_from_transformers_config",
+    "CLIPVisionModel": "diffusion_core.models.clip:vision_model_from_transformers_config",
+    "CLIPVisionModelWithProjection": "diffusion_core.models.clip:vision_model_with_projection_from_transformers_config",
+    "CLIPModel": "diffusion_core.models.clip:clip_model_from_transformers_config",
+    "BertModel": "diffusion_core.models.bert:bert_from_transformers_config",
+    "T5EncoderModel": "diffusion_core.models.t5:t5_encoder_from_transformers_config",
+}
+
+# scheduler class name in a scheduler_config.json -> "module:function(config: dict) -> our equivalent"
+# (no weights to load)
+SCHEDULERS_FROM_CONFIG: dict[str, str] = {
+    "DDPMScheduler": "diffusion_core.schedulers:ddpm_from_diffusers_config",
+    "DDIMScheduler": "diffusion_core.schedulers:ddim_from_diffusers_config",
+}
+
+# class name -> "module:function(model, state_dict, *, what) -> model", a strict loader for files whose
+# keys need a harmless adjustment first (CLIP: stale position_ids buffers, a bare tower's missing
+# prefix); classes not listed load with load_state_dict itself
+CHECKPOINT_LOADERS: dict[str, str] = {
+    **{name: "diffusion_core.models.clip:load_clip_state_dict"
+       for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPVisionModel",
+                    "CLIPVisionModelWithProjection", "CLIPModel")},
+    "BertModel": "diffusion_core.models.bert:load_bert_state_dict",  # stale position_ids, a bert. prefix
+    "T5EncoderModel": "diffusion_core.models.t5:load_t5_state_dict",  # the tied embedding stored once
+}
+
+
 class CheckpointMismatchError(ValueError):
     """A state dict whose keys or shapes do not match the model."""
+
+
+def _resolve(target: str) -> Any:
+    """The function a registry entry ``"module:function"`` names, imported now."""
+    module_name, fn_name = target.split(":")
+    return getattr(importlib.import_module(module_name), fn_name)
 
 
 def _dispatch(registry: dict[str, str], obj: Any, library: str) -> Any:
@@ -55,8 +108,7 @@ def _dispatch(registry: dict[str, str], obj: Any, library: str) -> Any:
         raise TypeError(
             f"from_{library} does not know {name}; it converts: {', '.join(sorted(registry)) or 'nothing yet'}"
         )
-    module_name, fn_name = registry[name].split(":")
-    return getattr(importlib.import_module(module_name), fn_name)(obj)
+    return _resolve(registry[name])(obj)
 
 
 def from_diffusers(obj: Any) -> Any:
@@ -125,82 +177,147 @@ def read_config(config_file: str | Path) -> dict[str, Any]:
     return config
 
 
-def _check_loading_info(folder: Path, name: str, info: Mapping[str, Any]) -> None:
-    """Refuse a checkpoint the library loaded only in part: a weight that is missing from the files
-    (which the library would leave randomly initialised, only logging it) or of the wrong shape is a
-    :class:`CheckpointMismatchError` naming it; keys the model does not use are a warning."""
-    import warnings
-
-    def names(items: Any) -> list[str]:
-        return sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in (items or []))
-
-    def listed(items: list[str]) -> str:
-        more = f" (and {len(items) - 10} more)" if len(items) > 10 else ""
-        return ", ".join(items[:10]) + more
-
-    missing, mismatched = names(info.get("missing_keys")), names(info.get("mismatched_keys"))
-    errors = [str(e) for e in info.get("error_msgs") or []]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys: {listed(missing)}")
-    if mismatched:
-        parts.append(f"{len(mismatched)} shape mismatches: {listed(mismatched)}")
-    if errors:
-        parts.append("; ".join(errors))
-    if parts:
-        raise CheckpointMismatchError(f"the weights in {folder} do not match its {name}: " + "; ".join(parts)
-                                      + " (a damaged or incomplete checkpoint: its weights would be random)")
-    unexpected = names(info.get("unexpected_keys"))
-    if unexpected:
-        warnings.warn(f"{folder}: {len(unexpected)} weights that {name} does not use were ignored: "
-                      f"{listed(unexpected)}", stacklevel=3)
+# the weights' file names: diffusers', then transformers' (each also sharded: <name>.safetensors.index.json)
+WEIGHTS_NAMES = ("diffusion_pytorch_model", "model")
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
 
-def load_pretrained(path: str | Path, subfolder: str | None = None) -> Any:
-    """Load a diffusers or transformers model folder saved on disk (``config.json`` + safetensors)
-    and return the equivalent diffusion_core module with the same weights.
+def _with_variant(filename: str, variant: str | None) -> str:
+    """``model.safetensors`` -> ``model.fp16.safetensors``; ``model.safetensors.index.json`` ->
+    ``model.safetensors.index.fp16.json`` (both libraries put the variant before the last suffix)."""
+    if not variant:
+        return filename
+    head, _, last = filename.rpartition(".")
+    return f"{head}.{variant}.{last}"
+
+
+def _read_index(index_file: Path) -> dict[str, str]:
+    """A sharded checkpoint's ``weight_map`` (key -> shard file name), checked."""
+    index = read_config(index_file)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_file} has no weight_map (key -> shard file): the index is damaged")
+    return {str(k): str(v) for k, v in weight_map.items()}
+
+
+def weights_files(folder: str | Path, variant: str | None = None) -> tuple[list[Path], Path | None]:
+    """The safetensors files holding a model folder's weights, and for a sharded checkpoint its
+    index file (else None). diffusers' ``diffusion_pytorch_model[.variant].safetensors`` and
+    transformers' ``model[.variant].safetensors``, or their ``*.safetensors.index[.variant].json``.
+
+    Pickled weights (``.bin``, ``.ckpt``, ...) are never read: unpickling a file runs whatever code it
+    holds. A folder that has only those is a ``FileNotFoundError`` that says so."""
+    folder = Path(folder)
+    for stem in WEIGHTS_NAMES:
+        index_file = folder / _with_variant(f"{stem}.safetensors.index.json", variant)
+        if index_file.is_file():
+            weight_map = _read_index(index_file)
+            shards = sorted(set(weight_map.values()))
+            missing = [n for n in shards if not (folder / n).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index_file.name} lists shards that {folder} lacks: {', '.join(missing)}")
+            return [folder / n for n in shards], index_file
+        single = folder / _with_variant(f"{stem}.safetensors", variant)
+        if single.is_file():
+            return [single], None
+    present = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    pickles = [n for n in present if n.endswith(_PICKLE_SUFFIXES)]
+    wanted = " or ".join(_with_variant(f"{stem}.safetensors", variant) for stem in WEIGHTS_NAMES)
+    if pickles:
+        raise FileNotFoundError(
+            f"{folder} holds only pickled weights ({', '.join(pickles)}); only safetensors are read: this "
+            "package never unpickles a checkpoint (unpickling runs whatever code the file holds). Where you "
+            "trust the file, re-save it with save_pretrained(..., safe_serialization=True)")
+    raise FileNotFoundError(f"no weights in {folder}: expected {wanted} (or a sharded *.safetensors.index.json); "
+                            f"found: {', '.join(present) or 'nothing'}")
+
+
+def read_safetensors(files: list[Path], index_file: Path | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of ``files`` in one state dict (on the CPU). With a shard index, each key must sit
+    in the shard the index names, and no key in two shards. Nothing is unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weight_map = _read_index(index_file) if index_file is not None else None
+    state: dict[str, torch.Tensor] = {}
+    misplaced: list[str] = []
+    for f in files:
+        try:
+            part = load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e}); the file is damaged or "
+                             "incomplete: download or save it again") from None
+        twice = sorted(set(part) & set(state))
+        if twice:
+            raise ValueError(f"{f.name} repeats keys already read from another shard: {', '.join(twice[:10])}")
+        if weight_map is not None:
+            misplaced += [f"{k} (in {f.name}, indexed in {weight_map.get(k, 'no shard')})"
+                          for k in part if weight_map.get(k) != f.name]
+        state.update(part)
+    if misplaced:
+        more = f" (and {len(misplaced) - 10} more)" if len(misplaced) > 10 else ""
+        raise ValueError(f"the shard index disagrees with the shards: {', '.join(misplaced[:10])}{more}")
+    return state
+
+
+def load_folder_weights(model: nn.Module, folder: str | Path, *, variant: str | None = None,
+                        loader: Any = None) -> nn.Module:
+    """Load a model folder's safetensors weights (see :func:`weights_files`) into ``model`` strictly
+    with ``loader`` (default :func:`load_state_dict`): every missing, unexpected or misshapen key is
+    a :class:`CheckpointMismatchError` naming it. The model takes the dtype of the stored weights."""
+    folder = Path(folder)
+    files, index_file = weights_files(folder, variant)
+    state = read_safetensors(files, index_file)
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
+    if dtype is not None:
+        model.to(dtype)
+    return (loader or load_state_dict)(model, state, what=str(index_file or files[0]))
+
+
+def load_pretrained(path: str | Path, subfolder: str | None = None, *, variant: str | None = None) -> Any:
+    """Load a diffusers or transformers model folder saved on disk (``config.json`` + safetensors,
+    sharded or not) into the equivalent diffusion_core module, in eval mode, with neither library
+    imported; or a diffusers scheduler folder (``scheduler_config.json``: DDPM, DDIM) into its
+    equivalent (:mod:`diffusion_core.schedulers`).
 
     The folder's ``config.json`` says which class it holds (diffusers: ``_class_name``; transformers:
-    ``architectures``); the library's own ``from_pretrained`` reads it with ``use_safetensors=True``
-    (offline: a local folder needs no network) and the registry above converts it. A pipeline folder
-    takes ``subfolder="unet"``, ``"vae"`` or ``"text_encoder"``.
-
-    The load is strict, as :func:`load_state_dict` is: a weight the files lack or hold with another
-    shape is a :class:`CheckpointMismatchError` naming it (the libraries themselves would initialise
-    it at random and only log that); a ``config.json`` that is not a JSON object is a ``ValueError``
-    naming the file.
+    ``architectures``); :data:`FROM_CONFIG` builds our module from that config dict (with the same
+    functions the object converters use), and its weights are loaded strictly
+    (:func:`load_folder_weights`): a weight the files lack, one they hold that the model has no
+    place for, or one of another shape is a :class:`CheckpointMismatchError` naming it. A pipeline
+    folder takes ``subfolder="unet"``, ``"vae"`` or ``"text_encoder"``; ``variant="fp16"`` reads
+    ``*.fp16.safetensors``. Only safetensors are read, never pickles; a ``config.json`` that is not a
+    JSON object is a ``ValueError`` naming the file; an unknown class is a ``TypeError`` listing the
+    loadable ones.
     """
     folder = Path(path) / subfolder if subfolder else Path(path)
     config_file = folder / "config.json"
+    if not config_file.is_file() and (folder / "scheduler_config.json").is_file():
+        config = read_config(folder / "scheduler_config.json")
+        name = config.get("_class_name")
+        if name not in SCHEDULERS_FROM_CONFIG:
+            raise TypeError(f"{folder} holds a diffusers scheduler {name}, which has no converter here; "
+                            f"loadable: {', '.join(sorted(SCHEDULERS_FROM_CONFIG))}")
+        return _resolve(SCHEDULERS_FROM_CONFIG[name])(config)
     if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in {folder}; for a pipeline folder pass subfolder='unet' (or 'vae', ...)")
+        parts = [p.name for p in sorted(folder.iterdir())
+                 if (p / "config.json").is_file() or (p / "scheduler_config.json").is_file()] if folder.is_dir() else []
+        hint = (f"it is a pipeline folder: pass subfolder= one of {', '.join(parts)}" if parts
+                else "for a pipeline folder pass subfolder='unet' (or 'vae', ...)")
+        raise FileNotFoundError(f"no config.json in {folder}; {hint}")
     config = read_config(config_file)
     if "_class_name" in config:
-        import diffusers
-
-        name = config["_class_name"]
-        if name not in DIFFUSERS or not hasattr(diffusers, name):
-            raise TypeError(f"{folder} holds a diffusers {name}; loadable: {', '.join(sorted(DIFFUSERS))}")
-        cls = getattr(diffusers, name)
-        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):  # a scheduler: no weights
-            return from_diffusers(cls.from_pretrained(str(folder)))
-        # low_cpu_mem_usage=False: the weights are loaded into a built model, so a missing one is
-        # reported in the loading info (on accelerate's meta-device path it is an obscure error)
-        ref, info = cls.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False,
-                                        output_loading_info=True)
-        _check_loading_info(folder, name, info)
-        return from_diffusers(ref)
-    if config.get("architectures"):
-        import transformers
-
-        name = config["architectures"][0]
-        if name not in TRANSFORMERS or not hasattr(transformers, name):
-            raise TypeError(f"{folder} holds a transformers {name}; loadable: {', '.join(sorted(TRANSFORMERS))}")
-        ref, info = getattr(transformers, name).from_pretrained(str(folder), use_safetensors=True,
-                                                                output_loading_info=True)
-        _check_loading_info(folder, name, info)
-        return from_transformers(ref)
-    raise ValueError(f"{config_file} names neither a diffusers class (_class_name) nor transformers architectures")
+        name, library = config["_class_name"], "diffusers"
+    elif config.get("architectures"):
+        name, library = config["architectures"][0], "transformers"
+    else:
+        raise ValueError(f"{config_file} names neither a diffusers class (_class_name) nor transformers architectures")
+    if name not in FROM_CONFIG:
+        raise TypeError(f"{folder} holds a {library} {name}, which has no converter here; loadable from a folder: "
+                        f"{', '.join(sorted(FROM_CONFIG))}")
+    model = _resolve(FROM_CONFIG[name])(config)
+    loader = _resolve(CHECKPOINT_LOADERS[name]) if name in CHECKPOINT_LOADERS else load_state_dict
+    return load_folder_weights(model, folder, variant=variant, loader=loader).eval()
 
 
 def load_ip_adapter(unet: nn.Module, state_dict: Any, scale: float | Any = 1.0) -> nn.Module:

@@ -27,6 +27,8 @@ PRESETS: dict[str, str] = {
     "t2i-adapter-sd15": "diffusion_core.models.t2i_adapter:t2i_adapter_sd15",
     "ip-adapter-sd15": "diffusion_core.models.ip_adapter:ip_adapter_sd15",
     "t5-v1_1-xxl-encoder": "diffusion_core.models.t5:t5_v1_1_xxl_encoder",
+    "if-stage1-xl": "diffusion_core.models.unet_cond:if_stage1_xl_unet",
+    "karlo-decoder": "diffusion_core.models.unet_cond:karlo_decoder_unet",
 }
 
 

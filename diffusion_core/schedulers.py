@@ -1,6 +1,8 @@
 """Diffusers' DDPM and DDIM schedulers as diffusion_core processes (chapters 02 and 03).
 
-``from_diffusers(DDPMScheduler(...))`` and ``from_diffusers(DDIMScheduler(...))`` return an object
+``from_diffusers(DDPMScheduler(...))`` and ``from_diffusers(DDIMScheduler(...))`` (or, with no
+diffusers at all, :func:`ddpm_from_diffusers_config` / :func:`ddim_from_diffusers_config` of a
+``scheduler_config.json`` dict, which ``interop.load_pretrained`` reads) return an object
 that holds the equivalent :class:`GaussianDiffusion` (``.diffusion``, T training steps) and whose
 ``sample(model, x_T, steps, ...)`` produces, step for step and from the same noise, what diffusers'
 loop produces:
@@ -9,7 +11,7 @@ loop produces:
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, t), t, x, generator=g).prev_sample
 
-What diffusers does, in this book's terms (read from diffusers 0.42; ``thresholding=False``):
+What diffusers does, in this book's terms (read from diffusers 0.42):
 
 * The process. alpha_bar is diffusers' ``alphas_cumprod`` (a float32 cumulative product of its
   float32 betas); our float64 process is built from those very numbers, beta_t = 1 - alpha_bar_t /
@@ -25,15 +27,21 @@ What diffusers does, in this book's terms (read from diffusers 0.42; ``threshold
   beta_tilde_1 substitute at the end), "learned_range" interpolates their logs (Improved DDPM eq. 15).
   Noise is added whenever the *timestep* is > 0, so with "trailing" spacing or a ``steps_offset``
   the last step (timestep tau_0 > 0, landing on alpha_bar = 1) draws noise too: negligible for
-  fixed_small (std 1e-10), but std sqrt(1 - alpha_bar_{tau_0}) for fixed_large. x0_hat is clipped
-  to [-clip_sample_range, clip_sample_range] when ``clip_sample``.
+  fixed_small (std 1e-10), but std sqrt(1 - alpha_bar_{tau_0}) for fixed_large.
+* x0_hat, in both schedulers: with ``thresholding=True``, Imagen's dynamic thresholding with
+  q = ``dynamic_thresholding_ratio`` and s capped at ``sample_max_value`` (which takes precedence
+  over ``clip_sample``; see :mod:`diffusion_core.process.thresholding` for how this relates to the
+  paper's rule); else clipped to [-clip_sample_range, clip_sample_range] when ``clip_sample``. The
+  equivalents hold this choice as one :class:`Threshold` (``.threshold``). DeepFloyd IF stage I's
+  scheduler (learned_range, squaredcos_cap_v2, thresholding with ratio 0.95 and sample_max_value
+  1.5) is therefore converted exactly.
 * DDIMScheduler steps from t to t - T // K whatever the spacing ("linspace" and "trailing" lists
   then need not step to the next listed timestep), lands on alpha_bar = 1 at the end (or on
   alpha_bar_0 when ``set_alpha_to_one=False``), and by default keeps the network's own eps_hat after
   clipping x0_hat (``use_clipped_model_output=False``), unlike :func:`ddim_sample`, which re-derives
   it. When eta > 0 it draws noise at every step.
 
-Not supported (a clear error): ``thresholding=True`` (see chapter 13), ``rescale_betas_zero_snr``
+Not supported (a clear error): ``rescale_betas_zero_snr``
 (beta_T = 1 lies outside GaussianDiffusion), and the variance types "learned" and
 "fixed_large_log" (the latter takes the square root of a log variance in diffusers' step).
 """
@@ -41,8 +49,8 @@ Not supported (a clear error): ``thresholding=True`` (see chapter 13), ``rescale
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +59,7 @@ from tqdm.auto import tqdm
 from .process.gaussian import GaussianDiffusion, randn_like
 from .process.respacing import space_timesteps
 from .process.schedules import ScheduleError
+from .process.thresholding import Threshold
 from .samplers.ddim import check_eta, ddim_sigma, ddim_step, x0_eps_from_prediction
 
 PREDICTION_FROM_DIFFUSERS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -61,23 +70,67 @@ SPACING_FROM_DIFFUSERS = {"linspace": "uniform", "leading": "leading", "trailing
 ModelFn = Callable[..., torch.Tensor]
 
 
-def diffusion_from_scheduler(scheduler: Any, variance: str = "fixed_small") -> GaussianDiffusion:
-    """The GaussianDiffusion whose alpha_bar is the scheduler's ``alphas_cumprod`` (in float64)."""
-    cfg = scheduler.config
-    if cfg.get("thresholding", False):
-        raise NotImplementedError("thresholding=True (dynamic thresholding) is not converted; chapter 13 "
-                                  "implements it as a denoised_fn")
-    if cfg.get("prediction_type") not in PREDICTION_FROM_DIFFUSERS:
-        raise ValueError(f"unknown prediction_type {cfg.get('prediction_type')!r}; "
-                         f"expected one of {tuple(PREDICTION_FROM_DIFFUSERS)}")
-    alpha_bar = scheduler.alphas_cumprod.detach().to(torch.float64).cpu()
+def diffusers_alpha_bar(config: Mapping[str, Any]) -> torch.Tensor:
+    """alpha_bar (T,) float32, as a diffusers DDPM/DDIM scheduler with this config holds it
+    (``alphas_cumprod``): its betas in float32, then the float32 cumulative product of 1 - beta.
+
+        linear:            beta_t = linspace(beta_start, beta_end, T)                    (DDPM Sec. 4)
+        scaled_linear:     beta_t = linspace(sqrt(beta_start), sqrt(beta_end), T)^2      (LDM)
+        squaredcos_cap_v2: beta_t = min(1 - f((t + 1) / T) / f(t / T), 0.999),
+                           f(u) = cos^2( (u + 0.008) / 1.008 * pi / 2 )                  (Improved DDPM eq. 17)
+        sigmoid:           beta_t = sigmoid(linspace(-6, 6, T)) (beta_end - beta_start) + beta_start
+        trained_betas:     the listed betas
+
+    Used where there is no scheduler object (a ``scheduler_config.json`` read by
+    :func:`diffusion_core.interop.load_pretrained`); equal to the object's own ``alphas_cumprod``
+    (tested)."""
+    T = int(config.get("num_train_timesteps", 1000))
+    b0, b1 = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    name = config.get("beta_schedule", "linear")
+    if config.get("trained_betas") is not None:
+        betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
+    elif name == "linear":
+        betas = torch.linspace(b0, b1, T, dtype=torch.float32)
+    elif name == "scaled_linear":
+        betas = torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float32) ** 2
+    elif name == "squaredcos_cap_v2":
+        def f(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = torch.tensor([min(1 - f((t + 1) / T) / f(t / T), 0.999) for t in range(T)], dtype=torch.float32)
+    elif name == "sigmoid":
+        betas = torch.sigmoid(torch.linspace(-6, 6, T)) * (b1 - b0) + b0
+    else:
+        raise NotImplementedError(f"beta_schedule {name!r} is not converted; supported: linear, scaled_linear, "
+                                  "squaredcos_cap_v2, sigmoid, or trained_betas")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def diffusion_from_diffusers_config(config: Mapping[str, Any], alpha_bar: torch.Tensor | None = None,
+                                    variance: str = "fixed_small") -> GaussianDiffusion:
+    """The GaussianDiffusion of a diffusers DDPM/DDIM scheduler config whose alpha_bar is ``alpha_bar``
+    (the scheduler's ``alphas_cumprod``; default :func:`diffusers_alpha_bar` of the config), in float64."""
+    cfg = dict(config)
+    prediction = cfg.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_FROM_DIFFUSERS:
+        raise ValueError(f"unknown prediction_type {prediction!r}; expected one of {tuple(PREDICTION_FROM_DIFFUSERS)}")
+    zero_snr = ("zero terminal SNR (rescale_betas_zero_snr=True) puts beta_T = 1, outside GaussianDiffusion")
+    if cfg.get("rescale_betas_zero_snr", False) and alpha_bar is None:
+        raise ScheduleError(f"the schedule cannot be converted: {zero_snr}")
+    alpha_bar = (diffusers_alpha_bar(cfg) if alpha_bar is None else alpha_bar).detach().to(torch.float64).cpu()
     # beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}: the float64 cumprod of 1 - beta_t returns alpha_bar exactly
     prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
     try:
-        return GaussianDiffusion(1.0 - alpha_bar / prev, PREDICTION_FROM_DIFFUSERS[cfg.prediction_type], variance)
+        return GaussianDiffusion(1.0 - alpha_bar / prev, PREDICTION_FROM_DIFFUSERS[prediction], variance)
     except ScheduleError as err:
-        raise ScheduleError(f"{type(scheduler).__name__}'s schedule cannot be converted ({err}); zero terminal "
-                            f"SNR (rescale_betas_zero_snr=True) puts beta_T = 1, outside GaussianDiffusion") from err
+        raise ScheduleError(f"the schedule cannot be converted ({err}); {zero_snr}") from err
+
+
+def diffusion_from_scheduler(scheduler: Any, variance: str = "fixed_small") -> GaussianDiffusion:
+    """The GaussianDiffusion whose alpha_bar is the scheduler's ``alphas_cumprod`` (in float64)."""
+    try:
+        return diffusion_from_diffusers_config(scheduler.config, scheduler.alphas_cumprod, variance)
+    except ScheduleError as err:
+        raise ScheduleError(f"{type(scheduler).__name__}: {err}") from err
 
 
 def _noise_source(generator: torch.Generator | None, noises: Sequence[torch.Tensor] | torch.Tensor | None,
@@ -100,13 +153,13 @@ def _noise_source(generator: torch.Generator | None, noises: Sequence[torch.Tens
 
 @dataclass
 class DiffusersEquivalent:
-    """A diffusers scheduler's process (``diffusion``, T steps) and its timestep and clipping options."""
+    """A diffusers scheduler's process (``diffusion``, T steps), its timestep options, and what it does
+    to x0_hat (``threshold``: diffusers' default clips it to [-1, 1])."""
 
     diffusion: GaussianDiffusion
     timestep_spacing: str = "leading"
     steps_offset: int = 0
-    clip_sample: bool = True
-    clip_sample_range: float = 1.0
+    threshold: Threshold = field(default_factory=lambda: Threshold("static"))
 
     def timesteps(self, steps: int | None = None) -> torch.Tensor:
         """The training timesteps of a K-step run in sampling order (descending), as diffusers' list."""
@@ -117,9 +170,8 @@ class DiffusersEquivalent:
         return space_timesteps(T, steps, kind, offset=self.steps_offset if kind == "leading" else 0).flip(0)
 
     def _x0_clipped(self, x0_hat: torch.Tensor) -> torch.Tensor:
-        if not self.clip_sample:
-            return x0_hat
-        return x0_hat.clamp(-self.clip_sample_range, self.clip_sample_range)
+        # none, clip to [-r, r], or dynamic thresholding (Imagen Sec. 2.3, diffusers' convention)
+        return self.threshold(x0_hat)
 
 
 @dataclass
@@ -224,28 +276,43 @@ class DDIMEquivalent(DiffusersEquivalent):
         return (x, kept) if keep_every else x
 
 
-def _options(scheduler: Any) -> dict[str, Any]:
-    cfg = scheduler.config
+def _options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     spacing = cfg.get("timestep_spacing", "leading")
     if spacing not in SPACING_FROM_DIFFUSERS:
         raise ValueError(f"unknown timestep_spacing {spacing!r}; expected one of {tuple(SPACING_FROM_DIFFUSERS)}")
     return {"timestep_spacing": spacing, "steps_offset": int(cfg.get("steps_offset", 0)),
-            "clip_sample": bool(cfg.get("clip_sample", True)),
-            "clip_sample_range": float(cfg.get("clip_sample_range", 1.0))}
+            "threshold": Threshold.from_diffusers_config(cfg)}
+
+
+def ddpm_from_diffusers_config(config: Mapping[str, Any], alpha_bar: torch.Tensor | None = None) -> DDPMEquivalent:
+    """The DDPMEquivalent of a diffusers ``DDPMScheduler`` config (a dict, e.g. a ``scheduler_config.json``);
+    ``alpha_bar``: the scheduler's ``alphas_cumprod`` if there is one, else computed from the config."""
+    vt = config.get("variance_type", "fixed_small")
+    if vt not in VARIANCE_FROM_DIFFUSERS:
+        raise NotImplementedError(f"variance_type {vt!r} is not converted; supported: "
+                                  f"{', '.join(VARIANCE_FROM_DIFFUSERS)}")
+    return DDPMEquivalent(diffusion_from_diffusers_config(config, alpha_bar, VARIANCE_FROM_DIFFUSERS[vt]),
+                          variance_type=vt, **_options(config))
+
+
+def ddim_from_diffusers_config(config: Mapping[str, Any], alpha_bar: torch.Tensor | None = None) -> DDIMEquivalent:
+    """The DDIMEquivalent of a diffusers ``DDIMScheduler`` config (as :func:`ddpm_from_diffusers_config`)."""
+    diffusion = diffusion_from_diffusers_config(config, alpha_bar)
+    final = 1.0 if config.get("set_alpha_to_one", True) else float(diffusion.alpha_bar[0])
+    return DDIMEquivalent(diffusion, final_alpha_bar=final, **_options(config))
 
 
 def from_diffusers_ddpm_scheduler(scheduler: Any) -> DDPMEquivalent:
     """The DDPMEquivalent of a diffusers ``DDPMScheduler`` (registered in ``interop.DIFFUSERS``)."""
-    vt = scheduler.config.get("variance_type", "fixed_small")
-    if vt not in VARIANCE_FROM_DIFFUSERS:
-        raise NotImplementedError(f"variance_type {vt!r} is not converted; supported: "
-                                  f"{', '.join(VARIANCE_FROM_DIFFUSERS)}")
-    return DDPMEquivalent(diffusion_from_scheduler(scheduler, VARIANCE_FROM_DIFFUSERS[vt]),
-                          variance_type=vt, **_options(scheduler))
+    try:
+        return ddpm_from_diffusers_config(scheduler.config, scheduler.alphas_cumprod)
+    except ScheduleError as err:
+        raise ScheduleError(f"{type(scheduler).__name__}: {err}") from err
 
 
 def from_diffusers_ddim_scheduler(scheduler: Any) -> DDIMEquivalent:
     """The DDIMEquivalent of a diffusers ``DDIMScheduler`` (registered in ``interop.DIFFUSERS``)."""
-    diffusion = diffusion_from_scheduler(scheduler)
-    final = 1.0 if scheduler.config.get("set_alpha_to_one", True) else float(diffusion.alpha_bar[0])
-    return DDIMEquivalent(diffusion, final_alpha_bar=final, **_options(scheduler))
+    try:
+        return ddim_from_diffusers_config(scheduler.config, scheduler.alphas_cumprod)
+    except ScheduleError as err:
+        raise ScheduleError(f"{type(scheduler).__name__}: {err}") from err

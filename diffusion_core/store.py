@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import distributed
 from .interop import CheckpointMismatchError, load_state_dict
 from .profiles import Profile, current
 
@@ -246,7 +247,12 @@ def _lock(path: Path) -> Iterator[None]:
 
 def load(name: str, profile: Profile | str | None = None, device: torch.device | str | None = None,
          rebuild: bool = False, verbose: bool = True) -> Stored:
-    """The model of recipe ``name`` for ``profile``: from the cache, or trained now and cached."""
+    """The model of recipe ``name`` for ``profile``: from the cache, or trained now and cached.
+
+    Under ``torchrun`` (several processes; the process group is made from torchrun's environment
+    if none exists) every process takes part in training, but only rank 0 takes the lock, reads the
+    cached file to decide, prints and writes; the others wait for its file and load it, so every
+    process returns the same weights and metrics (:mod:`diffusion_core.distributed`)."""
     from .profiles import check_profile, setup
 
     if profile is not None and not isinstance(profile, (str, Profile)):
@@ -262,26 +268,129 @@ def load(name: str, profile: Profile | str | None = None, device: torch.device |
     path = path_for(r, prof.name, config)
     target = torch.device(device) if device is not None else prof.device
     _check_not_directories(path)
+    if distributed.init(prof.device):
+        return _load_distributed(r, prof, config, key, path, target, rebuild, verbose)
     with _lock(path):
         _remove_stale_temporaries(path)  # a writer killed mid-save leaves its temporary behind
         if not rebuild and path.exists():
-            try:
-                tensors, meta = read(path, key)
-                model = r.build(config)
-                _check_dtypes(model, tensors)
-                load_state_dict(model, tensors, what=f"stored {name}")
-                if verbose:
-                    print(f"[store] {name} ({prof.name}): loaded {path.name}")
-                return Stored(model.to(target).eval(), name, prof.name, config, meta.get("metrics", {}), path, False)
-            except (ValueError, CheckpointMismatchError) as e:
-                warnings.warn(f"[store] {name}: {e}; rebuilding", stacklevel=2)
-        if verbose:
-            print(f"[store] {name} ({prof.name}): training by recipe v{r.version} (cached for next time)")
+            stored = _read_cached(r, prof, config, key, path, target, verbose)
+            if stored is not None:
+                return stored
+        return _train_and_save(r, prof, config, key, path, target, verbose)
+
+
+def _read_cached(r: Recipe, prof: Profile, config: dict[str, Any], key: str, path: Path, target: torch.device,
+                 verbose: bool, strict: bool = False) -> Stored | None:
+    """The cached model, or ``None`` with a warning when the file is bad (``strict``: raise instead)."""
+    try:
+        tensors, meta = read(path, key)
         model = r.build(config)
-        start = time.perf_counter()
-        metrics = dict(r.train(model, config, prof) or {})
-        metrics.setdefault("train_seconds", round(time.perf_counter() - start, 2))
-        model = model.to("cpu").eval()
-        save(model, path, {"recipe": name, "version": r.version, "profile": prof.name, "config": config,
-                           "metrics": metrics, "key": key, "torch": torch.__version__})
-        return Stored(model.to(target), name, prof.name, config, metrics, path, True)
+        _check_dtypes(model, tensors)
+        load_state_dict(model, tensors, what=f"stored {r.name}")
+    except (ValueError, CheckpointMismatchError) as e:
+        if strict:
+            raise
+        warnings.warn(f"[store] {r.name}: {e}; rebuilding", stacklevel=3)
+        return None
+    if verbose:
+        print(f"[store] {r.name} ({prof.name}): loaded {path.name}")
+    return Stored(model.to(target).eval(), r.name, prof.name, config, meta.get("metrics", {}), path, False)
+
+
+def _train(r: Recipe, prof: Profile, config: dict[str, Any], verbose: bool) -> tuple[nn.Module, dict[str, Any]]:
+    if verbose:
+        print(f"[store] {r.name} ({prof.name}): training by recipe v{r.version} (cached for next time)")
+    model = r.build(config)
+    start = time.perf_counter()
+    metrics = dict(r.train(model, config, prof) or {})
+    metrics.setdefault("train_seconds", round(time.perf_counter() - start, 2))
+    return model.to("cpu").eval(), metrics
+
+
+def _save(r: Recipe, prof: Profile, config: dict[str, Any], key: str, path: Path, model: nn.Module,
+          metrics: dict[str, Any]) -> None:
+    save(model, path, {"recipe": r.name, "version": r.version, "profile": prof.name, "config": config,
+                       "metrics": metrics, "key": key, "torch": torch.__version__})
+
+
+def _train_and_save(r: Recipe, prof: Profile, config: dict[str, Any], key: str, path: Path, target: torch.device,
+                    verbose: bool) -> Stored:
+    model, metrics = _train(r, prof, config, verbose)
+    _save(r, prof, config, key, path, model, metrics)
+    return Stored(model.to(target), r.name, prof.name, config, metrics, path, True)
+
+
+def _load_distributed(r: Recipe, prof: Profile, config: dict[str, Any], key: str, path: Path,
+                      target: torch.device, rebuild: bool, verbose: bool) -> Stored:
+    """:func:`load` under several processes. Rank 0 holds the entry's lock throughout (other jobs
+    wait for it; the other ranks of this job never take it, or they would wait for rank 0 forever)
+    and decides; every rank trains; rank 0 writes; the others then read the file it wrote."""
+    main = distributed.is_main()
+    with _lock(path) if main else contextlib.nullcontext():
+        found: list[Stored | None] = [None]
+
+        def cached_on_main() -> bool:
+            _remove_stale_temporaries(path)
+            if not rebuild and path.exists():
+                found[0] = _read_cached(r, prof, config, key, path, target, verbose)
+            return found[0] is not None
+
+        def read_rank0_file() -> Stored:
+            try:
+                return _read_cached(r, prof, config, key, path, target, False, strict=True)
+            except (ValueError, CheckpointMismatchError) as e:
+                raise RuntimeError(f"[store] rank {distributed.rank()} cannot read the file rank 0 checked or "
+                                   f"wrote ({e}); on several machines {ENV_VAR} must be a folder they all "
+                                   f"share") from e
+
+        if distributed.run_on_main(cached_on_main):  # the others load the file rank 0 found valid
+            return found[0] if main else read_rank0_file()
+        model, metrics = _train(r, prof, config, verbose and main)
+        distributed.run_on_main(lambda: _save(r, prof, config, key, path, model, metrics))  # the others wait
+        if main:
+            return Stored(model.to(target), r.name, prof.name, config, metrics, path, True)
+        stored = read_rank0_file()
+        stored.trained_now = True
+        return stored
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m diffusion_core.store NAME [NAME ...] [--profile P] [--rebuild]``: train (or find)
+    recipes' models in the cache, e.g. before a chapter runs. Under ``torchrun --nproc_per_node N``
+    the models train on N processes (GPUs, or gloo processes on a CPU); the chapter then loads them."""
+    import argparse
+
+    from .profiles import PROFILES, setup
+
+    parser = argparse.ArgumentParser(prog="python -m diffusion_core.store", description=main.__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME", help="recipes to train or find in the cache")
+    parser.add_argument("--profile", default=None, help=f"one of {', '.join(PROFILES)} (default: detected)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rebuild", action="store_true", help="train again even when a valid file is cached")
+    parser.add_argument("--list", action="store_true", help="list the recipes and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(sorted(RECIPES)))
+        return 0
+    if not args.names:
+        parser.error("name at least one recipe (--list shows them)")
+    unknown = [n for n in args.names if n not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe(s) {', '.join(unknown)}; --list shows the known ones")
+    prof = setup(args.profile, seed=args.seed, verbose=False)
+    distributed.init(prof.device)
+    main_rank = distributed.is_main()
+    if main_rank:
+        print(f"{prof} processes={distributed.world_size()} cache={cache_dir()}")
+    for name in args.names:
+        stored = load(name, prof, rebuild=args.rebuild, verbose=main_rank)
+        if main_rank:
+            print(json.dumps({"recipe": name, "profile": stored.profile, "file": stored.path.name,
+                              "trained_now": stored.trained_now, "metrics": stored.metrics}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    from diffusion_core.store import main as _main  # the package's module, not a second copy of it
+
+    raise SystemExit(_main())

@@ -6,11 +6,17 @@
 
 The warm-up of the EMA decay matters for short runs: with a fixed decay of 0.9999, after 2,000
 steps 82% of the EMA weights would still be the random initialisation.
+
+Under ``torchrun`` the same loop trains with DistributedDataParallel, each process on its slice of
+every global batch, and equals training in one process at that global batch
+(:mod:`diffusion_core.distributed` says in which sense).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .profiles import Profile, current
 
 
@@ -122,6 +129,15 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], b
     gradients are unscaled before clipping, and a step whose gradients overflowed is skipped while the
     scale shrinks. ``callback(step, model, ema)`` runs every ``log_every`` steps (e.g. to measure
     adherence during training, chapter 07).
+
+    Several processes (``torchrun``; the process group is made here from its environment when
+    ``WORLD_SIZE > 1`` and none exists, :func:`diffusion_core.distributed.init`): every process
+    draws the same global batch from ``batches`` and computes ``loss_fn`` on its slice, the model
+    wrapped in DistributedDataParallel (``loss_fn`` still receives the plain ``model``, whose methods
+    and attributes it may use); gradients are averaged over the global batch, so the optimiser and
+    the EMA stay identical everywhere. ``losses`` are the global batch's. Only rank 0 shows the bar
+    and the callbacks' printed output (callbacks run everywhere, so generators they share with
+    ``loss_fn`` advance alike).
     """
     profile = profile or current()
     try:
@@ -130,6 +146,8 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], b
         raise TypeError(f"train: batches must be an iterator or iterable of batches, got "
                         f"{type(batches).__name__}") from None
     device = profile.device
+    parallel = distributed.init(device)
+    rank, world = distributed.rank(), distributed.world_size()
     model.to(device).train()
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -139,6 +157,14 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], b
             (decay if p.ndim >= 2 else no_decay).append(p)
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameters")
+    step_loss = _LossStep(model, loss_fn)
+    if parallel:
+        # DDP copies rank 0's parameters and buffers to every process here, and averages gradients
+        # in the backward pass; it wraps the loss so that loss_fn may use the model any way it likes
+        ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else None
+        step_loss = nn.parallel.DistributedDataParallel(step_loss, device_ids=ids, static_graph=True)
+        distributed.reseed_default_generator()  # dropout: independent masks per process
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
                             foreach=True, fused=False if device.type == "cpu" else None)
@@ -147,7 +173,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], b
     scaler = _grad_scaler(device) if amp_dtype == torch.float16 else None  # bf16 needs no loss scaling
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc=config.desc, disable=not progress, leave=False)
+    bar = tqdm(range(config.steps), desc=config.desc, disable=not progress or rank != 0, leave=False)
     running = None
     for step in bar:
         try:
@@ -156,20 +182,38 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], b
             bar.close()
             raise ValueError(f"train: the batch iterator ran out after {step} of {config.steps} steps; give an "
                              f"endless iterator (e.g. data.digits.batches) or at least {config.steps} batches") from None
+        shard = None
+        if parallel:
+            if step == 0:
+                distributed.check_same_batch(batch)
+            n = distributed.batch_size(batch)
+            shard = distributed.Shard(*distributed.shard_bounds(n, rank, world), n)
+            batch = distributed.shard_batch(batch, shard)
         batch = _to(batch, device)
         for g in opt.param_groups:
             g["lr"] = config.lr_at(step)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            loss = loss_fn(model, batch)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None), \
+                distributed.sharded(shard):
+            loss = step_loss(batch)
         if not torch.is_tensor(loss) or loss.numel() != 1:
             raise ValueError(f"train: loss_fn must return a scalar tensor (average the per-sample losses), got "
                              f"{tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__}")
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower the learning rate")
+        loss = loss.reshape(())
+        if shard is not None:
+            # the global batch's mean loss is sum_r (n_r / N) loss_r; DDP averages gradients over the
+            # W processes, so a loss weighted by n_r W / N gives the global mean's gradient
+            global_loss = loss.detach().to(torch.promote_types(loss.dtype, torch.float32)) * (shard.size / shard.total)
+            torch.distributed.all_reduce(global_loss)
+            if shard.size * world != shard.total:
+                loss = loss * (shard.size * world / shard.total)
+        else:
+            global_loss = loss.detach()
+        if not torch.isfinite(global_loss):  # the same on every process: all stop together
+            raise FloatingPointError(f"the loss became {global_loss.item()} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
-            if config.grad_clip > 0:
+            if config.grad_clip > 0:  # after backward: DDP has averaged the gradients by now
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
             opt.step()
         else:
@@ -177,19 +221,34 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], b
             if config.grad_clip > 0:
                 scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
-            scaler.step(opt)  # skipped when a gradient is inf or NaN
+            scaler.step(opt)  # skipped when a gradient is inf or NaN (alike in every process)
             scaler.update()
         if ema is not None:
             ema.update(model)
-        value = loss.item()
+        value = global_loss.item()
         losses.append(value)
         running = value if running is None else 0.98 * running + 0.02 * value
         if step % config.log_every == 0 or step == config.steps - 1:
             bar.set_postfix(loss=f"{running:.4f}")
             if callback is not None:
-                callback(step, model, ema)
+                quiet = contextlib.redirect_stdout(io.StringIO()) if rank != 0 else contextlib.nullcontext()
+                with quiet:
+                    callback(step, model, ema)
     seconds = time.perf_counter() - start
     return TrainResult(model=model, ema=ema.model if ema else None, losses=losses, seconds=seconds)
+
+
+class _LossStep(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so that DistributedDataParallel can wrap the whole loss:
+    its forward is where DDP prepares the gradient averaging, and ``loss_fn`` keeps the plain model."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
 
 
 def _grad_scaler(device: torch.device) -> Any:

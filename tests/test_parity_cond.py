@@ -159,8 +159,8 @@ def test_converters_refuse_configurations_they_do_not_implement():
     unet = diffusers.UNet2DConditionModel(
         block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type=None, layers_per_block=1, norm_num_groups=4,
-        resnet_time_scale_shift="scale_shift")
-    with pytest.raises(ValueError, match="resnet_time_scale_shift='scale_shift'"):
+        time_cond_proj_dim=8)  # (resnet_time_scale_shift="scale_shift" is built now: the GLIDE/IF family)
+    with pytest.raises(ValueError, match="time_cond_proj_dim=8"):
         from_diffusers(unet)
 
 

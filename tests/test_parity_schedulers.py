@@ -20,6 +20,7 @@ from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 from diffusion_core.interop import from_diffusers  # noqa: E402
 from diffusion_core.process import cosine_betas, linear_betas, scaled_linear_betas  # noqa: E402
 from diffusion_core.process.respacing import space_timesteps  # noqa: E402
+from diffusion_core.process.thresholding import Threshold  # noqa: E402
 from diffusion_core.samplers import ddim_sample, ddpm_sample  # noqa: E402
 from diffusion_core.schedulers import DDIMEquivalent, DDPMEquivalent  # noqa: E402
 
@@ -92,8 +93,6 @@ def test_diffusers_schedules_are_ours_to_float32_precision(name, ours):
 
 
 def test_unsupported_options_are_clear_errors():
-    with pytest.raises(NotImplementedError, match="thresholding"):
-        from_diffusers(DDPMScheduler(thresholding=True))
     for vt in ("learned", "fixed_large_log"):
         with pytest.raises(NotImplementedError, match=vt):
             from_diffusers(DDPMScheduler(variance_type=vt))
@@ -262,3 +261,140 @@ def test_ddim_float32_defaults():
         _, ours = from_diffusers(s).sample(model_c, x, steps, eta, generator=torch.Generator().manual_seed(10),
                                            keep_every=1)
         assert max_rel_diff(ours[1:], ref) < tol, (steps, eta)
+
+
+# ----------------------------------------------------------------------------- dynamic thresholding
+MIX3 = torch.randn(6, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+
+
+def model_6(x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    """A random map of (x, t) to 6 channels for 3-channel data, as IF stage I's UNet outputs: eps
+    (first 3, up to +-2, so that x0_hat lies far outside [-1, 1]) and the variance interpolation v in
+    [-1, 1] (last 3)."""
+    t = torch.as_tensor(t).reshape(-1, 1, 1, 1).to(x.dtype)
+    h = torch.einsum("oc,bchw->bohw", MIX3.to(x.dtype), x) * (1.0 + torch.cos(t / 150.0))
+    return torch.cat([2.0 * torch.tanh(h[:, :3] - 0.3), torch.tanh(h[:, 3:] + 0.1)], dim=1)
+
+
+def x_T3(dtype=torch.float64):
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(12), dtype=dtype)
+
+
+THRESHOLDS = [{"dynamic_thresholding_ratio": 0.995, "sample_max_value": 2.0},
+              {"dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.5},
+              {"dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.0}]  # s = 1: plain clipping
+
+
+def test_thresholding_config_becomes_one_threshold():
+    eq = from_diffusers(DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5))
+    assert eq.threshold == Threshold.deepfloyd_if()
+    assert from_diffusers(DDIMScheduler(clip_sample_range=2.0)).threshold == Threshold("static", max_value=2.0)
+    assert from_diffusers(DDIMScheduler(clip_sample=False)).threshold == Threshold("none")
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
+@pytest.mark.parametrize("options", THRESHOLDS)
+def test_ddpm_with_thresholding_matches_diffusers(prediction, variance, options):
+    fn = model_6 if variance == "learned_range" else (lambda x, t: model_6(x, t)[:, :3])
+    s = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=prediction, variance_type=variance,
+                      thresholding=True, **options)
+    eq = from_diffusers(s)
+    ref = diffusers_loop(float64(s), fn, x_T3(), 20, seed=13)
+    _, ours = eq.sample(fn, x_T3(), 20, generator=torch.Generator().manual_seed(13), keep_every=1)
+    assert max_rel_diff(ours[1:], ref) < 1e-10
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("use_clipped", [False, True])
+@pytest.mark.parametrize("options", THRESHOLDS)
+def test_ddim_with_thresholding_matches_diffusers(eta, use_clipped, options):
+    fn = lambda x, t: model_6(x, t)[:, :3]  # noqa: E731
+    s = DDIMScheduler(beta_schedule="scaled_linear", thresholding=True, **options)
+    eq = from_diffusers(s)
+    ref = diffusers_loop(float64(s), fn, x_T3(), 20, seed=14, eta=eta, use_clipped_model_output=use_clipped)
+    _, ours = eq.sample(fn, x_T3(), 20, eta, use_clipped_model_output=use_clipped,
+                        generator=torch.Generator().manual_seed(14), keep_every=1)
+    assert max_rel_diff(ours[1:], ref) < 1e-10
+
+
+def if_stage1_scheduler():
+    """DeepFloyd IF stage I's scheduler (its scheduler_config.json): cosine betas, learned-range
+    variance, dynamic thresholding at the 95th percentile with s capped at 1.5."""
+    return DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range", prediction_type="epsilon",
+                         thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5, clip_sample=False)
+
+
+@pytest.mark.parametrize("steps", [25, 100, 1000])
+def test_if_stage1_scheduler_matches_diffusers(steps):
+    """IF stage I's scheduler, 6-channel output (eps and v), step for step: with diffusers' own
+    alphas_cumprod in float64 the trajectories agree to 1e-10 (the algorithm); and the thresholding
+    mattered (without it the samples differ)."""
+    s = if_stage1_scheduler()
+    eq = from_diffusers(s)
+    assert eq.threshold == Threshold.deepfloyd_if() and eq.diffusion.variance == "learned_range"
+    ref = diffusers_loop(float64(s), model_6, x_T3(), steps, seed=15)
+    _, ours = eq.sample(model_6, x_T3(), steps, generator=torch.Generator().manual_seed(15), keep_every=1)
+    assert max_rel_diff(ours[1:], ref) < 1e-10
+    s_plain = float64(DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range", clip_sample=False))
+    plain = diffusers_loop(s_plain, model_6, x_T3(), steps, seed=15)
+    assert (plain[-1] - ref[-1]).abs().max() > 1e-2
+
+
+def test_if_stage1_scheduler_float32_defaults():
+    """diffusers' untouched float32 scheduler: agreement limited by its float32 coefficients (module
+    docstring), 1e-5 over 25-50 steps, 1e-4 over IF's default 100."""
+    for steps, tol in ((25, 1e-5), (50, 1e-5), (100, 1e-4)):
+        s = if_stage1_scheduler()
+        x = x_T3(torch.float32)
+        ref = diffusers_loop(s, model_6, x, steps, seed=15)
+        _, ours = from_diffusers(s).sample(model_6, x, steps, generator=torch.Generator().manual_seed(15), keep_every=1)
+        assert max_rel_diff(ours[1:], ref) < tol, steps
+
+
+def test_ddim_with_if_thresholding_matches_diffusers_in_float32():
+    s = DDIMScheduler(beta_schedule="squaredcos_cap_v2", thresholding=True, dynamic_thresholding_ratio=0.95,
+                      sample_max_value=1.5, clip_sample=False)
+    fn = lambda x, t: model_6(x, t)[:, :3]  # noqa: E731
+    x = x_T3(torch.float32)
+    for eta in (0.0, 1.0):
+        ref = diffusers_loop(s, fn, x, 50, seed=16, eta=eta)
+        _, ours = from_diffusers(s).sample(fn, x, 50, eta, generator=torch.Generator().manual_seed(16), keep_every=1)
+        assert max_rel_diff(ours[1:], ref) < 1e-5, eta
+
+
+CONFIG_OPTIONS = [{}, {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+                  {"beta_schedule": "squaredcos_cap_v2"}, {"num_train_timesteps": 37},
+                  {"trained_betas": [0.01, 0.02, 0.05, 0.1, 0.2]}]
+
+
+@pytest.mark.parametrize("cls,options", [(DDPMScheduler, o) for o in [*CONFIG_OPTIONS, {"beta_schedule": "sigmoid"}]]
+                         + [(DDIMScheduler, o) for o in CONFIG_OPTIONS])
+def test_alpha_bar_from_a_config_dict_is_the_schedulers_own(cls, options):
+    """A scheduler_config.json alone (no diffusers) gives diffusers' float32 alphas_cumprod bit for bit,
+    and so the same equivalent as the object."""
+    from diffusion_core.schedulers import (
+        ddim_from_diffusers_config,
+        ddpm_from_diffusers_config,
+        diffusers_alpha_bar,
+    )
+
+    s = cls(**options, thresholding=True, set_alpha_to_one=False) if cls is DDIMScheduler else cls(**options)
+    assert torch.equal(diffusers_alpha_bar(dict(s.config)), s.alphas_cumprod)
+    from_config = (ddpm_from_diffusers_config if cls is DDPMScheduler else ddim_from_diffusers_config)(dict(s.config))
+    from_object = from_diffusers(s)
+    assert torch.equal(from_config.diffusion.alpha_bar, from_object.diffusion.alpha_bar)
+    fields = ("threshold", "timestep_spacing", "steps_offset", "variance_type", "final_alpha_bar")
+    assert [getattr(from_config, f, None) for f in fields] == [getattr(from_object, f, None) for f in fields]
+
+
+def test_config_dicts_refuse_what_objects_refuse():
+    from diffusion_core.process import ScheduleError
+    from diffusion_core.schedulers import ddpm_from_diffusers_config
+
+    with pytest.raises(ScheduleError, match="zero terminal"):
+        ddpm_from_diffusers_config({"rescale_betas_zero_snr": True})
+    with pytest.raises(NotImplementedError, match="beta_schedule 'laplace'"):
+        ddpm_from_diffusers_config({"beta_schedule": "laplace"})
+    with pytest.raises(NotImplementedError, match="fixed_large_log"):
+        ddpm_from_diffusers_config({"variance_type": "fixed_large_log"})

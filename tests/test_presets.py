@@ -43,6 +43,15 @@ def test_ip_adapter_preset_counts_the_public_checkpoint_on_meta():
     assert all(p.is_meta for p in model.parameters()), "a meta build must allocate no memory"
 
 
+def test_if_stage1_xl_preset_counts_the_public_checkpoint_on_meta():
+    from diffusion_core.models.unet_cond import UNet2DCondition
+
+    model = presets.build("if-stage1-xl", device="meta")
+    assert isinstance(model, UNet2DCondition)
+    assert presets.count_parameters(model) == 4_304_695_110  # DeepFloyd/IF-I-XL-v1.0, unet
+    assert all(p.is_meta for p in model.parameters()), "a meta build must allocate no memory"
+
+
 def test_config_presets_match_the_registered_builders():
     with torch.device("meta"):
         assert presets.count_parameters(UNet2D(UNetConfig.ddpm_cifar10())) == 35_746_307

@@ -32,6 +32,7 @@ import torch
 from ..evaluate.digits import DigitEvaluator, digit_evaluator
 from ..evaluate.frechet import feature_stats, frechet_distance_from_stats
 from ..process.gaussian import GaussianDiffusion
+from ..process.thresholding import ThresholdLike, resolve_threshold
 from ..profiles import Profile, current
 from ..recipes import latent as latent_recipes
 from ..recipes.digits import diffusion_for
@@ -66,16 +67,18 @@ def shapes_sample_count(profile: Profile) -> int:
 def guided_sample(model_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], diffusion: GaussianDiffusion,
                   x_T: torch.Tensor, cond: Any, null_cond: Any, scale: float, steps: int, eta: float = 0.0,
                   generator: torch.Generator | None = None, progress: bool = False, *,
-                  clip_denoised: bool) -> torch.Tensor:
+                  clip_denoised: bool | None = None, threshold: ThresholdLike = None) -> torch.Tensor:
     """DDIM from ``x_T`` with the guided noise prediction eps_u + s (eps_c - eps_u) at every step
     (``cfg_eps``: one batched forward of [null; cond]). ``clip_denoised`` is the data's choice, with no
-    default: True clips each x0 estimate to [-1, 1] (images), False leaves it (a 2-D toy spread to +-2)."""
+    default: True clips each x0 estimate to [-1, 1] (images), False leaves it (a 2-D toy spread to +-2);
+    or ``threshold`` instead ("none", "static", "dynamic": Imagen's dynamic thresholding, chapter 13)."""
+    x0_fn = resolve_threshold(threshold, clip_denoised)  # neither given: an error, the choice is the caller's
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return cfg_eps(model_fn, x, t, cond, null_cond, scale)
 
     return ddim_sample(eps_fn, diffusion, x_T, steps, eta, generator=generator, progress=progress,
-                       clip_denoised=clip_denoised)
+                       threshold=x0_fn or "none")
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -55,6 +55,58 @@ class AttnProcessor:
         return attn.from_tokens(out, residual, spatial)
 
 
+class AttnAddedKVProcessor:
+    """GLIDE's attention (Nichol et al. 2021, appendix A; unCLIP's decoder and DeepFloyd IF keep it):
+    every attention layer of the UNet also sees the text. The text tokens ``c`` are projected to
+    keys and values of their own and put *before* the image's::
+
+        x = GroupNorm(h) as tokens,   c <- norm_cross(c)  (GroupNorm over channels, or nothing)
+        Q = x W_q,   K = [c W_k' ; x W_k],   V = [c W_v' ; x W_v]      (W_k', W_v': add_k_proj, add_v_proj)
+        h <- h + W_o softmax(Q K^T / sqrt(d)) V
+
+    With ``only_cross_attention`` the image keys are left out (``K = c W_k'``). ``attention_mask``
+    covers the text tokens only, ``(B, M)``-like and broadcastable to ``(B, heads, N, M)`` (boolean,
+    True = attend, or an additive bias); the image tokens are always attended. diffusers'
+    ``AttnAddedKVProcessor``.
+    """
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if kwargs:
+            raise TypeError(f"AttnAddedKVProcessor got unexpected arguments: {', '.join(sorted(kwargs))}")
+        if attn.add_k_proj is None:
+            raise ValueError("AttnAddedKVProcessor needs an Attention built with added_kv_proj_dim")
+        if encoder_hidden_states is None:
+            raise ValueError(f"Attention with added_kv_proj_dim={attn.added_kv_proj_dim} needs encoder_hidden_states "
+                             f"(B, M, {attn.added_kv_proj_dim}): the text tokens its keys and values also take")
+        residual = hidden_states
+        x, spatial = attn.to_tokens(hidden_states)  # (B, N, C), group-normed
+        c = attn.norm_context(attn.check_added_context(encoder_hidden_states))  # (B, M, added_kv_proj_dim)
+        q = attn.heads_to_batch(attn.to_q(x))
+        k = attn.heads_to_batch(attn.add_k_proj(c))  # (B, heads, M, d): the text's keys first
+        v = attn.heads_to_batch(attn.add_v_proj(c))
+        mask = attention_mask
+        if not attn.only_cross_attention:
+            k = torch.cat([k, attn.heads_to_batch(attn.to_k(x))], dim=2)  # (B, heads, M + N, d)
+            v = torch.cat([v, attn.heads_to_batch(attn.to_v(x))], dim=2)
+            if mask is not None:  # the image's own tokens are always attended
+                keep = True if mask.dtype == torch.bool else 0.0
+                mask = F.pad(mask, (0, x.shape[1]), value=keep)
+        out = attn.batch_to_heads(attn.attend(q, k, v, mask))  # (B, N, heads*d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        out = attn.from_tokens(out, residual, spatial)
+        return out if attn.residual_connection else out + residual
+
+
+CROSS_ATTENTION_NORMS = (None, "group_norm", "layer_norm")
+
+
 class Attention(nn.Module):
     """Multi-head (self- or cross-) attention over tokens or over the pixels of a feature map.
 
@@ -69,6 +121,13 @@ class Attention(nn.Module):
     ``norm_num_groups`` adds a GroupNorm (``group_norm``) on the queries' input;
     ``residual_connection`` adds the input back; the result is divided by
     ``rescale_output_factor``. ``to_out`` is ``[Linear, Dropout]`` (diffusers' layout).
+
+    ``added_kv_proj_dim`` (GLIDE, unCLIP's decoder, DeepFloyd IF) adds ``add_k_proj``/``add_v_proj``:
+    the text tokens ``(B, M, added_kv_proj_dim)`` become keys and values placed before the image's
+    own, and the default processor is :class:`AttnAddedKVProcessor`; ``only_cross_attention`` drops
+    the image's keys and values (no ``to_k``/``to_v``); ``cross_attention_norm`` ("group_norm" with
+    ``cross_attention_norm_num_groups`` groups, or "layer_norm") normalises the text tokens first
+    (``norm_cross``).
     """
 
     def __init__(
@@ -86,8 +145,17 @@ class Attention(nn.Module):
         rescale_output_factor: float = 1.0,
         out_dim: int | None = None,
         processor: Callable[..., torch.Tensor] | None = None,
+        added_kv_proj_dim: int | None = None,
+        only_cross_attention: bool = False,
+        cross_attention_norm: str | None = None,
+        cross_attention_norm_num_groups: int = 32,
     ):
         super().__init__()
+        if added_kv_proj_dim is None and only_cross_attention:
+            raise ValueError("Attention: only_cross_attention=True needs added_kv_proj_dim (the text's keys/values)")
+        if cross_attention_norm not in CROSS_ATTENTION_NORMS:
+            raise ValueError(f"Attention: unknown cross_attention_norm {cross_attention_norm!r}; expected one of "
+                             f"{CROSS_ATTENTION_NORMS}")
         if heads < 1 or dim_head < 1:
             raise ValueError(f"Attention: heads ({heads}) and dim_head ({dim_head}) must be positive")
         if norm_num_groups is not None and norm_num_groups < 1:
@@ -112,11 +180,33 @@ class Attention(nn.Module):
             nn.GroupNorm(norm_num_groups, query_dim, eps=eps, affine=True) if norm_num_groups is not None else None
         )
         self.to_q = nn.Linear(query_dim, self.inner_dim, bias=bias)
-        self.to_k = nn.Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
-        self.to_v = nn.Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
+        # with only_cross_attention the image gives no keys/values (diffusers leaves to_k/to_v out)
+        self.to_k = None if only_cross_attention else nn.Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
+        self.to_v = None if only_cross_attention else nn.Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
+        # GLIDE's added keys/values: the text tokens (B, M, added_kv_proj_dim) projected to K and V of their own
+        self.added_kv_proj_dim = added_kv_proj_dim
+        self.only_cross_attention = only_cross_attention
+        if added_kv_proj_dim is not None:
+            self.add_k_proj: nn.Linear | None = nn.Linear(added_kv_proj_dim, self.inner_dim, bias=True)
+            self.add_v_proj: nn.Linear | None = nn.Linear(added_kv_proj_dim, self.inner_dim, bias=True)
+        else:
+            self.add_k_proj = self.add_v_proj = None
+        # a norm on the text tokens before their projection (IF: GroupNorm over their channels)
+        norm_dim = added_kv_proj_dim if added_kv_proj_dim is not None else self.cross_attention_dim
+        if cross_attention_norm == "group_norm":
+            if norm_dim % cross_attention_norm_num_groups:
+                raise ValueError(f"Attention: cross_attention_norm='group_norm' needs the text width {norm_dim} "
+                                 f"divisible by cross_attention_norm_num_groups={cross_attention_norm_num_groups}")
+            self.norm_cross: nn.Module | None = nn.GroupNorm(cross_attention_norm_num_groups, norm_dim, eps=1e-5)
+        elif cross_attention_norm == "layer_norm":  # over cross_attention_dim, as diffusers
+            self.norm_cross = nn.LayerNorm(self.cross_attention_dim)
+        else:
+            self.norm_cross = None
         self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, self.out_dim, bias=out_bias), nn.Dropout(dropout)])
         self.processor: Callable[..., torch.Tensor]
-        self.set_processor(processor if processor is not None else AttnProcessor())
+        if processor is None:
+            processor = AttnAddedKVProcessor() if added_kv_proj_dim is not None else AttnProcessor()
+        self.set_processor(processor)
 
     # -- the seam ------------------------------------------------------------------------------
     def set_processor(self, processor: Callable[..., torch.Tensor]) -> None:
@@ -169,6 +259,24 @@ class Attention(nn.Module):
                 f"got {tuple(encoder_hidden_states.shape)}"
             )
         return encoder_hidden_states
+
+    def check_added_context(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Check that the text tokens of the added keys/values are ``(B, M, added_kv_proj_dim)``."""
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != self.added_kv_proj_dim:
+            raise ValueError(
+                f"Attention: encoder_hidden_states must be (B, M, added_kv_proj_dim={self.added_kv_proj_dim}), "
+                f"got {tuple(encoder_hidden_states.shape)}"
+            )
+        return encoder_hidden_states
+
+    def norm_context(self, c: torch.Tensor) -> torch.Tensor:
+        """``norm_cross`` on the tokens ``(B, M, D)``: a GroupNorm over their D channels, a LayerNorm, or nothing."""
+        norm = self.norm_cross
+        if norm is None:
+            return c
+        if isinstance(norm, nn.GroupNorm):
+            return norm(c.transpose(1, 2)).transpose(1, 2)
+        return norm(c)
 
     def project_qkv(
         self, x: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None

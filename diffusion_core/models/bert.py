@@ -62,6 +62,7 @@ __all__ = [
     "load_minilm",
     "minilm_dir",
     "bert_from_transformers",
+    "bert_from_transformers_config",
     "MINILM_PACKAGE",
 ]
 
@@ -107,13 +108,16 @@ class BertConfig:
         """From a transformers-style ``config.json`` dict (unknown keys such as ``architectures`` are
         ignored). Only absolute positions are implemented: another ``position_embedding_type`` and a
         decoder (``is_decoder``) are a ``ValueError`` naming the key."""
-        kind = config.get("position_embedding_type", "absolute")
+        kind = config.get("position_embedding_type") or "absolute"
         if kind != "absolute":
             raise ValueError(f"position_embedding_type={kind!r} is not supported (only 'absolute')")
         if config.get("is_decoder", False):
             raise ValueError("is_decoder=True is not supported: this BERT is a bidirectional encoder")
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        kw = {k: v for k, v in config.items() if k in names}
+        if kw.get("pad_token_id", 0) is None:  # transformers' configs may say null: token 0 pads
+            kw["pad_token_id"] = 0
+        return cls(**kw)
 
     @classmethod
     def minilm_l6(cls) -> BertConfig:
@@ -561,26 +565,16 @@ def load_minilm(device: str | torch.device = "cpu") -> SentenceEncoder:
 # transformers conversion (registered in diffusion_core.interop.TRANSFORMERS)
 
 
+def bert_from_transformers_config(config: Mapping[str, Any]) -> BertModel:
+    """An (untrained) :class:`BertModel` for a transformers ``BertModel`` config dict, with its pooler
+    (as transformers' ``BertModel`` builds it); ``interop.load_pretrained`` loads a folder's weights
+    into it with :func:`load_bert_state_dict`."""
+    return BertModel(BertConfig.from_dict(config))
+
+
 def bert_from_transformers(obj: nn.Module) -> BertModel:
     """transformers ``BertModel`` -> :class:`BertModel` with the same weights, dtype, device and mode."""
-    cfg = obj.config
-    kind = getattr(cfg, "position_embedding_type", "absolute")
-    if kind not in (None, "absolute"):
-        raise ValueError(f"position_embedding_type={kind!r} is not supported (only 'absolute')")
-    if getattr(cfg, "is_decoder", False):
-        raise ValueError("is_decoder=True is not supported: this BERT is a bidirectional encoder")
-    ours = BertModel(
-        BertConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
-            num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
-            hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings,
-            type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.layer_norm_eps,
-            pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0,
-            hidden_dropout_prob=cfg.hidden_dropout_prob,
-            attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
-        ),
-        add_pooling_layer=getattr(obj, "pooler", None) is not None,
-    )
+    ours = BertModel(BertConfig.from_dict(obj.config.to_dict()), add_pooling_layer=getattr(obj, "pooler", None) is not None)
     load_bert_state_dict(ours, obj.state_dict(), what=f"transformers {type(obj).__name__}")
     param = next(obj.parameters(), None)
     if param is not None:

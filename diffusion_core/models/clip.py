@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,8 @@ __all__ = [
     "clip_loss",
     "clip_logits",
     "load_clip_state_dict",
+    "text_config_from_transformers",
+    "vision_config_from_transformers",
     "LOGIT_SCALE_INIT",
     "LOGIT_SCALE_MAX",
 ]
@@ -828,37 +830,67 @@ def clip_vit_l14() -> CLIPModel:
     return CLIPModel(CLIPTextConfig.vit_l14(), CLIPVisionConfig.vit_l14())
 
 
-def _text_config_from(hf: object, projection_dim: int | None) -> CLIPTextConfig:
-    eos = int(hf.eos_token_id)
+_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "max_position_embeddings", "hidden_act", "layer_norm_eps", "eos_token_id")
+_VISION_KEYS = ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "hidden_act", "layer_norm_eps")
+
+
+def _sub_config(c: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A CLIPModel config's ``text_config`` / ``vision_config`` (older files: ``*_config_dict``)."""
+    sub = c.get(name) or c.get(f"{name}_dict") or {}
+    return dict(sub)
+
+
+def text_config_from_transformers(c: Mapping[str, Any], projection_dim: int | None = None) -> CLIPTextConfig:
+    """Our :class:`CLIPTextConfig` from a transformers ``CLIPTextConfig`` as a dict (``config.to_dict()``
+    or a ``config.json``). A key the file leaves out takes transformers' default, which is this
+    dataclass's default. ``projection_dim``: the CLIPModel's shared size (default: the dict's own)."""
+    c = dict(c)
+    kw = {k: c[k] for k in _TEXT_KEYS if c.get(k) is not None}
+    eos = int(kw.get("eos_token_id", CLIPTextConfig.eos_token_id))
     return CLIPTextConfig(
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
-        num_hidden_layers=hf.num_hidden_layers,
-        num_attention_heads=hf.num_attention_heads,
-        max_position_embeddings=hf.max_position_embeddings,
-        hidden_act=hf.hidden_act,
-        layer_norm_eps=hf.layer_norm_eps,
-        eos_token_id=eos,
+        **kw,
         # transformers' rule: the legacy eos_token_id == 2 means "argmax of the ids"
         pooling="argmax" if eos == 2 else "eos",
-        projection_dim=projection_dim,
+        projection_dim=projection_dim if projection_dim is not None else c.get("projection_dim", 512),
     )
 
 
-def _vision_config_from(hf: object, projection_dim: int | None) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        image_size=hf.image_size,
-        patch_size=hf.patch_size,
-        num_channels=hf.num_channels,
-        hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
-        num_hidden_layers=hf.num_hidden_layers,
-        num_attention_heads=hf.num_attention_heads,
-        hidden_act=hf.hidden_act,
-        layer_norm_eps=hf.layer_norm_eps,
-        projection_dim=projection_dim,
-    )
+def vision_config_from_transformers(c: Mapping[str, Any], projection_dim: int | None = None) -> CLIPVisionConfig:
+    """Our :class:`CLIPVisionConfig` from a transformers ``CLIPVisionConfig`` as a dict (defaults as above)."""
+    c = dict(c)
+    kw = {k: c[k] for k in _VISION_KEYS if c.get(k) is not None}
+    return CLIPVisionConfig(**kw, projection_dim=projection_dim if projection_dim is not None
+                            else c.get("projection_dim", 512))
+
+
+def text_model_from_transformers_config(c: Mapping[str, Any]) -> CLIPTextModel:
+    """An (untrained) :class:`CLIPTextModel` for a transformers ``CLIPTextModel`` config dict."""
+    return CLIPTextModel(text_config_from_transformers(c))
+
+
+def text_model_with_projection_from_transformers_config(c: Mapping[str, Any]) -> CLIPTextModelWithProjection:
+    """An (untrained) :class:`CLIPTextModelWithProjection` for a transformers config dict."""
+    return CLIPTextModelWithProjection(text_config_from_transformers(c))
+
+
+def vision_model_from_transformers_config(c: Mapping[str, Any]) -> CLIPVisionModel:
+    """An (untrained) :class:`CLIPVisionModel` for a transformers ``CLIPVisionModel`` config dict."""
+    return CLIPVisionModel(vision_config_from_transformers(c))
+
+
+def vision_model_with_projection_from_transformers_config(c: Mapping[str, Any]) -> CLIPVisionModelWithProjection:
+    """An (untrained) :class:`CLIPVisionModelWithProjection` for a transformers config dict."""
+    return CLIPVisionModelWithProjection(vision_config_from_transformers(c))
+
+
+def clip_model_from_transformers_config(c: Mapping[str, Any]) -> CLIPModel:
+    """An (untrained) :class:`CLIPModel` for a transformers ``CLIPModel`` config dict: both towers
+    take the top-level ``projection_dim`` (default 512)."""
+    P = c.get("projection_dim", 512)
+    return CLIPModel(text_config_from_transformers(_sub_config(c, "text_config"), P),
+                     vision_config_from_transformers(_sub_config(c, "vision_config"), P))
 
 
 def _finish(ours: nn.Module, theirs: nn.Module) -> nn.Module:
@@ -871,29 +903,24 @@ def _finish(ours: nn.Module, theirs: nn.Module) -> nn.Module:
 
 def text_model_from_transformers(obj: nn.Module) -> CLIPTextModel:
     """transformers ``CLIPTextModel`` -> :class:`CLIPTextModel` with the same weights."""
-    return _finish(CLIPTextModel(_text_config_from(obj.config, obj.config.projection_dim)), obj)
+    return _finish(text_model_from_transformers_config(obj.config.to_dict()), obj)
 
 
 def text_model_with_projection_from_transformers(obj: nn.Module) -> CLIPTextModelWithProjection:
     """transformers ``CLIPTextModelWithProjection`` -> :class:`CLIPTextModelWithProjection`."""
-    return _finish(CLIPTextModelWithProjection(_text_config_from(obj.config, obj.config.projection_dim)), obj)
+    return _finish(text_model_with_projection_from_transformers_config(obj.config.to_dict()), obj)
 
 
 def vision_model_from_transformers(obj: nn.Module) -> CLIPVisionModel:
     """transformers ``CLIPVisionModel`` -> :class:`CLIPVisionModel`."""
-    return _finish(CLIPVisionModel(_vision_config_from(obj.config, obj.config.projection_dim)), obj)
+    return _finish(vision_model_from_transformers_config(obj.config.to_dict()), obj)
 
 
 def vision_model_with_projection_from_transformers(obj: nn.Module) -> CLIPVisionModelWithProjection:
     """transformers ``CLIPVisionModelWithProjection`` -> :class:`CLIPVisionModelWithProjection`."""
-    return _finish(
-        CLIPVisionModelWithProjection(_vision_config_from(obj.config, obj.config.projection_dim)), obj
-    )
+    return _finish(vision_model_with_projection_from_transformers_config(obj.config.to_dict()), obj)
 
 
 def clip_model_from_transformers(obj: nn.Module) -> CLIPModel:
     """transformers ``CLIPModel`` -> :class:`CLIPModel` (both towers, projections, ``logit_scale``)."""
-    cfg = obj.config
-    P = cfg.projection_dim
-    ours = CLIPModel(_text_config_from(cfg.text_config, P), _vision_config_from(cfg.vision_config, P))
-    return _finish(ours, obj)
+    return _finish(clip_model_from_transformers_config(obj.config.to_dict()), obj)

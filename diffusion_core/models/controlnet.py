@@ -33,7 +33,7 @@ scale each, their residuals summed.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -319,18 +319,31 @@ _CONTROLNET_ONLY = {"conditioning_channels", "controlnet_conditioning_channel_or
                     "conditioning_embedding_out_channels", "global_pool_conditions"}
 
 
+def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> ControlNetConfig:
+    """Our :class:`ControlNetConfig` from a diffusers ``ControlNetModel`` config (``model.config`` or a
+    config.json dict): the UNet part as :func:`~diffusion_core.models.unet_cond.unet_config_from_diffusers`
+    reads it, plus the condition embedding's keys."""
+    from .unet_cond import unet_config_from_diffusers
+
+    c = dict(config)
+    unet_keys = {k: v for k, v in c.items() if k not in _CONTROLNET_ONLY}
+    unet_cfg = unet_config_from_diffusers(unet_keys, what="ControlNetModel", out_channels=c.get("in_channels", 4))
+    emb = c.get("conditioning_embedding_out_channels") or DEFAULT_EMBEDDING_CHANNELS
+    return ControlNetConfig(unet_cfg, c.get("conditioning_channels", 3), tuple(emb),
+                            c.get("controlnet_conditioning_channel_order", "rgb"), c.get("global_pool_conditions", False))
+
+
+def controlnet_from_diffusers_config(config: Mapping[str, Any]) -> ControlNet:
+    """An (untrained) :class:`ControlNet` for a diffusers ``ControlNetModel`` config dict."""
+    return ControlNet(controlnet_config_from_diffusers(config))
+
+
 def from_diffusers_controlnet(model) -> ControlNet:
     """Convert a diffusers ``ControlNetModel`` (SD 1.x/2.x family) into a :class:`ControlNet` with the same
     weights, loaded strictly."""
     from ..interop import load_state_dict
-    from .unet_cond import _unet_config_from_diffusers
 
-    c = dict(model.config)
-    unet_keys = {k: v for k, v in c.items() if k not in _CONTROLNET_ONLY}
-    unet_cfg = _unet_config_from_diffusers(unet_keys, what="ControlNetModel", out_channels=c["in_channels"])
-    emb = c.get("conditioning_embedding_out_channels") or DEFAULT_EMBEDDING_CHANNELS
-    cfg = ControlNetConfig(unet_cfg, c.get("conditioning_channels", 3), tuple(emb),
-                           c.get("controlnet_conditioning_channel_order", "rgb"), c.get("global_pool_conditions", False))
+    cfg = controlnet_config_from_diffusers(model.config)
     p = next(model.parameters())
     with torch.device(p.device):
         ours = ControlNet(cfg).to(p.dtype)
@@ -345,4 +358,5 @@ def from_diffusers_multi_controlnet(model) -> MultiControlNet:
 __all__ = [
     "ControlNet", "ControlNetConfig", "ControlNetOutput", "ControlNetConditioningEmbedding", "MultiControlNet",
     "zero_module", "controlnet_sd15", "from_diffusers_controlnet", "from_diffusers_multi_controlnet",
+    "controlnet_config_from_diffusers", "controlnet_from_diffusers_config",
 ]

@@ -78,16 +78,19 @@ class Timesteps(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """The MLP on the sinusoidal embedding: ``linear_2(silu(linear_1(x)))``.
+    """The MLP on the sinusoidal embedding: ``linear_2(act(linear_1(x)))`` (SiLU; GELU in DeepFloyd IF).
 
     ``(B, in_channels) -> (B, out_dim or time_embed_dim)``. In a UNet ``time_embed_dim`` is
     4 x the base width (DDPM: 128 -> 512), and every residual block projects it to its own width.
     """
 
-    def __init__(self, in_channels: int, time_embed_dim: int, out_dim: int | None = None):
+    def __init__(self, in_channels: int, time_embed_dim: int, out_dim: int | None = None, act_fn: str = "silu"):
         super().__init__()
+        acts = {"silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU}
+        if act_fn not in acts:
+            raise ValueError(f"TimestepEmbedding: act_fn={act_fn!r} is not supported; expected one of {', '.join(acts)}")
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
-        self.act = nn.SiLU()
+        self.act = acts[act_fn]()
         self.linear_2 = nn.Linear(time_embed_dim, out_dim if out_dim is not None else time_embed_dim)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
@@ -96,3 +99,60 @@ class TimestepEmbedding(nn.Module):
                 f"TimestepEmbedding expects (B, {self.linear_1.in_features}), got {tuple(sample.shape)}"
             )
         return self.linear_2(self.act(self.linear_1(sample)))
+
+
+class AttentionPooling(nn.Module):
+    """Attention pooling of a token sequence into one vector (CLIP's image tower, Radford et al. 2021;
+    Imagen/DeepFloyd IF pool the T5 tokens this way). ``(B, L, D) -> (B, D)``.
+
+    The query is one extra token, the mean of the tokens plus a learned position ``p``; it attends
+    over itself and the tokens with ``num_heads`` heads, and the pooled vector is what it reads::
+
+        z = mean_l x_l + p,    X = [z ; x_1 .. x_L]
+        out = softmax(z W_q (X W_k)^T / sqrt(d)) X W_v       (per head, d = D / num_heads)
+
+    No mask: padding tokens are pooled too (as in IF). Names as diffusers' ``AttentionPooling``
+    (``positional_embedding, k_proj, q_proj, v_proj``).
+    """
+
+    def __init__(self, num_heads: int, embed_dim: int):
+        super().__init__()
+        if num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(f"AttentionPooling: embed_dim={embed_dim} is not divisible into num_heads={num_heads} heads")
+        self.positional_embedding = nn.Parameter(torch.randn(1, embed_dim) / embed_dim**0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.num_heads = num_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, width = x.shape
+        heads = self.num_heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, heads, L, d)
+            return t.view(b, t.shape[1], heads, width // heads).transpose(1, 2)
+
+        z = x.mean(dim=1, keepdim=True) + self.positional_embedding.to(x.dtype)  # (B, 1, D)
+        tokens = torch.cat([z, x], dim=1)  # (B, 1 + L, D)
+        q, k, v = split(self.q_proj(z)), split(self.k_proj(tokens)), split(self.v_proj(tokens))
+        w = torch.softmax((q @ k.transpose(-1, -2)).float() / math.sqrt(width // heads), dim=-1).to(v.dtype)
+        return (w @ v).transpose(1, 2).reshape(b, width)  # (B, D)
+
+
+class TextTimeEmbedding(nn.Module):
+    """The text's summary added to the timestep embedding (Imagen, Saharia et al. 2022, section 2.3:
+    "a pooled embedding vector ... added to the diffusion timestep embedding"; DeepFloyd IF;
+    diffusers' ``addition_embed_type="text"``). ``(B, L, encoder_dim) -> (B, time_embed_dim)``::
+
+        e = LN_2(W AttentionPool(LN_1(tokens)))
+    """
+
+    def __init__(self, encoder_dim: int, time_embed_dim: int, num_heads: int = 64):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(encoder_dim)
+        self.pool = AttentionPooling(num_heads, encoder_dim)
+        self.proj = nn.Linear(encoder_dim, time_embed_dim)
+        self.norm2 = nn.LayerNorm(time_embed_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.proj(self.pool(self.norm1(hidden_states))))

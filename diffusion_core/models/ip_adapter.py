@@ -554,6 +554,10 @@ def attach_ip_adapters(unet: UNet2DCondition, adapters: Sequence[IPAdapter],
 
     if not isinstance(unet, UNet2DCondition):
         raise TypeError(f"an IP-Adapter attaches to a UNet2DCondition, got {type(unet).__name__}")
+    if unet.config.encoder_hid_dim_type is not None:
+        raise ValueError(f"attach_ip_adapters: this UNet's encoder_hid_proj is its text projection "
+                         f"(encoder_hid_dim_type={unet.config.encoder_hid_dim_type!r}, DeepFloyd IF); IP-Adapters "
+                         "on such a UNet are not supported")
     adapters = list(adapters)
     if not adapters:
         raise ValueError("attach_ip_adapters: no adapters given (unload_ip_adapter removes them)")

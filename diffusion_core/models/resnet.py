@@ -11,6 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 TIME_EMBEDDING_NORMS = ("default", "scale_shift")
+# the activations of diffusers' configs (``act_fn``); "swish" is SiLU's other name, GELU is the exact (erf) one
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu}
+
+
+def activation(name: str, who: str = "act_fn"):
+    """The function named by a diffusers ``act_fn`` string; an unknown name is a ValueError naming ``who``."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{who}={name!r} is not supported; expected one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 def _check_groups(name: str, channels: int, groups: int) -> None:
@@ -30,18 +39,20 @@ class ResnetBlock2D(nn.Module):
 
     ``forward(x (B, in_channels, H, W), temb (B, temb_channels)) -> (B, out_channels, H', W')``::
 
-        h = conv1(silu(norm1(x)))
-        default     (DDPM):  h = silu(norm2(h + W temb))
-        scale_shift (ADM):   h = silu(norm2(h) * (1 + s) + b),   [s, b] = W temb
+        h = conv1(act(norm1(x)))
+        default     (DDPM):  h = act(norm2(h + W act(temb)))
+        scale_shift (ADM):   h = act(norm2(h) * (1 + s) + b),   [s, b] = W act(temb)
         out = (shortcut(x) + conv2(dropout(h))) / output_scale_factor
 
     ``scale_shift`` is the adaptive group normalisation of Dhariwal & Nichol (2021, section 3),
     ``AdaGN(h, y) = y_s GroupNorm(h) + y_b`` with ``y_s`` written as ``1 + s`` so that a zero
-    projection is the identity. ``temb`` always passes through SiLU before its projection ``W``
-    (``time_emb_proj``). ``temb_channels=None`` builds a block with no time input (the VAE).
+    projection is the identity. ``act`` is ``act_fn`` (SiLU; GELU in DeepFloyd IF); with
+    ``skip_time_act`` the time embedding goes into ``W`` (``time_emb_proj``) without it (IF's
+    embedding already ends in one). ``temb_channels=None`` builds a block with no time input (the VAE).
     The shortcut is a 1x1 conv when the widths differ (or ``use_in_shortcut=True``).
     ``down=True`` / ``up=True`` resample inside the block (ADM's "BigGAN" resampling: average
-    pooling / nearest x2, applied to both paths after ``norm1``), so H' = H/2 or 2H.
+    pooling / nearest x2, applied to both paths after ``norm1``), so H' = H/2 or 2H: the resampler
+    of diffusers' ``ResnetDownsampleBlock2D`` / ``ResnetUpsampleBlock2D`` (GLIDE, unCLIP, IF).
     """
 
     def __init__(
@@ -59,8 +70,12 @@ class ResnetBlock2D(nn.Module):
         conv_shortcut_bias: bool = True,
         up: bool = False,
         down: bool = False,
+        act_fn: str = "silu",
+        skip_time_act: bool = False,
     ):
         super().__init__()
+        self.act = activation(act_fn, "ResnetBlock2D: act_fn")
+        self.skip_time_act = skip_time_act
         out_channels = in_channels if out_channels is None else out_channels
         groups_out = groups if groups_out is None else groups_out
         if time_embedding_norm not in TIME_EMBEDDING_NORMS:
@@ -105,7 +120,8 @@ class ResnetBlock2D(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         _check_input("ResnetBlock2D", x, self.in_channels)
         n1, n2 = self.norm1, self.norm2
-        h = F.silu(F.group_norm(x, n1.num_groups, n1.weight, n1.bias, n1.eps))
+        act = self.act
+        h = act(F.group_norm(x, n1.num_groups, n1.weight, n1.bias, n1.eps))
         if self.up or self.down:
             x, h = self._resample(x), self._resample(h)
         h = self.conv1(h)
@@ -124,7 +140,7 @@ class ResnetBlock2D(nn.Module):
                     f"ResnetBlock2D: temb must be (B={x.shape[0]}, {self.time_emb_proj.in_features}), "
                     f"got {tuple(temb.shape)}"
                 )
-            emb = self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            emb = self.time_emb_proj(temb if self.skip_time_act else act(temb))[:, :, None, None]
             if self.time_embedding_norm == "scale_shift":
                 # AdaGN: GroupNorm(h) * (1 + s) + b
                 scale, shift = emb.chunk(2, dim=1)
@@ -133,7 +149,7 @@ class ResnetBlock2D(nn.Module):
             else:
                 # h is conv1's fresh output (not saved for backward): add in place
                 h = F.group_norm(h.add_(emb), n2.num_groups, n2.weight, n2.bias, n2.eps)
-        h = F.silu(h)
+        h = act(h)
         if self.dropout.p > 0:
             h = self.dropout(h)
         h = self.conv2(h)

@@ -55,8 +55,9 @@ dicts load without renaming. diffusers' ``full_adapter_xl`` (SDXL) is not implem
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -418,10 +419,19 @@ def t2i_adapter_sd15() -> T2IAdapter:
     return T2IAdapter(T2IAdapterConfig.sd15())
 
 
-def _config_from_diffusers(model) -> T2IAdapterConfig:
-    c = model.config
-    return T2IAdapterConfig(in_channels=c.in_channels, channels=tuple(c.channels), num_res_blocks=c.num_res_blocks,
-                            downscale_factor=c.downscale_factor, adapter_type=c.adapter_type)
+def t2i_adapter_config_from_diffusers(config: Mapping[str, Any]) -> T2IAdapterConfig:
+    """Our :class:`T2IAdapterConfig` from a diffusers ``T2IAdapter`` config (``model.config`` or a
+    config.json dict); missing keys take diffusers' defaults, which are this dataclass's."""
+    c, d = dict(config), T2IAdapterConfig()
+    return T2IAdapterConfig(in_channels=c.get("in_channels", d.in_channels), channels=tuple(c.get("channels", d.channels)),
+                            num_res_blocks=c.get("num_res_blocks", d.num_res_blocks),
+                            downscale_factor=c.get("downscale_factor", d.downscale_factor),
+                            adapter_type=c.get("adapter_type", d.adapter_type))
+
+
+def t2i_adapter_from_diffusers_config(config: Mapping[str, Any]) -> T2IAdapter:
+    """An (untrained) :class:`T2IAdapter` for a diffusers ``T2IAdapter`` config dict."""
+    return T2IAdapter(t2i_adapter_config_from_diffusers(config))
 
 
 def from_diffusers_t2i_adapter(model) -> T2IAdapter:
@@ -429,7 +439,7 @@ def from_diffusers_t2i_adapter(model) -> T2IAdapter:
     same weights, loaded strictly (``full_adapter_xl`` is refused with a ValueError)."""
     from ..interop import load_state_dict
 
-    cfg = _config_from_diffusers(model)
+    cfg = t2i_adapter_config_from_diffusers(model.config)
     p = next(model.parameters())
     with torch.device(p.device):
         ours = T2IAdapter(cfg).to(p.dtype)
@@ -443,5 +453,5 @@ def from_diffusers_multi_adapter(model) -> MultiAdapter:
 
     p = next(model.parameters())
     with torch.device(p.device):
-        ours = MultiAdapter([T2IAdapter(_config_from_diffusers(a)).to(p.dtype) for a in model.adapters])
+        ours = MultiAdapter([T2IAdapter(t2i_adapter_config_from_diffusers(a.config)).to(p.dtype) for a in model.adapters])
     return load_state_dict(ours, model.state_dict(), what="diffusers MultiAdapter")

@@ -62,6 +62,7 @@ __all__ = [
     "relative_position_bucket",
     "load_t5_state_dict",
     "t5_encoder_from_transformers",
+    "t5_encoder_from_transformers_config",
     "t5_v1_1_xxl_encoder",
 ]
 
@@ -366,17 +367,17 @@ def load_t5_state_dict(model: T5EncoderModel, state_dict: Mapping[str, torch.Ten
     return load_state_dict(model, sd, what=what)
 
 
+def t5_encoder_from_transformers_config(config: Mapping[str, Any]) -> T5EncoderModel:
+    """An (untrained) :class:`T5EncoderModel` for a transformers ``T5EncoderModel`` config dict
+    (``interop.load_pretrained`` loads a folder's weights into it with :func:`load_t5_state_dict`)."""
+    return T5EncoderModel(T5Config.from_dict(config))
+
+
 def t5_encoder_from_transformers(obj: nn.Module) -> T5EncoderModel:
     """transformers ``T5EncoderModel`` -> :class:`T5EncoderModel` with the same weights, dtype,
     device and mode. A ``feed_forward_proj`` other than "gated-gelu" or "relu" is a ``ValueError``
     naming it."""
-    cfg = obj.config
-    ours = T5EncoderModel(T5Config(
-        vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff, num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads, relative_attention_num_buckets=cfg.relative_attention_num_buckets,
-        relative_attention_max_distance=cfg.relative_attention_max_distance, dropout_rate=cfg.dropout_rate,
-        layer_norm_epsilon=cfg.layer_norm_epsilon, feed_forward_proj=cfg.feed_forward_proj,
-    ))
+    ours = T5EncoderModel(T5Config.from_dict(obj.config.to_dict()))
     load_t5_state_dict(ours, obj.state_dict(), what=f"transformers {type(obj).__name__}")
     param = next(obj.parameters(), None)
     if param is not None:

@@ -393,11 +393,10 @@ class UNet2D(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, variant: str | None = None) -> UNet2D:
         """Load a diffusers ``UNet2DModel`` folder: ``config.json`` + ``diffusion_pytorch_model
-        [.variant].safetensors`` (or a pipeline folder with a ``unet/`` subfolder). Only safetensors
-        are read, never pickles."""
-        from safetensors.torch import load_file
-
-        from ..interop import load_state_dict, read_config
+        [.variant].safetensors`` (sharded or not; or a pipeline folder with a ``unet/`` subfolder),
+        strictly, with :func:`diffusion_core.interop.load_folder_weights`. Only safetensors are read,
+        never pickles."""
+        from ..interop import load_folder_weights, read_config
 
         folder = Path(path)
         if not (folder / "config.json").exists() and (folder / "unet" / "config.json").exists():
@@ -405,20 +404,13 @@ class UNet2D(nn.Module):
         config_file = folder / "config.json"
         if not config_file.exists():
             raise FileNotFoundError(f"no config.json in {folder}")
-        name = "diffusion_pytorch_model" + (f".{variant}" if variant else "") + ".safetensors"
-        weights = folder / name
-        if not weights.exists():
-            found = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
-            raise FileNotFoundError(
-                f"no {name} in {folder} (found: {', '.join(found) or 'nothing'}); only safetensors are "
-                "read; convert a .bin checkpoint with diffusers' save_pretrained(safe_serialization=True)"
-            )
-        config = read_config(config_file)
-        state = load_file(str(weights))
-        model = cls(UNetConfig.from_diffusers_config(config))
-        dtype = next(iter(state.values())).dtype if state else torch.float32
-        model.to(dtype)
-        return load_state_dict(model, state, what=str(weights))
+        model = cls(UNetConfig.from_diffusers_config(read_config(config_file)))
+        return load_folder_weights(model, folder, variant=variant)
+
+
+def unet2d_from_diffusers_config(config: dict[str, Any]) -> UNet2D:
+    """An (untrained) :class:`UNet2D` for a diffusers ``UNet2DModel`` config dict."""
+    return UNet2D(UNetConfig.from_diffusers_config(config))
 
 
 def from_diffusers_unet2d(model: nn.Module) -> UNet2D:

@@ -11,7 +11,12 @@ is given:
 * ``attention(channels)``: a factory for the layer after each residual block, or ``None``: a
   pixel self-attention (:class:`.attention.Attention`, diffusers' ``AttnDownBlock2D``) or a
   spatial transformer with cross-attention (:class:`.transformer.Transformer2DModel`,
-  ``CrossAttnDownBlock2D``). ``cross_attention=True`` says it takes the context tokens.
+  ``CrossAttnDownBlock2D``), or an attention whose keys and values also take the projected text
+  tokens (:class:`.attention.Attention` with ``added_kv_proj_dim``, GLIDE / unCLIP / IF, diffusers'
+  ``SimpleCrossAttnDownBlock2D``). ``cross_attention=True`` says it takes the context tokens.
+* ``resnet_resample=True``: the block resamples with one more residual block (``resnet(c, c,
+  down=True)`` / ``up=True``, ADM's "BigGAN" resampling, diffusers' ``ResnetDownsampleBlock2D``,
+  ``ResnetUpsampleBlock2D`` and the ``SimpleCrossAttn*`` blocks) instead of a strided / nearest conv.
 
 The skip protocol, the same everywhere::
 
@@ -35,38 +40,47 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attention import Attention
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
-ResnetFactory = Callable[..., ResnetBlock2D]      # (in_channels, out_channels, scale=1.0) -> block
+ResnetFactory = Callable[..., ResnetBlock2D]      # (in_channels, out_channels, scale=None, **resample) -> block
 AttentionFactory = Callable[[int], nn.Module]     # channels -> attention layer
 
 
 def _attend(attn: nn.Module, h: torch.Tensor, cross: bool, ctx: torch.Tensor | None,
             kwargs: dict[str, Any] | None) -> torch.Tensor:
-    return attn(h, ctx, kwargs) if cross else attn(h)
+    if not cross:
+        return attn(h)
+    if isinstance(attn, Attention):  # added-K/V attention: the kwargs (e.g. attention_mask) reach its processor
+        return attn(h, ctx, **(kwargs or {}))
+    return attn(h, ctx, kwargs)  # spatial transformer: the kwargs reach its attn2 processors
 
 
 class DownBlock2D(nn.Module):
     """One encoder level: ``num_layers`` x (residual block [+ attention]), then a stride-2 conv
     (unless ``add_downsample=False``, the last level). ``(B, in, H, W) -> (B, out, H/2, W/2)``.
 
-    diffusers' ``DownBlock2D``, ``AttnDownBlock2D`` and ``CrossAttnDownBlock2D``.
+    diffusers' ``DownBlock2D``, ``AttnDownBlock2D`` and ``CrossAttnDownBlock2D``; with
+    ``resnet_resample`` its ``ResnetDownsampleBlock2D`` and ``SimpleCrossAttnDownBlock2D``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, resnet: ResnetFactory,
                  attention: AttentionFactory | None = None, cross_attention: bool = False,
-                 add_downsample: bool = True, downsample_padding: int = 1):
+                 add_downsample: bool = True, downsample_padding: int = 1, resnet_resample: bool = False):
         super().__init__()
         self.has_cross_attention = attention is not None and cross_attention
+        self.resnet_resample = resnet_resample
         self.resnets = nn.ModuleList(resnet(in_channels if i == 0 else out_channels, out_channels)
                                      for i in range(num_layers))
         self.attentions = (nn.ModuleList(attention(out_channels) for _ in range(num_layers))
                            if attention is not None else None)
-        self.downsamplers = (
-            nn.ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels,
-                                        padding=downsample_padding)])
-            if add_downsample else None
-        )
+        if not add_downsample:
+            self.downsamplers = None
+        elif resnet_resample:  # a residual block that average-pools both its paths
+            self.downsamplers = nn.ModuleList([resnet(out_channels, out_channels, down=True)])
+        else:
+            self.downsamplers = nn.ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels,
+                                                            padding=downsample_padding)])
 
     @property
     def out_channels(self) -> int:
@@ -86,7 +100,7 @@ class DownBlock2D(nn.Module):
                     h = h + additional_residual  # T2I-Adapter, before downsampling
             skips.append(h)
         if self.downsamplers is not None:
-            h = self.downsamplers[0](h)
+            h = self.downsamplers[0](h, temb) if self.resnet_resample else self.downsamplers[0](h)
             skips.append(h)
         if self.attentions is None and additional_residual is not None:
             h = h + additional_residual  # T2I-Adapter, on the block's output
@@ -134,14 +148,16 @@ class UpBlock2D(nn.Module):
     The first layer reads ``prev_output_channel`` (the level below) and every other layer
     ``out_channels``; the last layer's skip has ``in_channels`` (the width of the matching down
     block's input), the others ``out_channels``. diffusers' ``UpBlock2D``, ``AttnUpBlock2D`` and
-    ``CrossAttnUpBlock2D``.
+    ``CrossAttnUpBlock2D``; with ``resnet_resample`` its ``ResnetUpsampleBlock2D`` and
+    ``SimpleCrossAttnUpBlock2D``.
     """
 
     def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, *, num_layers: int,
                  resnet: ResnetFactory, attention: AttentionFactory | None = None, cross_attention: bool = False,
-                 add_upsample: bool = True):
+                 add_upsample: bool = True, resnet_resample: bool = False):
         super().__init__()
         self.has_cross_attention = attention is not None and cross_attention
+        self.resnet_resample = resnet_resample
         self.resnets = nn.ModuleList(
             resnet((prev_output_channel if i == 0 else out_channels)
                    + (in_channels if i == num_layers - 1 else out_channels), out_channels)
@@ -149,8 +165,12 @@ class UpBlock2D(nn.Module):
         )
         self.attentions = (nn.ModuleList(attention(out_channels) for _ in range(num_layers))
                            if attention is not None else None)
-        self.upsamplers = (nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
-                           if add_upsample else None)
+        if not add_upsample:
+            self.upsamplers = None
+        elif resnet_resample:  # a residual block that doubles both its paths (nearest)
+            self.upsamplers = nn.ModuleList([resnet(out_channels, out_channels, up=True)])
+        else:
+            self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
 
     def forward(self, h: torch.Tensor, skips: Sequence[torch.Tensor], temb: torch.Tensor,
                 encoder_hidden_states: torch.Tensor | None = None,
@@ -163,7 +183,7 @@ class UpBlock2D(nn.Module):
                 h = _attend(self.attentions[i], h, self.has_cross_attention, encoder_hidden_states,
                             cross_attention_kwargs)
         if self.upsamplers is not None:
-            h = self.upsamplers[0](h)
+            h = self.upsamplers[0](h, temb) if self.resnet_resample else self.upsamplers[0](h)
         return h
 
 

@@ -19,12 +19,15 @@ Parameter names follow diffusers' ``AutoencoderKL`` (``encoder.down_blocks.i.res
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import batch_randn
 from .attention import Attention
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -111,7 +114,7 @@ class DiagonalGaussian:
         """The reparameterisation ``z = mean + std * eps``, ``eps ~ N(0, I)``: differentiable in
         mean and std. ``generator`` may live on another device (e.g. a CPU generator)."""
         device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        eps = batch_randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
         return self.mean + self.std * eps.to(self.mean.device)
 
     def kl(self) -> torch.Tensor:
@@ -309,32 +312,54 @@ def sd15_vae() -> AutoencoderKL:
     return AutoencoderKL(VAEConfig.sd15())
 
 
-def from_diffusers_autoencoder_kl(model) -> AutoencoderKL:
-    """Convert a diffusers ``AutoencoderKL`` (SD-style: DownEncoderBlock2D / UpDecoderBlock2D,
-    SiLU, quant convs, mid-block attention) into ours with the same weights, loaded strictly."""
-    from ..interop import load_state_dict
+# AutoencoderKL's own defaults, for keys a config.json leaves out (diffusers 0.2x-0.4x)
+_DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+    block_out_channels=(64,), layers_per_block=1, act_fn="silu", latent_channels=4, norm_num_groups=32,
+    sample_size=32, scaling_factor=0.18215,
+)
 
-    c = model.config
+
+def vae_config_from_diffusers(config: Mapping[str, Any]) -> VAEConfig:
+    """Our :class:`VAEConfig` from a diffusers ``AutoencoderKL`` config (``model.config`` or a
+    config.json dict; missing keys take diffusers' defaults). SD-style autoencoders only
+    (DownEncoderBlock2D / UpDecoderBlock2D, SiLU, quant convs, mid-block attention): anything else
+    is a ValueError naming it."""
+    c = {**_DIFFUSERS_DEFAULTS, **dict(config)}
     unsupported = []
-    if any(t != "DownEncoderBlock2D" for t in c.down_block_types):
-        unsupported.append(f"down_block_types={tuple(c.down_block_types)}")
-    if any(t != "UpDecoderBlock2D" for t in c.up_block_types):
-        unsupported.append(f"up_block_types={tuple(c.up_block_types)}")
-    if c.act_fn not in ("silu", "swish"):
-        unsupported.append(f"act_fn={c.act_fn!r}")
+    if any(t != "DownEncoderBlock2D" for t in c["down_block_types"]):
+        unsupported.append(f"down_block_types={tuple(c['down_block_types'])}")
+    if any(t != "UpDecoderBlock2D" for t in c["up_block_types"]):
+        unsupported.append(f"up_block_types={tuple(c['up_block_types'])}")
+    if c["act_fn"] not in ("silu", "swish"):
+        unsupported.append(f"act_fn={c['act_fn']!r}")
     for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
         if not c.get(name, True):
             unsupported.append(f"{name}=False")
     if c.get("shift_factor") is not None:
-        unsupported.append(f"shift_factor={c.shift_factor}")
+        unsupported.append(f"shift_factor={c['shift_factor']}")
     if unsupported:
         raise ValueError("AutoencoderKL conversion: unsupported diffusers config " + ", ".join(unsupported))
-    sample_size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-    cfg = VAEConfig(
-        in_channels=c.in_channels, out_channels=c.out_channels, block_out_channels=tuple(c.block_out_channels),
-        layers_per_block=c.layers_per_block, latent_channels=c.latent_channels,
-        norm_num_groups=c.norm_num_groups, sample_size=sample_size, scaling_factor=c.scaling_factor,
+    size = c["sample_size"]
+    return VAEConfig(
+        in_channels=c["in_channels"], out_channels=c["out_channels"], block_out_channels=tuple(c["block_out_channels"]),
+        layers_per_block=c["layers_per_block"], latent_channels=c["latent_channels"],
+        norm_num_groups=c["norm_num_groups"], sample_size=size if isinstance(size, int) else size[0],
+        scaling_factor=c["scaling_factor"] if c["scaling_factor"] is not None else 0.18215,
     )
+
+
+def autoencoder_kl_from_diffusers_config(config: Mapping[str, Any]) -> AutoencoderKL:
+    """An (untrained) :class:`AutoencoderKL` for a diffusers ``AutoencoderKL`` config dict."""
+    return AutoencoderKL(vae_config_from_diffusers(config))
+
+
+def from_diffusers_autoencoder_kl(model) -> AutoencoderKL:
+    """Convert a diffusers ``AutoencoderKL`` (SD-style, see :func:`vae_config_from_diffusers`) into
+    ours with the same weights, loaded strictly."""
+    from ..interop import load_state_dict
+
+    cfg = vae_config_from_diffusers(model.config)
     p = next(model.parameters())
     with torch.device(p.device):
         ours = AutoencoderKL(cfg).to(p.dtype)

@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
+from ..distributed import batch_randint, batch_randn
 from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .schedules import check_betas, make_betas
+from .thresholding import ThresholdLike, resolve_threshold
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -170,9 +172,10 @@ class GaussianDiffusion:
         return self.timestep_map.to(t.device)[t]
 
     def sample_t(self, batch: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
-        """t ~ Uniform{0, ..., T-1}."""
+        """t ~ Uniform{0, ..., T-1}, one per example (under several processes, this process's rows of
+        the global batch's draw: :func:`diffusion_core.distributed.batch_randint`)."""
         gen_device = generator.device if generator is not None else "cpu"
-        return torch.randint(0, self.T, (batch,), generator=generator, device=gen_device).to(device)
+        return batch_randint(0, self.T, (batch,), generator=generator, device=gen_device).to(device)
 
     # ----------------------------------------------------------------------------- forward process q
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -242,16 +245,19 @@ class GaussianDiffusion:
 
     # ----------------------------------------------------------------------------- reverse process p
     def p_mean_variance(self, model_output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
-                        clip_denoised: bool = True,
-                        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        clip_denoised: bool = True, threshold: ThresholdLike = None,
                         check: bool = True) -> ModelPrediction:
         """p(x_{t-1} | x_t) = N( mu_theta, Sigma_theta ) from the network's output at (x_t, t).
 
         mu_theta = mu_tilde_t(x_t, x0_hat): the posterior mean with x_0 replaced by its prediction,
         which for eps-prediction equals 1/sqrt(alpha_t) ( x_t - beta_t / sqrt(1 - alpha_bar_t) eps )
         (DDPM eq. 11) when x0_hat is not clipped. ``clip_denoised`` clips x0_hat to [-1, 1];
-        ``denoised_fn`` (e.g. dynamic thresholding, chapter 13) transforms it instead.
+        ``threshold`` (``"none"``, ``"static"``, ``"dynamic"``: Imagen's dynamic thresholding,
+        chapter 13, a :class:`~diffusion_core.process.thresholding.Threshold` or any callable) replaces
+        it when given (:func:`~diffusion_core.process.thresholding.resolve_threshold`); eps is then
+        re-derived from the transformed x0_hat.
         """
+        x0_fn = resolve_threshold(threshold, clip_denoised)
         if check:
             t = self.check_t(t, xt)
         pred, v = self.split_output(model_output, xt)
@@ -264,11 +270,8 @@ class GaussianDiffusion:
             frac = (v + 1.0) / 2.0
             log_var = frac * self.at(self.log_betas, t, xt) + (1.0 - frac) * self.at(self.posterior_log_variance_clipped, t, xt)
         x0, eps = self.predict_x0_eps(pred, xt, t)
-        if denoised_fn is not None:
-            x0 = denoised_fn(x0)
-        elif clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
-        if denoised_fn is not None or clip_denoised:
+        if x0_fn is not None:
+            x0 = x0_fn(x0)
             eps = self.eps_from_x0(xt, t, x0)
         # mu_theta = mu_tilde_t(x_t, x0_hat) = coef1 * x0_hat + coef2 * x_t
         mean = self.at(self.posterior_mean_coef1, t, xt) * x0 + self.at(self.posterior_mean_coef2, t, xt) * xt
@@ -338,7 +341,9 @@ class GaussianDiffusion:
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn from ``generator`` (on its own device) if given."""
+    """Standard normal noise shaped like x (a batch), drawn from ``generator`` (on its own device) if
+    given; under several processes, this process's rows of the global batch's noise
+    (:func:`diffusion_core.distributed.batch_randn`)."""
     if generator is None:
         return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    return batch_randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)

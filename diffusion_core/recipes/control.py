@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import batch_randint, batch_randn
 from ..evaluate import control as M
 from ..models.controlnet import ControlNet, ControlNetConfig
 from ..models.t2i_adapter import T2IAdapter, T2IAdapterConfig
@@ -238,8 +239,8 @@ def _train_addon(addon: nn.Module, c: dict[str, Any], p: Profile) -> dict[str, A
         batch_ids = drop_condition(batch_ids, null_ids.to(batch_ids.device), c["p_drop_caption"], g)
         with torch.no_grad():
             ctx = base.encode_text(batch_ids)
-        t = torch.randint(0, diffusion.T, (z0.shape[0],), device=z0.device, generator=g)
-        noise = torch.randn(z0.shape, device=z0.device, generator=g)
+        t = batch_randint(0, diffusion.T, (z0.shape[0],), device=z0.device, generator=g)
+        noise = batch_randn(z0.shape, device=z0.device, generator=g)
         xt = diffusion.q_sample(z0, t, noise)
         eps = base(xt, t, context=ctx, **unet_kwargs(base, m, xt, t, ctx, cond))
         return (eps.float() - noise).square().mean()

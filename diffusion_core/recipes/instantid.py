@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.faces import landmark_map
+from ..distributed import batch_randint, batch_randn
 from ..evaluate.faces import faces_evaluator
 from ..evaluate.identity import embed, identity_encoder
 from ..models.controlnet import ControlNet, ControlNetConfig
@@ -287,8 +288,8 @@ def _train(model: Adapter, c: dict[str, Any], p: Profile) -> dict[str, Any]:
         with torch.no_grad():
             batch_ids, e = IP.drop_prompts(batch_ids, e, null_ids, c, g_cpu)
             ctx = base.encode_text(batch_ids)
-        t = torch.randint(0, diffusion.T, (z0.shape[0],), device=z0.device, generator=g)
-        noise = torch.randn(z0.shape, device=z0.device, generator=g)
+        t = batch_randint(0, diffusion.T, (z0.shape[0],), device=z0.device, generator=g)
+        noise = batch_randn(z0.shape, device=z0.device, generator=g)
         xt = diffusion.q_sample(z0, t, noise)
         return (eps(xt, t, {"context": ctx, "image": e, "landmarks": marks}) - noise).square().mean()
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import batch_rand, batch_randint, batch_randn
 from ..evaluate.attributes import shapes_evaluator
 from ..models.controlnet import ControlNet
 from ..models.ip_adapter import ImageProjection, IPAdapter, attach_ip_adapters, cross_attention_slots
@@ -110,14 +111,14 @@ def augment(images: torch.Tensor, generator: torch.Generator, shift: int = 1, ga
     B, _, R, _ = images.shape
     dev = images.device
     padded = F.pad(images, (shift,) * 4, mode="replicate")
-    dx = torch.randint(0, 2 * shift + 1, (B,), generator=generator).to(dev)
-    dy = torch.randint(0, 2 * shift + 1, (B,), generator=generator).to(dev)
+    dx = batch_randint(0, 2 * shift + 1, (B,), generator=generator).to(dev)
+    dy = batch_randint(0, 2 * shift + 1, (B,), generator=generator).to(dev)
     ar = torch.arange(R, device=dev)
     rows, cols = dy[:, None] + ar, dx[:, None] + ar                       # (B, R) each
     out = padded[torch.arange(B, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None],
                  rows[:, None, :, None], cols[:, None, None, :]]
-    scale = 1 + (torch.rand(B, 3, 1, 1, generator=generator) * 2 - 1).to(dev) * gain
-    shift_v = (torch.rand(B, 1, 1, 1, generator=generator) * 2 - 1).to(dev) * offset
+    scale = 1 + (batch_rand((B, 3, 1, 1), generator=generator) * 2 - 1).to(dev) * gain
+    shift_v = (batch_rand((B, 1, 1, 1), generator=generator) * 2 - 1).to(dev) * offset
     return (((out + 1) / 2) * scale + shift_v).clamp(0, 1) * 2 - 1
 
 
@@ -132,7 +133,7 @@ def drop_prompts(ids: torch.Tensor, embeds: torch.Tensor, null_ids: torch.Tensor
     becomes the empty caption, with ``p_drop_image`` the image embedding becomes zero, with
     ``p_drop_both`` both (one uniform draw per example picks at most one of the three)."""
     B = ids.shape[0]
-    r = torch.rand(B, generator=generator).to(ids.device)
+    r = batch_rand((B,), generator=generator).to(ids.device)
     pt, pi, pb = c["p_drop_text"], c["p_drop_image"], c["p_drop_both"]
     no_text = (r < pt) | ((r >= pt + pi) & (r < pt + pi + pb))
     no_image = (r >= pt) & (r < pt + pi + pb)
@@ -311,8 +312,8 @@ def _train_adapter(adapter: Adapter, c: dict[str, Any], p: Profile) -> dict[str,
             e = image_embeds(clip, augment(images, g_cpu, c["shift"], c["gain"], c["offset"]))
             batch_ids, e = drop_prompts(batch_ids, e, null_ids, c, g_cpu)
             ctx = base.encode_text(batch_ids)
-        t = torch.randint(0, diffusion.T, (z0.shape[0],), device=z0.device, generator=g)
-        noise = torch.randn(z0.shape, device=z0.device, generator=g)
+        t = batch_randint(0, diffusion.T, (z0.shape[0],), device=z0.device, generator=g)
+        noise = batch_randn(z0.shape, device=z0.device, generator=g)
         xt = diffusion.q_sample(z0, t, noise)
         eps = base(xt, t, **prompt_kwargs(m, ctx, e))
         return (eps.float() - noise).square().mean()

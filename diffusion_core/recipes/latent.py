@@ -4,14 +4,16 @@ Three kinds of stored models, each trained by a fixed recipe on first use and ca
 
 * ``shapes-vae-f{f}`` (f = 2, 4, 8): the KL-regularised autoencoder of LDM Sec. 3.1, trained with
 
-      L = |x - D(z)|_1 + lambda_edge |grad x - grad D(z)|_1 + beta_KL KL(q(z|x) || N(0, I)),
+      L = |x - D(z)|^2 + lambda_edge |grad x - grad D(z)|^2 + beta_KL KL(q(z|x) || N(0, I)),
       z = mu(x) + sigma(x) eps                                                 (reparameterised)
 
-  every term summed over an image and divided by its number of pixel values (C H W), so that
-  ``beta_KL`` means what it means in the LDM code, where both terms are sums per image
-  (``kl_weight = 1e-6`` there). The paper adds a perceptual (LPIPS) and a patch-GAN term to
-  keep reconstructions sharp; the L1 on image gradients (finite differences) is a cheap stand-in
-  for them here. The latent scale ``1 / std(z)`` (LDM Sec. 4.3.2, App. D.1) is measured on
+  (squared errors: the configs' ``rec="l2"``; :func:`vae_loss` also offers L1), every term summed
+  over an image and divided by its number of pixel values (C H W), so that ``beta_KL`` is on the
+  scale of the LDM code, where both terms are sums per image. Its value is not LDM's: the recipe
+  uses ``DEFAULT_BETA_KL = 1e-5``, LDM's KL autoencoders ``kl_weight = 1e-6`` (with an L1 + LPIPS
+  reconstruction term, so even one number would not be one trade-off). The paper adds a perceptual
+  (LPIPS) and a patch-GAN term to keep reconstructions sharp; the error on image gradients (finite
+  differences) is a cheap stand-in for them here. The latent scale ``1 / std(z)`` (LDM Sec. 4.3.2, App. D.1) is measured on
   training images after training and kept in the stored metrics; :func:`load_vae` sets it.
 * ``shapes-ldm-f{f}`` (f = 1, 2, 4, 8): an unconditional eps-prediction UNet trained in the
   (scaled) latent space of ``shapes-vae-f{f}``; f = 1 is pixel diffusion with no autoencoder. Every
@@ -187,10 +189,13 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, beta_kl: float, edge_weight: f
              generator: torch.Generator | None = None, rec: str = "l2") -> dict[str, torch.Tensor]:
     """The autoencoder's loss terms, each a per-pixel-value mean over the batch (scalars):
 
-        rec  = mean |x - D(z)|                    z = mu + sigma eps ~ q(z | x)
-        edge = mean |grad x - grad D(z)|          (a cheap stand-in for LDM's perceptual loss)
+        rec  = mean err(x - D(z))                 z = mu + sigma eps ~ q(z | x)
+        edge = mean err(grad x - grad D(z))       (a cheap stand-in for LDM's perceptual loss)
         kl   = KL(q(z | x) || N(0, I)) / (C H W)  (nats per pixel value)
         loss = rec + edge_weight * edge + beta_kl * kl
+
+    with err(d) = d^2 for ``rec="l2"`` (the default, and what every recipe trains with), |d| for
+    ``"l1"`` (LDM's choice, with LPIPS beside it) and |d| + d^2 for ``"l1+l2"``.
     """
     posterior: DiagonalGaussian = vae.encode(x)
     z = posterior.sample(generator)

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..process.gaussian import GaussianDiffusion, randn_like
+from ..process.thresholding import ThresholdLike, resolve_threshold
 
 
 def _check_start(x_T: torch.Tensor, keep_every: int | None) -> None:
@@ -31,15 +32,19 @@ def _check_start(x_T: torch.Tensor, keep_every: int | None) -> None:
 
 @torch.no_grad()
 def ddpm_sample(model: Callable[..., torch.Tensor], diffusion: GaussianDiffusion, x_T: torch.Tensor, *,
-                clip_denoised: bool = True, generator: torch.Generator | None = None,
+                clip_denoised: bool = True, threshold: ThresholdLike = None, generator: torch.Generator | None = None,
                 model_kwargs: dict[str, Any] | None = None, progress: bool = True,
                 keep_every: int | None = None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Run p(x_{t-1} | x_t) from x_T down to x_0. ``model(x_t, t, **model_kwargs)`` gives the network
     output; ``keep_every=k`` also returns the trajectory [x_T, ..., x_0] every k steps.
+    ``clip_denoised`` clips each x0_hat to [-1, 1]; ``threshold`` (``"none"``, ``"static"``,
+    ``"dynamic"``, a :class:`~diffusion_core.process.thresholding.Threshold` or a callable) replaces
+    it when given (chapter 13).
 
     The numbers are those of ``diffusion.p_mean_variance`` at each step; its per-step coefficients are
     read once, as Python floats, so the loop itself is only the few elementwise operations below."""
     _check_start(x_T, keep_every)
+    x0_fn = resolve_threshold(threshold, clip_denoised)
     d, kw = diffusion, model_kwargs or {}
     # x0_hat = a_t x_t - b_t pred:  eps: 1/sqrt(alpha_bar_t), sqrt(1/alpha_bar_t - 1);  v: sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)
     a, b = ((d.sqrt_alpha_bar, d.sqrt_one_minus_alpha_bar) if d.prediction == "v"
@@ -55,8 +60,8 @@ def ddpm_sample(model: Callable[..., torch.Tensor], diffusion: GaussianDiffusion
     for t in tqdm(range(d.T - 1, -1, -1), desc="DDPM sampling", disable=not progress, leave=False):
         pred, v = d.split_output(model(x, model_t[t], **kw), x)
         x0 = pred if d.prediction == "x0" else a[t] * x - b[t] * pred
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
+        if x0_fn is not None:  # clip to [-1, 1], or dynamic thresholding (Imagen Sec. 2.3)
+            x0 = x0_fn(x0)
         # mu_theta(x_t, t) = mu_tilde_t(x_t, x0_hat) = coef1_t x0_hat + coef2_t x_t   (DDPM eq. 7)
         x = coef1[t] * x0 + coef2[t] * x
         if t > 0:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..process.gaussian import GaussianDiffusion, randn_like
 from ..process.respacing import space_timesteps
+from ..process.thresholding import ThresholdLike, resolve_threshold
 
 
 def check_eta(eta: float) -> float:
@@ -124,7 +125,8 @@ def _check_common(x: torch.Tensor, keep_every: int | None) -> None:
 @torch.no_grad()
 def ddim_sample(model: Callable[..., torch.Tensor], diffusion: GaussianDiffusion, x_T: torch.Tensor,
                 steps: int | None = 50, eta: float = 0.0, *, timesteps: Sequence[int] | torch.Tensor | None = None,
-                spacing: str = "uniform", clip_denoised: bool = True, generator: torch.Generator | None = None,
+                spacing: str = "uniform", clip_denoised: bool = True, threshold: ThresholdLike = None,
+                generator: torch.Generator | None = None,
                 model_kwargs: dict[str, Any] | None = None, progress: bool = True,
                 keep_every: int | None = None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Generate x_0 from x_T (B, ...) in K = ``steps`` DDIM steps (eq. 12) with sigma_t(eta) (eq. 16).
@@ -132,12 +134,15 @@ def ddim_sample(model: Callable[..., torch.Tensor], diffusion: GaussianDiffusion
     The subsequence tau is ``timesteps`` if given, else ``space_timesteps(T, steps, spacing)``.
     ``model(x_t, t, **model_kwargs)`` receives the training timestep ``diffusion.model_t(t)``, (B,).
     ``clip_denoised`` clips x0_hat to [-1, 1] and re-derives eps_hat from it, so that with eta = 1
-    this is exactly DDPM's step on the subsequence. Noise z is drawn from ``generator`` at every step
+    this is exactly DDPM's step on the subsequence. ``threshold`` (``"none"``, ``"static"``,
+    ``"dynamic"``: Imagen's dynamic thresholding, a :class:`~diffusion_core.process.thresholding.Threshold`
+    or a callable) replaces ``clip_denoised`` when given, eps_hat re-derived likewise. Noise z is drawn from ``generator`` at every step
     when eta > 0. ``keep_every=k`` also returns [x_T, ..., x_0] (on the CPU) every k steps.
     """
     _check_common(x_T, keep_every)
     tau = sampling_timesteps(diffusion, steps, timesteps, spacing)
     eta = check_eta(eta)
+    x0_fn = resolve_threshold(threshold, clip_denoised)
     kw = model_kwargs or {}
     # alpha_bar_t at each tau_i, and alpha_bar_{t-1} at its predecessor (1 before tau_0: land on x_0)
     alpha_bar = diffusion.alpha_bar[tau].tolist()
@@ -150,8 +155,8 @@ def ddim_sample(model: Callable[..., torch.Tensor], diffusion: GaussianDiffusion
         out = model(x, model_ts[i].expand(x.shape[0]), **kw)
         pred, _ = diffusion.split_output(out, x)  # a learned variance's second half is not used
         x0_hat, eps_hat = x0_eps_from_prediction(pred, x, diffusion.prediction, a_t)
-        if clip_denoised:
-            x0_hat = x0_hat.clamp(-1.0, 1.0)
+        if x0_fn is not None:  # clip to [-1, 1], or dynamic thresholding (Imagen Sec. 2.3)
+            x0_hat = x0_fn(x0_hat)
             # eps_hat = (x_t - sqrt(alpha_bar_t) x0_hat) / sqrt(1 - alpha_bar_t), consistent with the clipped x0_hat
             eps_hat = (x - math.sqrt(a_t) * x0_hat) / math.sqrt(1.0 - a_t)
         sigma = ddim_sigma(a_t, a_prev, eta)

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..distributed import batch_rand
+
 Cond = Any  # a tensor (B, ...), or a dict / tuple / list of them (passed to model_fn as one object)
 
 
@@ -188,6 +190,6 @@ def drop_condition(
             f"shape {tuple(cond.shape)}"
         ) from None
     gen_device = generator.device if generator is not None else cond.device
-    drop = torch.rand(b, generator=generator, device=gen_device).to(cond.device) < p_uncond
+    drop = batch_rand((b,), generator=generator, device=gen_device).to(cond.device) < p_uncond
     drop = drop.reshape(b, *([1] * (cond.ndim - 1)))
     return torch.where(drop, null, cond)
