@@ -87,7 +87,8 @@ if not HAVE_REFERENCE:
 # %%
 # preset -> (public checkpoint, its parameter count). Counts of the released weight files (every tensor of
 # the model's state dict, a tied embedding once); the Karlo prior's is diffusers' PriorTransformer built with
-# that checkpoint's config.json, counted on the meta device.
+# that checkpoint's config.json and the Karlo decoder's diffusers' UNet2DConditionModel with the decoder
+# configuration of diffusers' conversion script, both counted on the meta device.
 PUBLIC = {
     "ddpm-cifar10": ("google/ddpm-cifar10-32", 35_746_307),
     "ddpm-256": ("google/ddpm-celebahq-256 (and the church, bedroom, cat 256 models)", 113_673_219),
@@ -100,6 +101,7 @@ PUBLIC = {
     "t2i-adapter-sd15": ("TencentARC/t2iadapter_canny_sd15v2 (full adapter, diffusers T2IAdapter())", 77_369_280),
     "ip-adapter-sd15": ("h94/IP-Adapter models/ip-adapter_sd15", 22_319_616),
     "karlo-prior": ("kakaobrain/karlo-v1-alpha prior/", 1_022_030_080),
+    "karlo-decoder": ("kakaobrain/karlo-v1-alpha decoder/ (diffusers' conversion script's DECODER_CONFIG)", 885_439_686),
     "if-stage1-xl": ("DeepFloyd/IF-I-XL-v1.0 unet/", 4_304_695_110),
     "t5-v1_1-xxl-encoder": ("google/t5-v1_1-xxl encoder (DeepFloyd IF text_encoder/)", 4_762_310_656),
 }
@@ -121,9 +123,8 @@ assert len(built) >= 11 and all(ours == public for ours, public in built.values(
 assert all(n in PUBLIC for n in presets.names()), "a preset without a public count: add it to PUBLIC"
 
 # %% [markdown]
-# Every preset that exists counts exactly the public checkpoint's parameters; the rows marked "not built
-# yet" are models of later chapters (the unCLIP prior of chapter 12, DeepFloyd IF's first stage of
-# chapter 13) that fill in as their presets are added. Stable Diffusion 1.5 itself is the sum of three of
+# Every preset that exists counts exactly the public checkpoint's parameters; a row marked "not built
+# yet" (unCLIP's prior) is a model of a later chapter that fills in as its preset is added. Stable Diffusion 1.5 itself is the sum of three of
 # these rows: text encoder + UNet + autoencoder.
 
 # %%
@@ -291,16 +292,17 @@ if HAVE_REFERENCE:
 #
 # A diffusers or transformers model folder holds a `config.json` and the weights (`*.safetensors`).
 # `interop.load_pretrained(path)` reads which class the folder holds from its config (diffusers:
-# `_class_name`, transformers: `architectures`), loads it and converts it into our module, strictly: a
-# weight that is missing, unexpected or of the wrong shape is an error that names it, where the libraries
-# themselves would leave a missing weight at random and only log it. A whole pipeline folder loads part by
-# part with `subfolder=`; `StableDiffusion.from_pretrained` does that for the three parts and reads the
-# scheduler's config into our DDIM. We save the tiny pipeline of section 2 with diffusers' `save_pretrained`
-# and load it back.
+# `_class_name`, transformers: `architectures`), builds our module from that config and loads the weights
+# into it, strictly, with neither diffusers nor transformers imported: a weight that is missing, unexpected
+# or of the wrong shape is an error that names it, where the libraries themselves would leave a missing
+# weight at random and only log it. A whole pipeline folder loads part by part with `subfolder=`;
+# `StableDiffusion.from_pretrained` does that for the three parts, reads the scheduler's config into our
+# DDIM and the tokenizer's files into our CLIP tokenizer. We save the tiny pipeline of section 2 with
+# diffusers' `save_pretrained` (diffusers only writes the folder here) and load it back.
 
 # %%
 if not HAVE_REFERENCE:
-    print("skipped: interop.load_pretrained reads folders through diffusers and transformers today")
+    print("skipped: diffusers is needed here to write the folder that interop.load_pretrained then reads")
 else:
     pipe, sd = tiny_reference()
     workdir = tempfile.TemporaryDirectory()

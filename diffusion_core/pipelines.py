@@ -42,10 +42,8 @@ from .models.controlnet import ControlNet
 from .models.tokenizers import CLIPTokenizer
 from .models.unet_cond import UNet2DCondition
 from .models.vae import AutoencoderKL
-from .process.gaussian import GaussianDiffusion
-from .process.schedules import make_betas
 from .samplers.guidance import cfg_eps, check_scale
-from .schedulers import PREDICTION_FROM_DIFFUSERS, SPACING_FROM_DIFFUSERS, DDIMEquivalent
+from .schedulers import DDIMEquivalent, ddim_from_diffusers_config
 
 # The scheduler of stable-diffusion-v1-5 (its scheduler/scheduler_config.json, which diffusers'
 # DDIMScheduler.from_config reads): the values that matter for DDIM.
@@ -54,42 +52,14 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False,
     "clip_sample": False,
 }
-# diffusers' DDIMScheduler defaults: what a config that leaves a key out gets
-DDIM_DEFAULTS: dict[str, Any] = {
-    "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
-    "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True,
-    "clip_sample": True, "clip_sample_range": 1.0,
-}
-_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 
 
 def ddim_scheduler(config: Mapping[str, Any] | None = None) -> DDIMEquivalent:
-    """Our DDIM sampler with the options of a diffusers scheduler config (a dict or a
-    ``scheduler_config.json``'s contents, whatever scheduler class it names; read without diffusers),
-    keys it leaves out taking ``DDIMScheduler``'s defaults; SD 1.5's (:data:`SD15_SCHEDULER_CONFIG`)
-    when ``config`` is None. Step for step what diffusers' ``DDIMScheduler.from_config(config)`` does
-    (see :mod:`diffusion_core.schedulers`); unsupported options are errors naming them."""
-    c = {**DDIM_DEFAULTS, **dict(SD15_SCHEDULER_CONFIG if config is None else config)}
-    bad = [f"{k}={c[k]!r}" for k in ("thresholding", "rescale_betas_zero_snr") if c.get(k)]
-    if c.get("trained_betas") is not None:
-        bad.append("trained_betas")
-    if c["beta_schedule"] not in _BETA_SCHEDULES:
-        bad.append(f"beta_schedule={c['beta_schedule']!r} (known: {', '.join(_BETA_SCHEDULES)})")
-    if c["prediction_type"] not in PREDICTION_FROM_DIFFUSERS:
-        bad.append(f"prediction_type={c['prediction_type']!r}")
-    if c["timestep_spacing"] not in SPACING_FROM_DIFFUSERS:
-        bad.append(f"timestep_spacing={c['timestep_spacing']!r}")
-    if bad:
-        raise ValueError("ddim_scheduler: unsupported scheduler config " + ", ".join(bad))
-    T, kind = int(c["num_train_timesteps"]), _BETA_SCHEDULES[c["beta_schedule"]]
-    betas = make_betas(kind, T) if kind == "cosine" else make_betas(kind, T, beta_start=c["beta_start"],
-                                                                    beta_end=c["beta_end"])
-    diffusion = GaussianDiffusion(betas, PREDICTION_FROM_DIFFUSERS[c["prediction_type"]])
-    # the last step lands on alpha_bar = 1 (set_alpha_to_one) or on alpha_bar_0
-    final = 1.0 if c["set_alpha_to_one"] else float(diffusion.alpha_bar[0])
-    return DDIMEquivalent(diffusion, timestep_spacing=c["timestep_spacing"], steps_offset=int(c["steps_offset"]),
-                          clip_sample=bool(c["clip_sample"]), clip_sample_range=float(c["clip_sample_range"]),
-                          final_alpha_bar=final)
+    """Our DDIM sampler configured by a diffusers scheduler config (a dict, or a ``scheduler_config.json``'s
+    contents, whatever scheduler class it names, as ``DDIMScheduler.from_config`` reads it; no diffusers
+    needed): :func:`~diffusion_core.schedulers.ddim_from_diffusers_config`. SD 1.5's when ``config`` is
+    None (:data:`SD15_SCHEDULER_CONFIG`)."""
+    return ddim_from_diffusers_config(SD15_SCHEDULER_CONFIG if config is None else config)
 
 
 @dataclass
@@ -315,5 +285,5 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return (images / 2 + 0.5).clamp(0.0, 1.0)
 
 
-__all__ = ["DDIM_DEFAULTS", "SD15_SCHEDULER_CONFIG", "StableDiffusion", "clip_tokenizer_from_folder", "ddim_scheduler", "encode_prompt", "initial_latents",
+__all__ = ["SD15_SCHEDULER_CONFIG", "StableDiffusion", "clip_tokenizer_from_folder", "ddim_scheduler", "encode_prompt", "initial_latents",
            "text_to_image", "to_unit_range"]
