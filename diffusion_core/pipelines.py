@@ -26,6 +26,10 @@ One difference from diffusers, on purpose: diffusers skips guidance altogether f
 ``guidance_scale <= 1`` (it runs the conditional model alone), while here every ``s >= 0`` is the
 formula above, so ``s = 0`` is the unconditional (negative-prompt) model; the two agree for ``s = 1``
 and ``s > 1``.
+
+Not here (diffusers has them): ``num_images_per_prompt`` (repeat the prompts), ``guidance_rescale``,
+the ControlNet's ``guess_mode`` and ``control_guidance_start/end``, several ControlNets at once
+(:class:`~diffusion_core.models.controlnet.MultiControlNet`), other schedulers than DDIM.
 """
 
 from __future__ import annotations
