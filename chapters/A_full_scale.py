@@ -347,16 +347,30 @@ def network_available(host: str = "huggingface.co") -> bool:
 
 
 REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"   # the maintained copy of runwayml/stable-diffusion-v1-5
-if not torch.cuda.is_available():
-    print("skipped: sampling the real SD 1.5 needs a GPU (about 3 GB of GPU memory in float16); none here")
-elif not network_available():
-    print(f"skipped: no network to download {REPO} from the Hugging Face Hub")
-else:
+
+
+def download_sd15() -> str | None:
+    """The local folder of SD 1.5's text encoder, UNet, autoencoder, tokenizer and scheduler config
+    (about 4 GB), or None with the reason printed."""
+    if not torch.cuda.is_available():
+        print("skipped: sampling the real SD 1.5 needs a GPU (about 3 GB of GPU memory in float16); none here")
+        return None
+    if not network_available():
+        print(f"skipped: no network to download {REPO} from the Hugging Face Hub")
+        return None
     from huggingface_hub import snapshot_download
 
-    folder = snapshot_download(REPO, allow_patterns=[
-        "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*", "unet/diffusion_pytorch_model.safetensors",
-        "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"])
+    try:
+        return snapshot_download(REPO, allow_patterns=[
+            "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*", "unet/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"])
+    except Exception as err:  # the hub unreachable, the repository moved, a full disk: say so, do not fail the book
+        print(f"skipped: downloading {REPO} failed ({type(err).__name__}: {err})")
+        return None
+
+
+folder = download_sd15()
+if folder is not None:
     real = StableDiffusion.from_pretrained(folder)
     for part in (real.text_encoder, real.unet, real.vae):
         part.to("cuda", torch.float16).eval()
