@@ -40,6 +40,7 @@ DIFFUSERS: dict[str, str] = {
     "T2IAdapter": "diffusion_core.models.t2i_adapter:from_diffusers_t2i_adapter",
     "MultiAdapter": "diffusion_core.models.t2i_adapter:from_diffusers_multi_adapter",
     "UnCLIPTextProjModel": "diffusion_core.models.unclip:from_diffusers_unclip_text_proj",
+    "PriorTransformer": "diffusion_core.models.prior:from_diffusers_prior_transformer",
 }
 
 # transformers class name -> "module:function(obj) -> diffusion_core object"
@@ -64,6 +65,7 @@ FROM_CONFIG: dict[str, str] = {
     "UNet2DModel": "diffusion_core.models.unet:unet2d_from_diffusers_config",
     "T2IAdapter": "diffusion_core.models.t2i_adapter:t2i_adapter_from_diffusers_config",
     "UnCLIPTextProjModel": "diffusion_core.models.unclip:unclip_text_proj_from_diffusers_config",
+    "PriorTransformer": "diffusion_core.models.prior:prior_from_diffusers_config",
     "CLIPTextModel": "diffusion_core.models.clip:text_model_from_transformers_config",
     "CLIPTextModelWithProjection": "diffusion_core.models.clip:text_model_with_projection_from_transformers_config",
     "CLIPVisionModel": "diffusion_core.models.clip:vision_model_from_transformers_config",

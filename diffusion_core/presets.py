@@ -29,6 +29,7 @@ PRESETS: dict[str, str] = {
     "t5-v1_1-xxl-encoder": "diffusion_core.models.t5:t5_v1_1_xxl_encoder",
     "if-stage1-xl": "diffusion_core.models.unet_cond:if_stage1_xl_unet",
     "karlo-decoder": "diffusion_core.models.unet_cond:karlo_decoder_unet",
+    "karlo-prior": "diffusion_core.models.prior:karlo_prior",
 }
 
 

@@ -79,3 +79,22 @@ def test_t5_xxl_encoder_preset_counts_the_public_checkpoint_on_meta():
     assert presets.count_parameters(model.encoder.block[1]) == per_block
     assert 32128 * 4096 + 24 * per_block + 32 * 64 + 4096 == 4_762_310_656  # + relative bias + final norm
     assert all(p.is_meta for p in model.parameters()), "a meta build must allocate no memory"
+
+
+def test_karlo_prior_preset_counts_diffusers_prior_transformer_on_meta():
+    from diffusion_core.models.prior import PriorTransformer
+
+    model = presets.build("karlo-prior", device="meta")
+    assert isinstance(model, PriorTransformer)
+    # kakaobrain/karlo-v1-alpha, prior: diffusers' PriorTransformer defaults (the conversion script's
+    # PRIOR_CONFIG = {}), 20 layers of width 2048 over 77 + 4 slots of 768-wide CLIP ViT-L/14 embeddings
+    assert presets.count_parameters(model) == 1_022_030_080
+    per_block = 4 * (2048 * 2048 + 2048) + 2 * 2048 * 8192 + 8192 + 2048 + 2 * 2 * 2048  # q k v o, MLP, 2 LNs
+    assert presets.count_parameters(model.transformer_blocks[0]) == per_block
+    assert all(p.is_meta for p in model.parameters()), "a meta build must allocate no memory"
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        theirs = diffusers.PriorTransformer()
+    assert presets.count_parameters(theirs) == 1_022_030_080
+    assert {k: tuple(v.shape) for k, v in theirs.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -42,13 +42,36 @@ class GEGLU(nn.Module):
         return a * F.gelu(g)
 
 
-class FeedForward(nn.Module):
-    """``net = [GEGLU(dim -> mult*dim), Dropout, Linear(mult*dim -> dim)]``; ``(B, N, dim) -> (B, N, dim)``."""
+class GELU(nn.Module):
+    """``GELU(W x + b)`` (exact GELU, no gate): diffusers' ``activation_fn="gelu"`` layer, as in
+    unCLIP's prior. ``(..., dim_in) -> (..., dim_out)``."""
 
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
+    def __init__(self, dim_in: int, dim_out: int, bias: bool = True) -> None:
         super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x))
+
+
+FEED_FORWARD_ACTIVATIONS = {"geglu": GEGLU, "gelu": GELU}
+
+
+class FeedForward(nn.Module):
+    """``net = [act(dim -> mult*dim), Dropout, Linear(mult*dim -> dim)]``; ``(B, N, dim) -> (B, N, dim)``.
+
+    ``activation_fn``: ``"geglu"`` (Latent Diffusion's gated GELU, the default) or ``"gelu"``
+    (a plain ``GELU(W_1 x)``: unCLIP's prior).
+    """
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, activation_fn: str = "geglu") -> None:
+        super().__init__()
+        if activation_fn not in FEED_FORWARD_ACTIVATIONS:
+            raise ValueError(f"FeedForward: activation_fn={activation_fn!r} is not supported; expected one of "
+                             f"{', '.join(FEED_FORWARD_ACTIVATIONS)}")
         inner = dim * mult
-        self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim)])
+        act = FEED_FORWARD_ACTIVATIONS[activation_fn](dim, inner)
+        self.net = nn.ModuleList([act, nn.Dropout(dropout), nn.Linear(inner, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -61,6 +84,10 @@ class BasicTransformerBlock(nn.Module):
 
     ``x``: ``(B, N, dim)`` image tokens; ``context``: ``(B, M, cross_attention_dim)`` or ``None``.
     With ``cross_attention_dim=None`` the block has no ``attn2``/``norm2`` (self-attention only).
+    ``attention_bias`` gives Q, K, V projections biases (unCLIP's prior); ``activation_fn`` picks
+    the feed-forward's (``"geglu"`` or ``"gelu"``); ``dropout`` applies after each attention's output
+    projection and inside the feed-forward (as diffusers). ``forward(..., attention_mask=)`` masks
+    the self-attention: a boolean or additive tensor broadcastable to ``(B, heads, N, N)``.
     """
 
     def __init__(
@@ -71,34 +98,37 @@ class BasicTransformerBlock(nn.Module):
         cross_attention_dim: int | None = None,
         dropout: float = 0.0,
         norm_eps: float = 1e-5,
+        attention_bias: bool = False,
+        activation_fn: str = "geglu",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, bias=False)
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, bias=attention_bias, dropout=dropout)
         if cross_attention_dim is not None:
             self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
             # K and V are computed from the conditioning y (cross_attention_dim), Q from the image.
-            self.attn2 = Attention(
-                dim, cross_attention_dim=cross_attention_dim, heads=heads, dim_head=dim_head, bias=False
-            )
+            self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, heads=heads, dim_head=dim_head,
+                                   bias=attention_bias, dropout=dropout)
         else:
             self.norm2 = None
             self.attn2 = None
         self.norm3 = nn.LayerNorm(dim, eps=norm_eps)
-        self.ff = FeedForward(dim, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn)
 
     def forward(
         self,
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # x <- x + SelfAttn(LN(x))
-        x = self.attn1(self.norm1(x)) + x
+        # x <- x + SelfAttn(LN(x))   (masked where attention_mask says so)
+        mask = {} if attention_mask is None else {"attention_mask": attention_mask}
+        x = self.attn1(self.norm1(x), **mask) + x
         if self.attn2 is not None:
             # x <- x + softmax(Q K^T / sqrt(d)) V,  Q = W_Q LN(x),  K = W_K y,  V = W_V y
             x = self.attn2(self.norm2(x), encoder_hidden_states=context, **(cross_attention_kwargs or {})) + x
-        # x <- x + W_2 GEGLU(LN(x))
+        # x <- x + W_2 GEGLU(LN(x))   (or W_2 GELU(W_1 LN(x)))
         return self.ff(self.norm3(x)) + x
 
 
