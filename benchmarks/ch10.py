@@ -9,7 +9,7 @@ from diffusion_core.experiments import instantid as claim
 from diffusion_core.profiles import Profile
 from diffusion_core.recipes import faces as FR
 
-ROWS = ("instantid", "no_identitynet", "ip_clip", "base", "real_same_person")
+ROWS = ("instantid", "no_identitynet", "ip_clip", "base", "autoencoder_same_person", "real_same_person")
 
 
 def metrics(profile: Profile, setting: claim.Setting | None = None) -> dict:
@@ -33,6 +33,8 @@ def metrics(profile: Profile, setting: claim.Setting | None = None) -> dict:
         "landmark_error_ip_clip": c["ip_clip"]["landmark_error"],
         "landmark_error_base": c["base"]["landmark_error"],
         "landmark_error_real": c["real_same_person"]["landmark_error"],
+        "identity_similarity_autoencoder": c["autoencoder_same_person"]["identity_similarity"],
+        "landmark_error_autoencoder": c["autoencoder_same_person"]["landmark_error"],
         "verification_accuracy": s.encoder_metrics["verification_accuracy"],
         "judge_verification_accuracy": identity_judge_accuracy(profile),
         "chance": {k.removesuffix("_accuracy"): v for k, v in c["chance"].items()},
@@ -61,8 +63,9 @@ def run(profile: Profile) -> dict:
     print(f"{m['n']} held-out people, one reference photo each, {m['sampling_steps']} DDIM steps; judge cosine to the "
           "reference / landmark error (px) / nuisances read back (" + ", ".join(FR.NUISANCES) + "):")
     for row in ROWS:
-        ident = m[f"identity_similarity_{row}"] if row != "real_same_person" else m["identity_similarity_same_person_real"]
-        err = m[f"landmark_error_{row}"] if row != "real_same_person" else m["landmark_error_real"]
+        key = {"real_same_person": "same_person_real", "autoencoder_same_person": "autoencoder"}.get(row, row)
+        ident = m[f"identity_similarity_{key}"]
+        err = m[f"landmark_error_{'real' if row == 'real_same_person' else key}"]
         acc = m[f"nuisance_accuracy_{row}"]
         print(f"  {row:>18}: {ident:.3f} / {err:.2f} / " + ", ".join(f"{acc[k]:.2f}" for k in acc))
     print(f"  real other person: {m['identity_similarity_other_person_real']:.3f}; chance: "

@@ -255,15 +255,16 @@ viz.show(fig)
 # %%
 c = claim.identity_claim(profile, setting, seed=profile.seed)
 rows = (("InstantID", "instantid"), ("InstantID without IdentityNet", "no_identitynet"),
-        ("IP-Adapter with CLIP", "ip_clip"), ("base, caption only", "base"), ("real: same person", "real_same_person"))
+        ("IP-Adapter with CLIP", "ip_clip"), ("base, caption only", "base"),
+        ("same person through the autoencoder", "autoencoder_same_person"), ("real: same person", "real_same_person"))
 print(f"{c['n']} held-out people, {c['sampling_steps']} DDIM steps, guidance {recipes.GUIDANCE}")
-print(f"{'':32s} {'identity':>8s} {'landmarks px':>12s} " + " ".join(f"{k:>10s}" for k in FR.NUISANCES))
+print(f"{'':36s} {'identity':>8s} {'landmarks px':>12s} " + " ".join(f"{k:>10s}" for k in FR.NUISANCES))
 for label, key in rows:
     r = c[key]
-    print(f"{label:32s} {r['identity_similarity']:8.3f} {r['landmark_error']:12.2f} "
+    print(f"{label:36s} {r['identity_similarity']:8.3f} {r['landmark_error']:12.2f} "
           + " ".join(f"{r[k + '_accuracy']:10.3f}" for k in FR.NUISANCES))
-print(f"{'real: another person':32s} {c['real_other_person']['identity_similarity']:8.3f}")
-print(f"{'chance':32s} {'':8s} {'':12s} " + " ".join(f"{c['chance'][k + '_accuracy']:10.3f}" for k in FR.NUISANCES))
+print(f"{'real: another person':36s} {c['real_other_person']['identity_similarity']:8.3f}")
+print(f"{'chance':36s} {'':8s} {'':12s} " + " ".join(f"{c['chance'][k + '_accuracy']:10.3f}" for k in FR.NUISANCES))
 
 # %%
 ref8, tgt8 = recipes.reference_and_target(profile, c["n"], seed=100 + profile.seed)

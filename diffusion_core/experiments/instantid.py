@@ -15,7 +15,8 @@ conditions on; landmarks and nuisances by ``faces-evaluator``.
    of sample and reference, landmark error of the sample against the target's landmarks, and the
    caption's nuisances read back from the sample, for InstantID, InstantID without IdentityNet,
    IP-Adapter with CLIP and the base alone; beside the real ceiling (another real photo of the same
-   person) and floor (a real photo of another person).
+   person), the same photo through the autoencoder (what any model sampling in its latent space can at
+   best reach) and the floor (a real photo of another person).
 3. :func:`scale_sweep`: identity and landmarks over IdentityNet's scale (and the adapter's lambda).
 
 The bars were fixed before any measurement (:data:`BARS`); :func:`verdicts` reads them.
@@ -73,6 +74,13 @@ class Setting:
         self.null = self.text([L.NULL_CAPTION])
 
     @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
+        """``D(E(x))`` with the posterior mean: what the latent space keeps of ``images``."""
+        dev = next(self.vae.parameters()).device
+        return torch.cat([self.vae.decode(self.vae.encode(images[i:i + batch].to(dev)).mode()).clamp(-1, 1).cpu()
+                          for i in range(0, len(images), batch)])
+
+    @torch.no_grad()
     def text(self, captions: list[str]) -> torch.Tensor:
         return self.base.encode_text(self.tok.encode(captions).to(self.profile.device))
 
@@ -121,8 +129,10 @@ def identity_claim(profile: Profile, setting: Setting, n: int | None = None, see
         out[name] = setting.scores(images, ref, target)
         if name == "instantid":
             out["images"] = images[:8]
-    # the real references: the target photo itself (same person), and another person's photo
+    # the real references: the target photo itself (same person), and another person's photo; and the
+    # target photo through the autoencoder, the best any model sampling in its latent space can do
     out["real_same_person"] = setting.scores(target.images, ref, target)
+    out["autoencoder_same_person"] = setting.scores(setting.reconstruct(target.images), ref, target)
     other = target[torch.roll(torch.arange(n), 1)]
     out["real_other_person"] = {"identity_similarity": setting.similarity(other.images, ref).mean().item()}
     out["chance"] = {f"{k}_accuracy": 1 / len(FR.NUISANCE_NAMES[k]) for k in FR.NUISANCES}
