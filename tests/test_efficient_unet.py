@@ -212,3 +212,63 @@ def test_benchmark_runs_and_the_efficient_unet_saves_flops_and_activations_at_eq
     assert abs(eff["params"] / reg["params"] - 1) < 0.02  # parameters moved, not removed
     assert eff["gflops_fwd_bwd"] < 0.5 * reg["gflops_fwd_bwd"] and eff["saved_mb"] < 0.6 * reg["saved_mb"]
     assert eff["seconds"] > 0 and "efficient" in bench.table(r)
+
+
+# -- the pixel UNet (DDPM/ADM, chapters 01-02) takes the same options through the same blocks -------------------------
+def _pixel(**options):
+    from diffusion_core.models.unet import UNet2D, UNetConfig
+
+    torch.manual_seed(0)
+    return UNet2D(UNetConfig.tiny(block_out_channels=(16, 32), norm_num_groups=8, **options)).eval()
+
+
+def test_pixel_unet_downsample_first_and_skip_scale():
+    unet = _pixel(layers_per_block=(1, 2), downsample_first=True, skip_scale=0.5)
+    x = torch.randn(2, 3, 16, 16)
+    down, hooks = _resnet_input_shapes(unet.down_blocks)
+    seen = []
+    hooks += [r.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in unet.up_blocks for r in b.resnets]
+    skips = []
+    hooks += [b.register_forward_hook(lambda m, i, o: skips.extend(o[1])) for b in unet.down_blocks]
+    with torch.no_grad():
+        out = unet(x, 5)
+    for h in hooks:
+        h.remove()
+    assert out.shape == x.shape
+    assert down[(0, 0)] == (2, 16, 8, 8) and down[(1, 1)] == (2, 32, 4, 4)
+    assert [len(b.resnets) for b in unet.down_blocks] == [1, 2] and [len(b.resnets) for b in unet.up_blocks] == [3, 2]
+    assert len(seen) == len(skips) == 5
+    for inp, skip in zip(seen, reversed(skips)):
+        assert torch.equal(inp[:, -skip.shape[1]:], 0.5 * skip)
+    unet.train()(x, 5).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in unet.parameters())
+    with pytest.raises(ValueError, match="multiples of 4"):
+        unet(torch.randn(1, 3, 6, 6), 5)
+
+
+@pytest.mark.parametrize("options, field", [
+    (dict(layers_per_block=(1, 2, 3)), "layers_per_block"),
+    (dict(layers_per_block=(1, 0)), "layers_per_block"),
+    (dict(skip_scale=0), "skip_scale"),
+    (dict(skip_scale=math.inf), "skip_scale"),
+    (dict(downsample_first=1), "downsample_first"),
+])
+def test_pixel_unet_bad_options_are_errors_naming_the_field(options, field):
+    from diffusion_core.models.unet import UNetConfig
+
+    with pytest.raises(ValueError, match=field):
+        UNetConfig.tiny(**options)
+
+
+def test_pixel_unet_own_options_have_no_diffusers_config():
+    from diffusion_core.models.unet import UNetConfig
+
+    for options, field in ((dict(skip_scale=0.5), "skip_scale"), (dict(downsample_first=True), "downsample_first"),
+                           (dict(layers_per_block=(1, 2)), "layers_per_block")):
+        with pytest.raises(ValueError, match=f"{field}.*no diffusers equivalent"):
+            UNetConfig.tiny(**options).to_diffusers_config()
+    d = UNetConfig.tiny().to_diffusers_config()
+    assert "skip_scale" not in d and "downsample_first" not in d
+    assert UNetConfig.tiny(layers_per_block=(1, 1)).to_diffusers_config() == d
+    with pytest.raises(ValueError, match="unknown UNet2DModel keys.*skip_scale"):
+        UNetConfig.from_diffusers_config({**d, "skip_scale": 0.5})
