@@ -80,11 +80,13 @@ def fwd_bwd_flops(model: torch.nn.Module, step: Callable[[], torch.Tensor]) -> i
 
 
 def measure(batch: int = 4, repeats: int = 10, warmup: int = 2, device: str | torch.device = "cpu",
-            seed: int = 0, tokens: int = 8, names: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, dict[str, float]]:
-    """``{variant: {"params", "gflops_fwd_bwd", "saved_mb", "peak_mb" (CUDA), "seconds"}}``."""
+            seed: int = 0, tokens: int = 8, names: tuple[str, ...] = tuple(VARIANTS),
+            size: int = BASE["sample_size"]) -> dict[str, dict[str, float]]:
+    """``{variant: {"params", "gflops_fwd_bwd", "saved_mb", "peak_mb" (CUDA), "seconds"}}`` for
+    ``(batch, 3, size, size)`` images (``size`` a multiple of 8)."""
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, BASE["in_channels"], BASE["sample_size"], BASE["sample_size"], generator=g).to(device)
+    x = torch.randn(batch, BASE["in_channels"], size, size, generator=g).to(device)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     ctx = torch.randn(batch, tokens, BASE["cross_attention_dim"], generator=g).to(device)
     models, steps, out = {}, {}, {}
@@ -136,6 +138,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=BASE["sample_size"], help="image size (a multiple of 8)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3, help="independent interleaved runs, each printed")
     parser.add_argument("--device", default="cpu")
@@ -145,5 +148,6 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     for run in range(args.runs):
-        print(f"run {run + 1}/{args.runs}: batch {args.batch}, {args.repeats} interleaved repeats, {args.device}")
-        print(table(measure(args.batch, args.repeats, device=args.device, seed=run)))
+        print(f"run {run + 1}/{args.runs}: batch {args.batch}, {args.size}x{args.size}, {args.repeats} interleaved "
+              f"repeats, {args.device}")
+        print(table(measure(args.batch, args.repeats, device=args.device, seed=run, size=args.size)))

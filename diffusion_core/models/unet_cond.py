@@ -135,8 +135,9 @@ class CondUNetConfig:
       same tuple: down block ``i`` has ``layers_per_block[i]`` residual blocks, up block ``i``
       ``reversed(layers_per_block)[i] + 1``.
     * ``skip_scale``: every skip connection is multiplied by it before the up blocks concatenate it
-      (the paper's ``1/sqrt(2)``). Not ``resnet_out_scale_factor``, which divides the residual sum
-      inside the GLIDE-family residual blocks.
+      (the paper's ``1/sqrt(2)``; a ControlNet's residuals, added to the skips first, are scaled with
+      them). Not ``resnet_out_scale_factor``, which divides the residual sum inside the GLIDE-family
+      residual blocks.
     * ``downsample_first``: every down block (the last too) downsamples *before* its residual blocks,
       and every up block (the last too) upsamples after them, so level ``i`` runs at ``H / 2^(i+1)``:
       the full resolution keeps only ``conv_in`` and ``conv_out``, and the input must be divisible by
