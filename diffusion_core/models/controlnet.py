@@ -149,7 +149,8 @@ class ControlNet(UNetEncoder):
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             ch[0], config.conditioning_channels, config.conditioning_embedding_out_channels)
         # one zero conv per skip connection: conv_in's output, then each block's layers and downsampler
-        widths = [ch[0]]
+        # (with the Efficient U-Net's downsample_first: no conv_in, each block's downsampler first)
+        widths = [] if config.unet.downsample_first else [ch[0]]
         for block in self.down_blocks:
             widths += [block.out_channels] * (len(block.resnets) + (block.downsamplers is not None))
         self.controlnet_down_blocks = nn.ModuleList(_zero_conv(w) for w in widths)
@@ -182,7 +183,7 @@ class ControlNet(UNetEncoder):
             raise ValueError(f"ControlNet.check_fits needs a UNet2DCondition, got {type(unet).__name__}")
         mine, theirs = self.config, unet.config
         for f in ("in_channels", "block_out_channels", "down_block_types", "mid_block_type", "layers_per_block",
-                  "cross_attention_dim", "num_class_embeds"):
+                  "cross_attention_dim", "num_class_embeds", "downsample_first"):
             n = len(mine.block_out_channels)
             a, b = getattr(mine, f), getattr(theirs, f)
             if f == "layers_per_block":

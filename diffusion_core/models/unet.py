@@ -12,6 +12,12 @@ the timestep given to every residual block through the Transformer sinusoidal em
     up blocks:    (concat a popped skip, resnet, attention?) x (layers_per_block + 1), upsample
     out = conv_out(silu(conv_norm_out(h)))
 
+Imagen's Efficient U-Net options (Saharia et al. 2022, App. B.1; chapter 13, where
+:class:`.unet_cond.CondUNetConfig` documents them) exist here too, off by default:
+``layers_per_block`` per level, ``skip_scale`` and ``downsample_first``. diffusers' ``UNet2DModel``
+has none of them (its ``layers_per_block`` is one int), so :meth:`UNetConfig.to_diffusers_config`
+refuses a config that uses them.
+
 Submodule names are diffusers' (``down_blocks.1.attentions.0.to_q``...), so a ``UNet2DModel``
 state dict loads with no renaming: :func:`from_diffusers_unet2d` converts a diffusers model,
 :meth:`UNet2D.from_pretrained` reads a diffusers folder (safetensors only).
@@ -20,6 +26,7 @@ state dict loads with no renaming: :func:`from_diffusers_unet2d` converts a diff
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +63,7 @@ class UNetConfig:
     block_out_channels: tuple[int, ...] = (128, 256, 256, 256)
     down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")
     up_block_types: tuple[str, ...] = ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
-    layers_per_block: int = 2
+    layers_per_block: int | tuple[int, ...] = 2
     attention_head_dim: int | None = None
     norm_num_groups: int = 32
     attn_norm_num_groups: int | None = None
@@ -78,6 +85,9 @@ class UNetConfig:
     act_fn: str = "silu"
     downsample_type: str = "conv"
     upsample_type: str = "conv"
+    # Imagen's Efficient U-Net (App. B.1): our own options, no UNet2DModel keys
+    skip_scale: float = 1.0
+    downsample_first: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # ignored diffusers keys
 
     def __post_init__(self) -> None:
@@ -121,8 +131,14 @@ class UNetConfig:
 
     @property
     def downsampling_factor(self) -> int:
-        """H and W must be multiples of this: ``2 ** (levels - 1)``."""
-        return 2 ** (len(self.block_out_channels) - 1)
+        """H and W must be multiples of this: ``2 ** (levels - 1)``; ``2 ** levels`` with ``downsample_first``."""
+        return 2 ** (len(self.block_out_channels) - (not self.downsample_first))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """``layers_per_block`` per level."""
+        n, lpb = len(self.block_out_channels), self.layers_per_block
+        return tuple(int(v) for v in lpb) if isinstance(lpb, (list, tuple)) else (int(lpb),) * n
 
     def head_dim(self, channels: int) -> int:
         return self.attention_head_dim if self.attention_head_dim is not None else channels
@@ -150,9 +166,22 @@ class UNetConfig:
             for name in getattr(self, kind):
                 if name not in known:
                     raise ValueError(f"UNetConfig: {kind} has {name!r}; supported: {', '.join(known)}")
-        for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
+        for name in ("in_channels", "out_channels", "norm_num_groups"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"UNetConfig: {name} must be positive, got {getattr(self, name)}")
+        if isinstance(self.layers_per_block, (list, tuple)):
+            self.layers_per_block = tuple(self.layers_per_block)
+            if len(self.layers_per_block) != levels:
+                raise ValueError(f"UNetConfig: layers_per_block has {len(self.layers_per_block)} entries but there "
+                                 f"are {levels} blocks")
+        if min(self.layers) < 1:
+            raise ValueError(f"UNetConfig: layers_per_block must be positive, got {self.layers_per_block}")
+        if isinstance(self.skip_scale, bool) or not isinstance(self.skip_scale, (int, float)) \
+                or not math.isfinite(self.skip_scale) or self.skip_scale <= 0:
+            raise ValueError(f"UNetConfig: skip_scale must be a positive number (Imagen: 1/sqrt(2)), "
+                             f"got {self.skip_scale!r}")
+        if not isinstance(self.downsample_first, bool):
+            raise ValueError(f"UNetConfig: downsample_first must be a bool, got {self.downsample_first!r}")
         for name in ("attention_head_dim", "attn_norm_num_groups"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"UNetConfig: {name} must be positive (or None), got {getattr(self, name)}")
@@ -208,7 +237,7 @@ class UNetConfig:
     def from_diffusers_config(cls, config: dict[str, Any]) -> UNetConfig:
         """Our config from a ``UNet2DModel`` config (``model.config`` or a config.json dict).
         Missing keys take diffusers' defaults; keys starting with ``_`` are ignored."""
-        own = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        own = {f.name for f in dataclasses.fields(cls)} - {"extra", "skip_scale", "downsample_first"}  # ours only
         cfg = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in dict(config).items() if not k.startswith("_")}}
         extra = {k: cfg.pop(k) for k in list(cfg) if k in _IGNORED_DIFFUSERS_KEYS}
         unknown = sorted(set(cfg) - own)
@@ -217,8 +246,18 @@ class UNetConfig:
         return cls(**cfg, extra=extra)
 
     def to_diffusers_config(self) -> dict[str, Any]:
-        """The keyword arguments of an equivalent ``diffusers.UNet2DModel(**config)``."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        """The keyword arguments of an equivalent ``diffusers.UNet2DModel(**config)``; a ValueError
+        for the Efficient U-Net options, which ``UNet2DModel`` does not have."""
+        for name, default in (("skip_scale", 1.0), ("downsample_first", False)):
+            if getattr(self, name) != default:
+                raise ValueError(f"UNetConfig.to_diffusers_config: {name}={getattr(self, name)!r} has no diffusers "
+                                 "equivalent (UNet2DModel has no such option)")
+        if isinstance(self.layers_per_block, tuple):
+            if len(set(self.layers)) > 1:
+                raise ValueError(f"UNetConfig.to_diffusers_config: layers_per_block={self.layers_per_block} per level "
+                                 "has no diffusers equivalent (UNet2DModel takes one int)")
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("extra", "skip_scale", "downsample_first")}
+        out["layers_per_block"] = self.layers[0]
         for k in ("block_out_channels", "down_block_types", "up_block_types"):
             out[k] = list(out[k])
         return {**out, **self.extra}
@@ -261,16 +300,17 @@ def _resnets(cfg: UNetConfig):
 def build_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, nn.Module | None, nn.ModuleList]:
     """``(down_blocks, mid_block, up_blocks)`` of the pixel UNet, from the one block family of
     :mod:`.unet_blocks` (``AttnDownBlock2D`` = a down block with pixel self-attention)."""
-    ch, levels = cfg.block_out_channels, len(cfg.block_out_channels)
+    ch, levels, layers = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers
     resnet = _resnets(cfg)
+    first = cfg.downsample_first  # Efficient U-Net: every block resamples, the down blocks first
 
     def attention(on: bool):
         return (lambda c: _spatial_attention(c, cfg, cfg.norm_num_groups)) if on else None
 
     down = nn.ModuleList(
-        DownBlock2D(ch[max(i - 1, 0)], ch[i], num_layers=cfg.layers_per_block, resnet=resnet,
-                    attention=attention(DOWN_BLOCK_TYPES[kind]), add_downsample=i < levels - 1,
-                    downsample_padding=cfg.downsample_padding)
+        DownBlock2D(ch[max(i - 1, 0)], ch[i], num_layers=layers[i], resnet=resnet,
+                    attention=attention(DOWN_BLOCK_TYPES[kind]), add_downsample=i < levels - 1 or first,
+                    downsample_padding=cfg.downsample_padding, downsample_first=first)
         for i, kind in enumerate(cfg.down_block_types)
     )
     mid = None
@@ -278,10 +318,11 @@ def build_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, nn.Module | None, nn.M
         scale = cfg.mid_block_scale_factor
         mid_attn = (lambda c: _spatial_attention(c, cfg, cfg.mid_attn_groups, scale)) if cfg.add_attention else None
         mid = UNetMidBlock2D(ch[-1], num_layers=1, resnet=resnet, attention=mid_attn, scale=scale)
-    rev = ch[::-1]
+    rev, rlayers = ch[::-1], layers[::-1]
     up = nn.ModuleList(
-        UpBlock2D(rev[min(i + 1, levels - 1)], rev[max(i - 1, 0)], rev[i], num_layers=cfg.layers_per_block + 1,
-                  resnet=resnet, attention=attention(UP_BLOCK_TYPES[kind]), add_upsample=i < levels - 1)
+        UpBlock2D(rev[i] if first else rev[min(i + 1, levels - 1)], rev[max(i - 1, 0)], rev[i],
+                  num_layers=rlayers[i] + 1, resnet=resnet, attention=attention(UP_BLOCK_TYPES[kind]),
+                  add_upsample=i < levels - 1 or first, skip_scale=cfg.skip_scale)
         for i, kind in enumerate(cfg.up_block_types)
     )
     return down, mid, up
@@ -338,7 +379,7 @@ class UNet2D(nn.Module):
 
         # the U: push every feature map on the way down, pop them on the way up
         h = self.conv_in(x)
-        skips = [h]
+        skips = [] if self.config.downsample_first else [h]  # no residual block at full resolution to take it
         for block in self.down_blocks:
             h, block_skips = block(h, emb)
             skips.extend(block_skips)
@@ -356,7 +397,7 @@ class UNet2D(nn.Module):
         f = cfg.downsampling_factor
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(
-                f"UNet2D: H and W must be multiples of {f} (the UNet halves them {len(cfg.block_out_channels) - 1} "
+                f"UNet2D: H and W must be multiples of {f} (the UNet halves them {f.bit_length() - 1} "
                 f"times), got {tuple(x.shape[-2:])}"
             )
         b = x.shape[0]

@@ -30,6 +30,22 @@ The skip protocol, the same everywhere::
 attention adds it after its last (resnet, attention) pair, before downsampling; a block without adds
 it to its output after downsampling. Either way the block's last skip carries it (diffusers'
 ``UNet2DConditionModel`` semantics).
+
+Imagen's Efficient U-Net (Saharia et al. 2022, App. B.1, Figs. A.28-A.30) is two options of these
+blocks (chapter 13), both off by default, so every diffusers checkpoint builds as before:
+
+* ``DownBlock2D(downsample_first=True)``: the block resamples *before* its residual blocks (the
+  paper's DBlock: strided conv, then the residual blocks), so they run at half the block's input
+  resolution, a quarter of the pixels, and the downsampler (not the first residual block) changes the
+  width ``in_channels -> out_channels``. Its skips: the downsampler's output first, then one per
+  residual layer (the same count as the standard block's). The UNet's up blocks then mirror it: each
+  runs its residual blocks at the low resolution and upsamples *after* them (the paper's UBlock),
+  which our up blocks, like diffusers', already do; what changes there is that the last up block
+  upsamples too (see :func:`.unet_cond.build_up_blocks`).
+* ``UpBlock2D(skip_scale=s)``: every skip connection is multiplied by ``s`` before it is concatenated
+  (the paper's "scale skip connections by 1/sqrt(2)"). Not ``resnet_out_scale_factor`` /
+  ``output_scale_factor``, which divides the *residual* sum ``(shortcut(x) + F(x)) / s`` inside each
+  residual block (NCSN++'s ``skip_rescale``; diffusers' option for GLIDE-family blocks).
 """
 
 from __future__ import annotations
@@ -62,24 +78,34 @@ class DownBlock2D(nn.Module):
 
     diffusers' ``DownBlock2D``, ``AttnDownBlock2D`` and ``CrossAttnDownBlock2D``; with
     ``resnet_resample`` its ``ResnetDownsampleBlock2D`` and ``SimpleCrossAttnDownBlock2D``.
+
+    ``downsample_first`` (Imagen's DBlock, Saharia et al. 2022, App. B.1): the downsampler, ``in ->
+    out`` channels, runs first and the ``num_layers`` x (residual block [+ attention]) after it, at
+    ``H/2``; skips: the downsampler's output, then one per layer. Without ``add_downsample`` it does
+    nothing.
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, resnet: ResnetFactory,
                  attention: AttentionFactory | None = None, cross_attention: bool = False,
-                 add_downsample: bool = True, downsample_padding: int = 1, resnet_resample: bool = False):
+                 add_downsample: bool = True, downsample_padding: int = 1, resnet_resample: bool = False,
+                 downsample_first: bool = False):
         super().__init__()
         self.has_cross_attention = attention is not None and cross_attention
         self.resnet_resample = resnet_resample
-        self.resnets = nn.ModuleList(resnet(in_channels if i == 0 else out_channels, out_channels)
+        # Imagen's DBlock (App. B.1): downsample first, so the residual blocks see H/2 x W/2
+        self.downsample_first = downsample_first and add_downsample
+        first_in = out_channels if self.downsample_first else in_channels   # the first residual block's input
+        down_in = in_channels if self.downsample_first else out_channels    # the downsampler's input
+        self.resnets = nn.ModuleList(resnet(first_in if i == 0 else out_channels, out_channels)
                                      for i in range(num_layers))
         self.attentions = (nn.ModuleList(attention(out_channels) for _ in range(num_layers))
                            if attention is not None else None)
         if not add_downsample:
             self.downsamplers = None
         elif resnet_resample:  # a residual block that average-pools both its paths
-            self.downsamplers = nn.ModuleList([resnet(out_channels, out_channels, down=True)])
+            self.downsamplers = nn.ModuleList([resnet(down_in, out_channels, down=True)])
         else:
-            self.downsamplers = nn.ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels,
+            self.downsamplers = nn.ModuleList([Downsample2D(down_in, use_conv=True, out_channels=out_channels,
                                                             padding=downsample_padding)])
 
     @property
@@ -90,6 +116,9 @@ class DownBlock2D(nn.Module):
                 cross_attention_kwargs: dict[str, Any] | None = None,
                 additional_residual: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
+        if self.downsample_first:  # Efficient U-Net: strided conv, then the residual blocks at H/2
+            h = self._downsample(h, temb)
+            skips.append(h)
         last = len(self.resnets) - 1
         for i, resnet in enumerate(self.resnets):
             h = resnet(h, temb)
@@ -99,13 +128,16 @@ class DownBlock2D(nn.Module):
                 if i == last and additional_residual is not None:
                     h = h + additional_residual  # T2I-Adapter, before downsampling
             skips.append(h)
-        if self.downsamplers is not None:
-            h = self.downsamplers[0](h, temb) if self.resnet_resample else self.downsamplers[0](h)
+        if self.downsamplers is not None and not self.downsample_first:
+            h = self._downsample(h, temb)
             skips.append(h)
         if self.attentions is None and additional_residual is not None:
             h = h + additional_residual  # T2I-Adapter, on the block's output
             skips[-1] = h
         return h, skips
+
+    def _downsample(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return self.downsamplers[0](h, temb) if self.resnet_resample else self.downsamplers[0](h)
 
 
 class UNetMidBlock2D(nn.Module):
@@ -150,14 +182,19 @@ class UpBlock2D(nn.Module):
     block's input), the others ``out_channels``. diffusers' ``UpBlock2D``, ``AttnUpBlock2D`` and
     ``CrossAttnUpBlock2D``; with ``resnet_resample`` its ``ResnetUpsampleBlock2D`` and
     ``SimpleCrossAttnUpBlock2D``.
+
+    ``skip_scale``: each skip is multiplied by it before the concatenation, ``cat([h, s * skip])``
+    (Imagen's Efficient U-Net, Saharia et al. 2022, App. B.1: ``1/sqrt(2)``); 1.0 (diffusers) skips
+    the multiplication.
     """
 
     def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, *, num_layers: int,
                  resnet: ResnetFactory, attention: AttentionFactory | None = None, cross_attention: bool = False,
-                 add_upsample: bool = True, resnet_resample: bool = False):
+                 add_upsample: bool = True, resnet_resample: bool = False, skip_scale: float = 1.0):
         super().__init__()
         self.has_cross_attention = attention is not None and cross_attention
         self.resnet_resample = resnet_resample
+        self.skip_scale = float(skip_scale)
         self.resnets = nn.ModuleList(
             resnet((prev_output_channel if i == 0 else out_channels)
                    + (in_channels if i == num_layers - 1 else out_channels), out_channels)
@@ -178,7 +215,10 @@ class UpBlock2D(nn.Module):
         if len(skips) != len(self.resnets):
             raise ValueError(f"UpBlock2D: got {len(skips)} skip connections for {len(self.resnets)} residual layers")
         for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips[-1 - i]], dim=1), temb)
+            skip = skips[-1 - i]
+            if self.skip_scale != 1.0:
+                skip = skip * self.skip_scale  # Efficient U-Net (App. B.1): skip / sqrt(2) before concatenating
+            h = resnet(torch.cat([h, skip], dim=1), temb)
             if self.attentions is not None:
                 h = _attend(self.attentions[i], h, self.has_cross_attention, encoder_hidden_states,
                             cross_attention_kwargs)

@@ -37,6 +37,7 @@ Parameter names follow diffusers' ``UNet2DConditionModel`` so its checkpoints lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +127,26 @@ class CondUNetConfig:
     * ``encoder_hid_dim`` (``encoder_hid_dim_type="text_proj"``, the default when it is set): the
       text tokens come in with ``encoder_hid_dim`` channels and ``encoder_hid_proj`` maps them to
       ``cross_attention_dim`` (IF: T5's 4096); the addition embedding pools them before it.
+
+    Imagen's Efficient U-Net (Saharia et al. 2022, App. B.1), chapter 13, as three options:
+
+    * ``layers_per_block`` per level, e.g. ``(1, 2, 4)``: parameters moved from the high-resolution
+      levels to the low ones ("more residual blocks at the lower resolutions"). diffusers takes the
+      same tuple: down block ``i`` has ``layers_per_block[i]`` residual blocks, up block ``i``
+      ``reversed(layers_per_block)[i] + 1``.
+    * ``skip_scale``: every skip connection is multiplied by it before the up blocks concatenate it
+      (the paper's ``1/sqrt(2)``; a ControlNet's residuals, added to the skips first, are scaled with
+      them). Not ``resnet_out_scale_factor``, which divides the residual sum inside the GLIDE-family
+      residual blocks.
+    * ``downsample_first``: every down block (the last too) downsamples *before* its residual blocks,
+      and every up block (the last too) upsamples after them, so level ``i`` runs at ``H / 2^(i+1)``:
+      the full resolution keeps only ``conv_in`` and ``conv_out``, and the input must be divisible by
+      ``2^len(block_out_channels)``. ``conv_in``'s output is then no skip; each down block's skips are
+      its downsampler's output and its residual layers' (see :mod:`.unet_blocks`).
+
+    ``skip_scale`` and ``downsample_first`` are this package's own options: diffusers'
+    ``UNet2DConditionModel`` has no keys for them, so :func:`unet_config_from_diffusers` never sets
+    them and :meth:`to_diffusers_config` refuses a config that uses them.
     """
 
     sample_size: int = 64
@@ -166,6 +187,9 @@ class CondUNetConfig:
     encoder_hid_dim_type: str | None = None
     time_embedding_dim: int | None = None
     time_embedding_act_fn: str | None = None
+    # Imagen's Efficient U-Net (App. B.1): our own options, no diffusers keys
+    skip_scale: float = 1.0
+    downsample_first: bool = False
 
     @classmethod
     def sd15(cls) -> CondUNetConfig:
@@ -273,8 +297,15 @@ class CondUNetConfig:
         for c, h in zip(self.block_out_channels, heads):
             if uses_cross and c % h:
                 raise ValueError(f"CondUNetConfig: {c} channels are not divisible into {h} attention heads")
-        _per_block(self.layers_per_block, n, "layers_per_block")
+        if min(_per_block(self.layers_per_block, n, "layers_per_block")) < 1:
+            raise ValueError(f"CondUNetConfig: layers_per_block must all be positive, got {self.layers_per_block}")
         _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+        if isinstance(self.skip_scale, bool) or not isinstance(self.skip_scale, (int, float)) \
+                or not math.isfinite(self.skip_scale) or self.skip_scale <= 0:
+            raise ValueError(f"CondUNetConfig: skip_scale must be a positive number (Imagen: 1/sqrt(2) = "
+                             f"{2 ** -0.5:.4f}), got {self.skip_scale!r}")
+        if not isinstance(self.downsample_first, bool):
+            raise ValueError(f"CondUNetConfig: downsample_first must be a bool, got {self.downsample_first!r}")
 
     def _check_pixel_family(self, n: int) -> None:
         """The options of the GLIDE / unCLIP / IF family: each a ValueError naming the field."""
@@ -360,8 +391,13 @@ class CondUNetConfig:
         return self.only_cross_attention if isinstance(self.only_cross_attention, bool) else False
 
     def to_diffusers_config(self) -> dict[str, Any]:
-        """The keyword arguments of the equivalent diffusers ``UNet2DConditionModel``."""
+        """The keyword arguments of the equivalent diffusers ``UNet2DConditionModel``; a ValueError
+        for the Efficient U-Net's ``skip_scale`` / ``downsample_first`` (diffusers has no such keys)."""
         n = len(self.block_out_channels)
+        for name in ("skip_scale", "downsample_first"):
+            if getattr(self, name) != CondUNetConfig.__dataclass_fields__[name].default:
+                raise ValueError(f"CondUNetConfig.to_diffusers_config: {name}={getattr(self, name)!r} has no "
+                                 "diffusers equivalent (UNet2DConditionModel has no such option)")
         d = dict(
             sample_size=self.sample_size, in_channels=self.in_channels, out_channels=self.out_channels,
             block_out_channels=self.block_out_channels, down_block_types=self.down_block_types,
@@ -398,7 +434,9 @@ class CondUNetConfig:
 
     @property
     def downsampling_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
+        """H and W must be multiples of this: ``2^(levels - 1)``, ``2^levels`` with ``downsample_first``
+        (every down block halves the resolution)."""
+        return 2 ** (len(self.block_out_channels) - (not self.downsample_first))
 
     @property
     def time_embed_dim(self) -> int:
@@ -476,9 +514,11 @@ def build_down_blocks(cfg: CondUNetConfig) -> nn.ModuleList:
             attention = _added_kv_attention(cfg, head_dims[i], only[i])
         else:
             attention = None
+        # Efficient U-Net (App. B.1): with downsample_first every block (the last too) halves first
         blocks.append(DownBlock2D(ch[max(i - 1, 0)], ch[i], num_layers=layers[i], resnet=glide_resnet if glide else resnet,
-                                  attention=attention, cross_attention=True, add_downsample=i < n - 1,
-                                  downsample_padding=1, resnet_resample=glide))
+                                  attention=attention, cross_attention=True,
+                                  add_downsample=i < n - 1 or cfg.downsample_first, downsample_padding=1,
+                                  resnet_resample=glide, downsample_first=cfg.downsample_first))
     return nn.ModuleList(blocks)
 
 
@@ -519,9 +559,13 @@ def build_up_blocks(cfg: CondUNetConfig) -> nn.ModuleList:
             attention = _added_kv_attention(cfg, head_dims[i], only[i])
         else:
             attention = None
-        blocks.append(UpBlock2D(rev[min(i + 1, n - 1)], rev[max(i - 1, 0)], rev[i], num_layers=rlayers[i] + 1,
+        # the last skip's width: the matching down block's input; with downsample_first every skip of
+        # down block n-1-i (its downsampler's and residual layers' outputs) has that block's width
+        skip_in = rev[i] if cfg.downsample_first else rev[min(i + 1, n - 1)]
+        blocks.append(UpBlock2D(skip_in, rev[max(i - 1, 0)], rev[i], num_layers=rlayers[i] + 1,
                                 resnet=glide_resnet if glide else resnet, attention=attention, cross_attention=True,
-                                add_upsample=i < n - 1, resnet_resample=glide))
+                                add_upsample=i < n - 1 or cfg.downsample_first, resnet_resample=glide,
+                                skip_scale=cfg.skip_scale))
     return nn.ModuleList(blocks)
 
 
@@ -576,7 +620,14 @@ class UNetEncoder(nn.Module):
 
     def skip_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
         """The shapes of the skip connections for an input ``(batch, in_channels, height, width)``, in
-        order: ``conv_in``'s output, then each down block's residual layers and downsampler."""
+        order: ``conv_in``'s output, then each down block's residual layers and downsampler (with
+        ``downsample_first``: no ``conv_in``, and each block's downsampler before its layers)."""
+        if self.config.downsample_first:
+            shapes = []
+            for block in self.down_blocks:
+                height, width = (height + 1) // 2, (width + 1) // 2
+                shapes += [(batch, block.out_channels, height, width)] * (len(block.resnets) + 1)
+            return shapes
         h, w, shapes = height, width, [(batch, self.config.block_out_channels[0], height, width)]
         for block in self.down_blocks:
             c = block.out_channels
@@ -593,6 +644,10 @@ class UNetEncoder(nn.Module):
         h, w, shapes = height, width, []
         for block in self.down_blocks:
             down = block.downsamplers is not None
+            if block.downsample_first:  # the feature lands after the residual blocks, at H/2
+                h, w = (h + 1) // 2, (w + 1) // 2
+                shapes.append((batch, block.out_channels, h, w))
+                continue
             if block.attentions is None and down:
                 shapes.append((batch, block.out_channels, (h + 1) // 2, (w + 1) // 2))
             else:
@@ -720,7 +775,8 @@ class UNetEncoder(nn.Module):
         intra = list(down_intrablock_additional_residuals or [])
         if intra:
             self._check_adapter_features(intra, h)
-        skips = [h]
+        # with downsample_first no residual block runs at conv_in's resolution: its output is no skip
+        skips = [] if self.config.downsample_first else [h]
         for block in self.down_blocks:
             h, block_skips = block(h, emb, encoder_hidden_states, cross_attention_kwargs,
                                    additional_residual=intra.pop(0) if intra else None)
@@ -735,7 +791,8 @@ class UNetEncoder(nn.Module):
         who = type(self).__name__
         want = self.adapter_shapes(h.shape[0], h.shape[2], h.shape[3])
         mid = (h.shape[0], self.down_blocks[-1].out_channels, *want[-1][2:]) if self.mid_block is not None else None
-        if self.mid_block is not None and self.down_blocks[-1].downsamplers is not None:
+        last = self.down_blocks[-1]
+        if self.mid_block is not None and last.downsamplers is not None and not last.downsample_first:
             mid = None  # the middle's resolution is below the last block's: never the adapter's
         if len(feats) > len(want) + (mid is not None):
             raise ValueError(f"{who}: got {len(feats)} down_intrablock_additional_residuals (T2I-Adapter features); "
