@@ -1,0 +1,368 @@
+"""GLIDE on the shapes world (chapter 11; Nichol et al. 2021), trained by fixed recipes and cached.
+
+* ``shapes-glide``: GLIDE's text-conditional *pixel* diffusion model on one-object scenes ("a large
+  red circle at the top left", and paraphrases), 16x16 at ``smoke`` and ``cpu``, 32x32 at ``gpu``
+  (the scenes rendered by :class:`ShapesWorld` at that resolution). The network is
+  :class:`~diffusion_core.models.glide.GLIDETextUNet`: a caption transformer (chapter 05's CLIP text
+  tower, trained from scratch jointly with the UNet) whose token states are appended to the keys
+  and values of every attention layer and whose final token is added to the timestep embedding,
+  in :class:`UNet2DCondition` with the GLIDE family's options (AdaGN residual blocks, residual
+  resampling, ``SimpleCrossAttn`` blocks). As GLIDE:
+
+  - captions are replaced by the empty caption with probability ``p_uncond = 0.2`` (GLIDE: "20% of
+    the token sequences replaced with the empty sequence") for classifier-free guidance;
+  - the cosine noise schedule, T = 1000, eps-prediction with a *learned* variance (Improved DDPM's
+    ``learned_range``) trained by L_hybrid (lambda = 0.001). GLIDE learns Sigma; here it also earns
+    its keep twice: sampling in 50-100 respaced steps stays good, and CLIP guidance scales its
+    gradient by Sigma_theta itself (eq. 6). ``"variance": "fixed_small"`` in the config gives the
+    plain L_simple model instead.
+  - chapter 04's coordinate channels are added to the UNet's input (not GLIDE's: without them a
+    small model trained briefly learns *what* a caption names long before *where*).
+
+* ``shapes-clip-noisy``: the noise-aware CLIP of GLIDE Sec. 2.3: its image tower
+  (:class:`~diffusion_core.models.glide.NoisyImageEncoder`, a small CNN modulated by the timestep
+  embedding) takes ``x_t`` and ``t``, and is trained with CLIP's contrastive loss against the text
+  tower on images noised by ``q(x_t | x_0)`` of the *same* process as ``shapes-glide`` at uniform
+  random t, on the same captioned scenes.
+
+* ``shapes-glide-inpaint``: ``shapes-glide`` fine-tuned for inpainting (GLIDE Sec. 4 / App.): four
+  input channels more (the known pixels ``x * m`` and the mask ``m``), their weights in ``conv_in``
+  zero-initialised so that the fine-tuning starts from the base model exactly; random rectangles of
+  the image are erased (the mask keeps the rest), and the loss is the base model's on the whole image.
+
+Sampling (:func:`sample`): ancestral sampling in ``steps`` respaced steps with classifier-free
+guidance (``guidance="cfg"``, GLIDE's scale s: 1 = the conditional model) or CLIP guidance
+(``guidance="clip"``, GLIDE eq. 6 with the noise-aware CLIP, the model conditioned on the caption);
+:func:`inpaint` fills a masked region from a caption with the inpainting model, or with the base
+model and the naive replacement of the known region at each step (:func:`replace_known`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.shapes import ShapesWorld
+from ..models.clip import CLIPTextConfig, clip_loss
+from ..models.glide import GLIDETextUNet, NoisyCLIP
+from ..models.tokenizers import WordTokenizer
+from ..models.unet_cond import CondUNetConfig
+from ..process.gaussian import GaussianDiffusion
+from ..process.respacing import space_timesteps
+from ..profiles import Profile, current
+from ..samplers.ancestral import ddpm_sample
+from ..samplers.clip_guidance import check_clip_scale, clip_guided_sample
+from ..samplers.guidance import cfg_eps, check_scale, drop_condition
+from ..store import Recipe, Stored, load, register
+from ..train import TrainConfig, train
+from .clip import trim
+from .latent import NULL_CAPTION, LatentCodes, TrainingSet, _training_set, caption_batches, caption_ids
+
+MAX_OBJECTS = 1          # one-object scenes, named by shape, colour, size and position
+GUIDANCE = ("cfg", "clip")
+
+
+# ------------------------------------------------------------------------------------------------
+# The data and the process
+# ------------------------------------------------------------------------------------------------
+
+def resolution_for(p: Profile) -> int:
+    """16x16 at ``smoke`` and ``cpu`` (a pixel model on 2 cores), 32x32 at ``gpu``."""
+    return p.pick(smoke=16, cpu=16, gpu=32)
+
+
+def training_set(c: dict[str, Any]) -> TrainingSet:
+    """The fixed captioned one-object scenes of a config (``n_train`` of them at its resolution;
+    rendered once per process, kept as uint8; the same scenes for every recipe here)."""
+    return _training_set(c["resolution"], c["n_train"], MAX_OBJECTS)
+
+
+def tokenizer_for(c: dict[str, Any]) -> WordTokenizer:
+    """The word tokenizer of the shapes world's training vocabulary (chapter 04's)."""
+    return WordTokenizer(ShapesWorld.vocabulary(heldout=False), c["context_length"])
+
+
+def diffusion_for(c: dict[str, Any]) -> GaussianDiffusion:
+    """The process of ``shapes-glide`` (and the one ``shapes-clip-noisy`` is trained on): GLIDE's
+    cosine schedule, T = 1000, eps-prediction, a learned variance (or the config's choice)."""
+    d = c["diffusion"]
+    return GaussianDiffusion.from_schedule(d["schedule"], d["T"], prediction="eps", variance=d["variance"])
+
+
+def _diffusion_config(variance: str = "learned_range") -> dict[str, Any]:
+    return {"schedule": "cosine", "T": 1000, "variance": variance}
+
+
+def _common(p: Profile) -> dict[str, Any]:
+    res = resolution_for(p)
+    return {"resolution": res, "n_train": p.pick(smoke=512, cpu=8000, gpu=16000),
+            "context_length": ShapesWorld(res, max_objects=MAX_OBJECTS).max_caption_words() + 2,
+            "diffusion": _diffusion_config()}
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes-glide
+# ------------------------------------------------------------------------------------------------
+
+def _glide_config(p: Profile) -> dict[str, Any]:
+    return {
+        **_common(p),
+        "width": p.pick(smoke=16, cpu=32, gpu=64), "layers_per_block": p.pick(smoke=1, cpu=1, gpu=2),
+        # per level, highest resolution first: added-K/V attention (the middle block always has it)
+        "attention": [False, True, True],
+        "text_width": p.pick(smoke=32, cpu=64, gpu=128), "text_layers": p.pick(smoke=1, cpu=2, gpu=4),
+        "text_heads": 4, "coord_channels": True, "p_uncond": 0.2, "paraphrases": True,
+        "loss": "hybrid", "hybrid_lambda": 1e-3,
+        "steps": p.pick(smoke=30, cpu=3000, gpu=20000), "batch_size": p.pick(smoke=16, cpu=32, gpu=128),
+        "lr": p.pick(smoke=1e-3, cpu=1e-3, gpu=3e-4), "ema_decay": p.pick(smoke=0.99, cpu=0.999, gpu=0.9995),
+        "seed": 0,
+    }
+
+
+def glide_unet_config(c: dict[str, Any], inpaint: bool = False) -> CondUNetConfig:
+    """The UNet of a ``shapes-glide`` config: widths (w, 2w, 2w), AdaGN residual blocks, residual
+    resampling, added-K/V attention (heads of width w) at the levels ``c["attention"]`` and in the
+    middle, the final text token projected into the timestep embedding; 6 output channels (eps and
+    the variance's v) with a learned variance, 3 otherwise."""
+    w, attn = c["width"], c["attention"]
+    down = tuple("SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attn)
+    up = tuple("SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attn))
+    learned = c["diffusion"]["variance"] == "learned_range"
+    return CondUNetConfig(
+        sample_size=c["resolution"], in_channels=3 + (2 if c["coord_channels"] else 0) + (4 if inpaint else 0),
+        out_channels=6 if learned else 3, block_out_channels=(w, 2 * w, 2 * w), down_block_types=down,
+        up_block_types=up, mid_block_type="UNetMidBlock2DSimpleCrossAttn", layers_per_block=c["layers_per_block"],
+        cross_attention_dim=c["text_width"], attention_head_dim=w, norm_num_groups=8,
+        resnet_time_scale_shift="scale_shift", class_embed_type="simple_projection",
+        projection_class_embeddings_input_dim=c["text_width"],
+    )
+
+
+def glide_text_config(c: dict[str, Any], tok: WordTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig.tiny(vocab_size=tok.vocab_size, max_position_embeddings=c["context_length"],
+                               hidden_size=c["text_width"], intermediate_size=4 * c["text_width"],
+                               num_hidden_layers=c["text_layers"], num_attention_heads=c["text_heads"],
+                               eos_token_id=tok.end_id, projection_dim=None, hidden_act="gelu")
+
+
+def build_glide(c: dict[str, Any], inpaint: bool = False) -> GLIDETextUNet:
+    torch.manual_seed(c["seed"])
+    tok = tokenizer_for(c)
+    return GLIDETextUNet(glide_text_config(c, tok), glide_unet_config(c, inpaint), c["coord_channels"],
+                         inpaint_channels=4 if inpaint else 0, pad_id=tok.pad_id)
+
+
+def glide_loss(model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor, ids: torch.Tensor,
+               null_ids: torch.Tensor, c: dict[str, Any], generator: torch.Generator | None = None,
+               **inputs: torch.Tensor) -> torch.Tensor:
+    """GLIDE's training loss on a batch: each caption ``ids`` (B, L) becomes the empty caption
+    ``null_ids`` (L,) with probability ``p_uncond`` (Ho & Salimans' Algorithm 1); then L_hybrid
+    (L_simple + lambda L_vlb, the bound training only the variance; Improved DDPM) or L_simple with
+    the (possibly dropped) caption. The text tower is trained by the same loss. ``inputs`` go to
+    the model as they are (the inpainting inputs)."""
+    ids = drop_condition(ids, null_ids.to(ids.device), c["p_uncond"], generator)
+    loss = c["loss"] if diffusion.variance == "learned_range" else "simple"
+    return diffusion.training_losses(model, x0, generator=generator, loss=loss, hybrid_lambda=c["hybrid_lambda"],
+                                     model_kwargs={"input_ids": ids, **inputs})["loss"].mean()
+
+
+def _data(c: dict[str, Any]) -> tuple[LatentCodes, torch.Tensor, torch.Tensor]:
+    data = training_set(c)
+    tok = tokenizer_for(c)
+    return LatentCodes(data.pixels, None), caption_ids(data, tok, c["paraphrases"]), tok.encode([NULL_CAPTION])[0]
+
+
+def _metrics(res: Any, c: dict[str, Any]) -> dict[str, Any]:
+    tail = res.losses[-100:]
+    return {"final_loss": round(sum(tail) / len(tail), 5), "first_loss": round(res.losses[0], 5),
+            "train_seconds": round(res.seconds, 1), "steps": c["steps"], "batch_size": c["batch_size"]}
+
+
+def train_glide(model: GLIDETextUNet, c: dict[str, Any], p: Profile) -> dict[str, Any]:
+    """Train ``model`` by the recipe ``c``; the store keeps the EMA weights."""
+    images, ids, null_ids = _data(c)
+    diffusion = diffusion_for(c)
+    g = torch.Generator(device=p.device).manual_seed(c["seed"])
+    torch.manual_seed(c["seed"])
+
+    def loss_fn(m, batch):
+        return glide_loss(m, diffusion, batch[0], batch[1], null_ids, c, g)
+
+    cfg = TrainConfig(steps=c["steps"], lr=c["lr"], ema_decay=c["ema_decay"], warmup_steps=min(100, c["steps"] // 5),
+                      desc="GLIDE (text-conditional pixel diffusion)")
+    res = train(model, loss_fn, caption_batches(images, ids, c["batch_size"], c["seed"]), cfg, p)
+    model.load_state_dict(res.ema.state_dict())
+    return _metrics(res, c)
+
+
+SHAPES_GLIDE = register(Recipe(
+    "shapes-glide", 1, _glide_config, build_glide, train_glide,
+    "GLIDE on one-object shapes scenes in pixels (16x16 cpu, 32x32 gpu): a caption transformer trained jointly with "
+    "an AdaGN UNet whose every attention layer takes the text tokens as added keys/values and whose time embedding "
+    "takes the final token; cosine schedule, learned variance (L_hybrid), captions dropped with p=0.2"))
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes-clip-noisy
+# ------------------------------------------------------------------------------------------------
+
+def _noisy_clip_config(p: Profile) -> dict[str, Any]:
+    return {
+        **_common(p),
+        "cnn_width": p.pick(smoke=16, cpu=16, gpu=32), "vision_width": p.pick(smoke=64, cpu=128, gpu=256),
+        "text_width": p.pick(smoke=32, cpu=64, gpu=128), "text_layers": p.pick(smoke=1, cpu=2, gpu=4),
+        "heads": 4, "embed_dim": p.pick(smoke=32, cpu=64, gpu=128), "paraphrases": True,
+        "steps": p.pick(smoke=30, cpu=2000, gpu=8000), "batch_size": p.pick(smoke=32, cpu=128, gpu=256),
+        "lr": 1e-3, "weight_decay": 0.1, "seed": 1,
+    }
+
+
+def build_noisy_clip(c: dict[str, Any]) -> NoisyCLIP:
+    torch.manual_seed(c["seed"])
+    tok = tokenizer_for(c)
+    text = CLIPTextConfig.tiny(vocab_size=tok.vocab_size, hidden_size=c["text_width"],
+                               intermediate_size=4 * c["text_width"], num_hidden_layers=c["text_layers"],
+                               num_attention_heads=c["heads"], max_position_embeddings=c["context_length"],
+                               eos_token_id=tok.end_id, projection_dim=c["embed_dim"], hidden_act="gelu")
+    return NoisyCLIP(text, c["resolution"], c["vision_width"], c["cnn_width"])
+
+
+def noisy_contrastive_loss(model: NoisyCLIP, diffusion: GaussianDiffusion, x0: torch.Tensor, ids: torch.Tensor,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE between ``f(x_t, t)`` and ``g(c)``, with ``x_t ~ q(x_t | x_0)`` at
+    ``t ~ Uniform{0..T-1}`` of the diffusion process (one t per image)."""
+    t = diffusion.sample_t(x0.shape[0], x0.device, generator)
+    xt = diffusion.q_sample(x0, t, generator=generator)
+    return clip_loss(model.encode_image(xt, t), model.encode_text(trim(ids)), model.scale.log())
+
+
+def train_noisy_clip(model: NoisyCLIP, c: dict[str, Any], p: Profile) -> dict[str, Any]:
+    images, ids, _ = _data(c)
+    diffusion = diffusion_for(c)
+    g = torch.Generator(device=p.device).manual_seed(c["seed"])
+    torch.manual_seed(c["seed"])
+
+    def loss_fn(m, batch):
+        return noisy_contrastive_loss(m, diffusion, batch[0], batch[1], g)
+
+    cfg = TrainConfig(steps=c["steps"], lr=c["lr"], weight_decay=c["weight_decay"], betas=(0.9, 0.98),
+                      warmup_steps=min(200, c["steps"] // 10), final_lr_fraction=0.05, ema_decay=0.0,
+                      desc="noise-aware CLIP")
+    res = train(model, loss_fn, caption_batches(images, ids, c["batch_size"], c["seed"]), cfg, p)
+    model.eval()
+    out = _metrics(res, c)
+    out["logit_scale"] = round(model.scale.item(), 3)
+    return out
+
+
+SHAPES_CLIP_NOISY = register(Recipe(
+    "shapes-clip-noisy", 1, _noisy_clip_config, build_noisy_clip, train_noisy_clip,
+    "GLIDE's noise-aware CLIP on shapes-glide's scenes: an image tower that takes x_t and t (a timestep-modulated "
+    "CNN), trained contrastively against a text tower on images noised by shapes-glide's process"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------------
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def respaced(c: dict[str, Any], steps: int) -> GaussianDiffusion:
+    """The process in ``steps`` evenly spaced steps (Improved DDPM Sec. 4; GLIDE samples its base
+    model in 100 or fewer); the learned variance makes few steps work."""
+    d = diffusion_for(c)
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= d.T:
+        raise ValueError(f"steps must be an integer in 1..{d.T}, got {steps!r}")
+    return d if steps == d.T else d.respace(space_timesteps(d.T, steps))
+
+
+def check_captions(captions: Sequence[str] | str) -> list[str]:
+    if isinstance(captions, str) or not all(isinstance(s, str) for s in captions) or not len(captions):
+        raise ValueError("captions must be a non-empty list of strings")
+    return list(captions)
+
+
+def text_score_fn(clip: NoisyCLIP, tok: WordTokenizer, captions: Sequence[str]):
+    """``score(x_t, t) = e^tau cos(f(x_t, t), g(c))`` for the captions (g computed once)."""
+    dev = _device(clip)
+    with torch.no_grad():
+        g_c = clip.encode_text(trim(tok.encode(list(captions))).to(dev)).float()
+
+    def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return clip.score(x, t, g_c[: x.shape[0]] if x.shape[0] == len(g_c) else g_c)
+    return score
+
+
+@torch.no_grad()
+def sample(stored: Stored, captions: Sequence[str], *, guidance: str = "cfg", scale: float = 3.0,
+           clip: Stored | None = None, steps: int = 50, seed: int = 0, batch: int = 250, progress: bool = False,
+           profile: Profile | None = None, **inputs: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, R, R) in [-1, 1] of the GLIDE model ``stored`` for ``captions`` (N):
+    ancestral sampling in ``steps`` respaced steps, with
+
+    * ``guidance="cfg"``: classifier-free guidance, eps = eps(x_t, "") + s (eps(x_t, c) - eps(x_t, "")),
+      the learned variance from the conditional output (s = 1: the conditional model; s = 0: the
+      unconditional one);
+    * ``guidance="clip"``: CLIP guidance (GLIDE eq. 6) with the noise-aware CLIP ``clip`` (default:
+      ``shapes-clip-noisy`` of the same profile) and the caption-conditional model, ``mu + s Sigma
+      grad(f . g)`` (s = 0: the conditional model).
+
+    The noise depends only on ``seed`` and N, so every scale starts from the same x_T."""
+    if guidance not in GUIDANCE:
+        raise ValueError(f"guidance must be one of {GUIDANCE}, got {guidance!r}")
+    captions = check_captions(captions)
+    scale = check_scale(scale) if guidance == "cfg" else check_clip_scale(scale)
+    profile = profile or current()
+    model, c = stored.model.eval(), stored.config
+    dev, tok = _device(model), tokenizer_for(c)
+    diffusion = respaced(c, steps)
+    k = 3  # eps channels (a learned variance's v channels follow)
+    if guidance == "clip":
+        clip = clip or load("shapes-clip-noisy", stored.profile, verbose=False)
+        _check_same_process(c, clip.config)
+        clip_model = clip.model.eval().to(dev)
+    R = c["resolution"]
+    g = torch.Generator(device=dev).manual_seed(seed)
+    null = model.encode_text(tok.encode([NULL_CAPTION]).to(dev)).as_dict()
+    out = []
+    for i in range(0, len(captions), batch):
+        caps = captions[i:i + batch]
+        x_T = torch.randn(len(caps), 3, R, R, generator=g, device=dev)
+        cond = model.encode_text(tok.encode(caps).to(dev)).as_dict()
+        extra = {name: v[i:i + batch].to(dev) for name, v in inputs.items()}
+        if guidance == "cfg":
+            def eps(x, t, cond=cond, extra=extra):
+                def fn(xx, tt, cc):
+                    rep = {n: torch.cat([v] * (xx.shape[0] // v.shape[0])) for n, v in extra.items()}
+                    return model(xx, tt, **cc, **rep).float()
+                return cfg_eps(fn, x, t, cond, null, scale, eps_channels=k)
+
+            with profile.autocast():
+                x0 = ddpm_sample(eps, diffusion, x_T, clip_denoised=True, generator=g, progress=progress)
+        else:
+            score = text_score_fn(clip_model, tok, caps)
+            with profile.autocast():
+                x0 = clip_guided_sample(lambda x, t, cond=cond, extra=extra: model(x, t, **cond, **extra).float(),
+                                        diffusion, x_T, score, scale, generator=g, progress=progress)
+        out.append(x0.float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def _check_same_process(glide_config: dict[str, Any], clip_config: dict[str, Any]) -> None:
+    a, b = glide_config["diffusion"], clip_config["diffusion"]
+    if (a["schedule"], a["T"]) != (b["schedule"], b["T"]) or glide_config["resolution"] != clip_config["resolution"]:
+        raise ValueError(f"the noise-aware CLIP was trained on another process or resolution ({b}, "
+                         f"{clip_config['resolution']}) than the GLIDE model ({a}, {glide_config['resolution']})")
+
+
+def shapes_glide(profile: Profile | str | None = None, verbose: bool = True) -> Stored:
+    return load("shapes-glide", profile, verbose=verbose)
+
+
+def noisy_clip(profile: Profile | str | None = None, verbose: bool = True) -> Stored:
+    return load("shapes-clip-noisy", profile, verbose=verbose)
