@@ -23,6 +23,7 @@ from diffusion_core.samplers.clip_guidance import (
     clip_guided_sample,
     score_and_grad,
 )
+from diffusion_core.samplers.inpaint import known_region_x0, replacement_inpaint_sample
 from diffusion_core.store import Stored, load, recipe
 
 SMOKE = dc.Profile("smoke", torch.device("cpu"))
@@ -38,13 +39,15 @@ def stored(tmp_path_factory):
     glide = load("shapes-glide", SMOKE, verbose=False)
     clip = load("shapes-clip-noisy", SMOKE, verbose=False)
     again = load("shapes-glide", SMOKE, verbose=False)
-    yield glide, clip, again
+    inpaint = load("shapes-glide-inpaint", SMOKE, verbose=False)
+    yield glide, clip, again, inpaint
     mp.undo()
 
 
 def test_the_recipes_train_at_smoke_and_are_cached(stored):
-    glide, clip, again = stored
-    assert glide.trained_now and clip.trained_now and not again.trained_now
+    glide, clip, again, inpaint = stored
+    assert glide.trained_now and clip.trained_now and not again.trained_now and inpaint.trained_now
+    assert inpaint.config["base"]["recipe"] == "shapes-glide"
     assert isinstance(glide.model, GLIDETextUNet) and isinstance(clip.model, NoisyCLIP)
     for s in (glide, clip):
         assert math.isfinite(s.metrics["final_loss"]) and s.metrics["final_loss"] < s.metrics["first_loss"]
@@ -188,7 +191,7 @@ def test_clip_guidance_raises_the_guiding_clips_score(stored):
     cond = model.encode_text(tok.encode(caps)).as_dict()
     x_T = torch.randn(len(caps), 3, 16, 16, generator=torch.Generator().manual_seed(0))
     final = {}
-    for s in (0.0, 1.0):
+    for s in (0.0, 0.3, 1.0, 3.0):
         g = torch.Generator().manual_seed(1)
         x = x_T
         for step in range(d.T - 1, d.T - 6, -1):  # five steps
@@ -198,6 +201,9 @@ def test_clip_guidance_raises_the_guiding_clips_score(stored):
         final[s] = score(x, d.model_t(torch.full((len(caps),), d.T - 6)))
     gain = final[1.0] - final[0.0]
     assert gain.mean() > 0 and (gain > 0).float().mean() >= 0.75
+    # and the larger the scale, the higher the score (in this near-linear regime)
+    means = [final[s].mean().item() for s in (0.0, 0.3, 1.0, 3.0)]
+    assert means == sorted(means) and means[-1] > means[0]
 
 
 def test_sample_gives_images_with_either_guidance(stored):
@@ -249,3 +255,92 @@ def test_bad_input_is_an_error(stored):
     with pytest.raises(ValueError, match="inpainting"):
         glide.model(torch.zeros(1, 3, 16, 16), torch.tensor([1]), G.tokenizer_for(glide.config).encode(CAPTIONS[:1]),
                     masked_image=torch.zeros(1, 3, 16, 16), inpaint_mask=torch.ones(1, 1, 16, 16))
+
+
+# ------------------------------------------------------------------------------------------------
+# Inpainting
+# ------------------------------------------------------------------------------------------------
+
+def _scenes_and_masks(c, n=4, seed=0):
+    images = G.training_set(c).images(slice(0, n))
+    masks = G.random_masks(n, c["resolution"], c["hole_min"], c["hole_max"], torch.Generator().manual_seed(seed))
+    return images, masks
+
+
+@torch.no_grad()
+def test_the_zero_initialised_inpainting_model_equals_the_base(stored):
+    glide, inpaint = stored[0], stored[3]
+    c = inpaint.config
+    fresh = G.build_inpaint(c)
+    assert fresh.unet.conv_in.weight.shape[1] == glide.model.unet.conv_in.weight.shape[1] + 4
+    G.init_from_base(fresh, glide.model)
+    x, t, ids = _inputs(glide.model, glide.config)
+    images, masks = _scenes_and_masks(c)
+    base = glide.model(x, t, ids)
+    torch.testing.assert_close(fresh.eval()(x, t, ids, masked_image=images, inpaint_mask=masks), base,
+                               rtol=1e-5, atol=1e-5)
+    # ... whatever the known pixels and the mask; and fine-tuning moved the new channels' weights
+    torch.testing.assert_close(fresh(x, t, ids, masked_image=-images, inpaint_mask=1 - masks), base, rtol=1e-5, atol=1e-5)
+    n = glide.model.unet.conv_in.weight.shape[1]
+    assert inpaint.model.unet.conv_in.weight[:, n:].abs().max() > 0
+    with pytest.raises(ValueError, match="masked_image"):
+        fresh(x, t, ids)
+
+
+def test_random_masks_erase_one_rectangle_of_the_configured_size():
+    m = G.random_masks(200, 16, 0.25, 0.75, torch.Generator().manual_seed(0))
+    assert m.shape == (200, 1, 16, 16) and set(m.unique().tolist()) == {0.0, 1.0}
+    hole = m[:, 0] == 0
+    rows, cols = hole.any(2).sum(1), hole.any(1).sum(1)
+    assert torch.equal(hole.sum((1, 2)), rows * cols)  # a rectangle
+    assert rows.min() >= 4 and rows.max() <= 12 and cols.min() >= 4 and cols.max() <= 12
+    assert rows.float().std() > 1  # sizes vary
+    with pytest.raises(ValueError):
+        G.random_masks(2, 16, 0.8, 0.5)
+
+
+def test_replacement_sampling_keeps_the_known_region_and_fills_the_rest():
+    d, model, _ = _tiny_setup()
+    g = torch.Generator().manual_seed(0)
+    known = torch.rand(3, 3, 4, 4, generator=g) * 2 - 1
+    mask = torch.ones(3, 1, 4, 4)
+    mask[:, :, 1:3, 1:3] = 0
+    x_T = torch.randn(3, 3, 4, 4, generator=g)
+    out = replacement_inpaint_sample(model, d, x_T, known, mask, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out * mask, known * mask)
+    assert not torch.allclose(out[:, :, 1:3, 1:3], known[:, :, 1:3, 1:3])
+    # with everything known the result is the known image; GLIDE's x0 transform keeps it too
+    assert torch.equal(replacement_inpaint_sample(model, d, x_T, known, torch.ones(3, 1, 4, 4)), known)
+    x0 = known_region_x0(known, mask)(torch.full_like(known, 5.0))
+    assert torch.equal(x0 * mask, known * mask) and torch.equal(x0 * (1 - mask), (1 - mask).expand_as(known))
+    with pytest.raises(ValueError, match="mask must hold"):
+        replacement_inpaint_sample(model, d, x_T, known, mask * 0.5)
+    with pytest.raises(ValueError, match="mask must be"):
+        replacement_inpaint_sample(model, d, x_T, known, mask[:2])
+
+
+def test_inpaint_with_the_model_and_with_replacement(stored):
+    glide, inpaint = stored[0], stored[3]
+    images, masks = _scenes_and_masks(inpaint.config, 2)
+    caps = CAPTIONS[:2]
+    for s, method in ((inpaint, "model"), (glide, "replace")):
+        out = G.inpaint(s, images, masks, caps, method=method, scale=2.0, steps=4, profile=SMOKE)
+        assert out.shape == images.shape and bool(torch.isfinite(out).all())
+        torch.testing.assert_close(out * masks, images * masks, rtol=0, atol=1e-6)
+        assert (out - images).abs().mul(1 - masks).amax() > 0.05  # the hole is filled anew
+    with pytest.raises(ValueError, match="needs shapes-glide-inpaint"):
+        G.inpaint(glide, images, masks, caps, method="model")
+    with pytest.raises(ValueError, match="needs shapes-glide"):
+        G.inpaint(inpaint, images, masks, caps, method="replace")
+    with pytest.raises(ValueError, match="method must be"):
+        G.inpaint(inpaint, images, masks, caps, method="repaint")
+    with pytest.raises(ValueError, match="images must be"):
+        G.inpaint(inpaint, images[:1], masks, caps)
+
+
+def test_the_store_names_the_recipes_lazily():
+    import diffusion_core.store as store
+
+    for name, attr in (("shapes-glide", "SHAPES_GLIDE"), ("shapes-clip-noisy", "SHAPES_CLIP_NOISY"),
+                       ("shapes-glide-inpaint", "SHAPES_GLIDE_INPAINT")):
+        assert store.recipe(name) is getattr(G, attr) and store.recipe(name).name == name

@@ -265,6 +265,95 @@ SHAPES_CLIP_NOISY = register(Recipe(
 
 
 # ------------------------------------------------------------------------------------------------
+# shapes-glide-inpaint
+# ------------------------------------------------------------------------------------------------
+
+def _inpaint_config(p: Profile) -> dict[str, Any]:
+    base = _glide_config(p)
+    return {
+        **base,
+        "base": {"recipe": SHAPES_GLIDE.name, "version": SHAPES_GLIDE.version, **base},
+        # the erased rectangle: each side a uniform fraction of the image in [min, max]
+        "hole_min": 0.25, "hole_max": 0.75,
+        "steps": p.pick(smoke=20, cpu=800, gpu=5000), "lr": p.pick(smoke=5e-4, cpu=5e-4, gpu=1e-4),
+        "ema_decay": p.pick(smoke=0.99, cpu=0.995, gpu=0.999), "seed": 2,
+    }
+
+
+def build_inpaint(c: dict[str, Any]) -> GLIDETextUNet:
+    return build_glide({**c["base"], "seed": c["seed"]}, inpaint=True)
+
+
+@torch.no_grad()
+def init_from_base(model: GLIDETextUNet, base: GLIDETextUNet) -> GLIDETextUNet:
+    """Copy every weight of ``base`` into the inpainting ``model``; ``conv_in``'s weights for the
+    four new input channels (``x * m`` and ``m``) are zero (GLIDE App.: "zero-initialized"), so
+    the model starts as the base model whatever the masked image is."""
+    own, src = model.state_dict(), base.state_dict()
+    if set(own) != set(src):
+        raise ValueError("the inpainting model and the base model have different parameters: "
+                         f"{sorted(set(own) ^ set(src))[:4]}")
+    for k, v in src.items():
+        if k == "unet.conv_in.weight":
+            n = v.shape[1]
+            if own[k].shape[1] != n + 4:
+                raise ValueError(f"conv_in takes {own[k].shape[1]} channels, the base {n}: 4 more expected")
+            own[k][:, :n].copy_(v)
+            own[k][:, n:].zero_()
+        else:
+            own[k].copy_(v)
+    return model
+
+
+def random_masks(n: int, resolution: int, hole_min: float = 0.25, hole_max: float = 0.75,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n, 1, R, R) masks, 1 = known, with one random rectangle of 0 (to fill) each: every side a
+    uniform fraction of R in [hole_min, hole_max] (rounded, at least one pixel), placed uniformly."""
+    if not 0 < hole_min <= hole_max <= 1:
+        raise ValueError(f"need 0 < hole_min <= hole_max <= 1, got {hole_min}, {hole_max}")
+    u = torch.rand(n, 4, generator=generator)
+    size = (hole_min + (hole_max - hole_min) * u[:, :2]) * resolution
+    hw = size.round().clamp(1, resolution).long()
+    top_left = ((resolution - hw + 1) * u[:, 2:]).floor().long().clamp(min=0)
+    r = torch.arange(resolution)
+    rows = (r >= top_left[:, :1]) & (r < top_left[:, :1] + hw[:, :1])   # (n, R)
+    cols = (r >= top_left[:, 1:]) & (r < top_left[:, 1:] + hw[:, 1:])
+    hole = rows[:, :, None] & cols[:, None, :]
+    return (~hole).float()[:, None]
+
+
+def train_inpaint(model: GLIDETextUNet, c: dict[str, Any], p: Profile) -> dict[str, Any]:
+    """Fine-tune ``shapes-glide`` (from the store) for inpainting: the model starts as the base
+    (:func:`init_from_base`), and learns with the base's loss on the whole image, caption dropout
+    included (so that classifier-free guidance works when inpainting), given the known pixels
+    outside a random rectangle (:func:`random_masks`)."""
+    base = load(c["base"]["recipe"], p, verbose=False).model
+    init_from_base(model, base.to("cpu"))
+    images, ids, null_ids = _data(c)
+    diffusion = diffusion_for(c)
+    g = torch.Generator(device=p.device).manual_seed(c["seed"])
+    gm = torch.Generator().manual_seed(c["seed"] + 1)
+    torch.manual_seed(c["seed"])
+
+    def loss_fn(m, batch):
+        x0, y = batch
+        mask = random_masks(x0.shape[0], c["resolution"], c["hole_min"], c["hole_max"], gm).to(x0.device)
+        return glide_loss(m, diffusion, x0, y, null_ids, c, g, masked_image=x0, inpaint_mask=mask)
+
+    cfg = TrainConfig(steps=c["steps"], lr=c["lr"], ema_decay=c["ema_decay"], warmup_steps=min(100, c["steps"] // 5),
+                      desc="GLIDE inpainting fine-tune")
+    res = train(model, loss_fn, caption_batches(images, ids, c["batch_size"], c["seed"]), cfg, p)
+    model.load_state_dict(res.ema.state_dict())
+    return _metrics(res, c)
+
+
+SHAPES_GLIDE_INPAINT = register(Recipe(
+    "shapes-glide-inpaint", 1, _inpaint_config, build_inpaint, train_inpaint,
+    "shapes-glide fine-tuned for inpainting: 4 more input channels (the known pixels and the mask), zero-initialised, "
+    "random rectangles erased"))
+
+
+# ------------------------------------------------------------------------------------------------
 # Sampling
 # ------------------------------------------------------------------------------------------------
 
@@ -294,7 +383,7 @@ def text_score_fn(clip: NoisyCLIP, tok: WordTokenizer, captions: Sequence[str]):
         g_c = clip.encode_text(trim(tok.encode(list(captions))).to(dev)).float()
 
     def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return clip.score(x, t, g_c[: x.shape[0]] if x.shape[0] == len(g_c) else g_c)
+        return clip.score(x, t, g_c)
     return score
 
 
@@ -366,3 +455,67 @@ def shapes_glide(profile: Profile | str | None = None, verbose: bool = True) -> 
 
 def noisy_clip(profile: Profile | str | None = None, verbose: bool = True) -> Stored:
     return load("shapes-clip-noisy", profile, verbose=verbose)
+
+
+INPAINT_METHODS = ("model", "replace")
+
+
+@torch.no_grad()
+def inpaint(stored: Stored, images: torch.Tensor, masks: torch.Tensor, captions: Sequence[str], *,
+            method: str = "model", scale: float = 3.0, steps: int = 50, seed: int = 0, batch: int = 250,
+            progress: bool = False, profile: Profile | None = None) -> torch.Tensor:
+    """Fill the region ``masks == 0`` of ``images`` (N, 3, R, R) in [-1, 1] from ``captions`` (N):
+
+    * ``method="model"``: ``stored`` is ``shapes-glide-inpaint``; ancestral sampling given the
+      known pixels and the mask as inputs, the known pixels put into every x0 estimate
+      (GLIDE's ``denoised_fn``: :func:`~diffusion_core.samplers.inpaint.known_region_x0`);
+    * ``method="replace"``: ``stored`` is ``shapes-glide`` (no inpainting inputs); the known
+      region of x_t is replaced by ``q_sample`` of the known pixels before every step
+      (:func:`~diffusion_core.samplers.inpaint.replacement_inpaint_sample`).
+
+    Both with classifier-free guidance at ``scale`` in ``steps`` respaced steps; the known region of
+    the result is the input's exactly."""
+    from ..samplers.inpaint import check_mask, known_region_x0, replacement_inpaint_sample
+
+    if method not in INPAINT_METHODS:
+        raise ValueError(f"method must be one of {INPAINT_METHODS}, got {method!r}")
+    captions = check_captions(captions)
+    scale = check_scale(scale)
+    model, c = stored.model.eval(), stored.config
+    inpainting_model = model.inpaint_channels > 0
+    if inpainting_model != (method == "model"):
+        raise ValueError(f"method={method!r} needs {'shapes-glide-inpaint' if method == 'model' else 'shapes-glide'}, "
+                         f"got a model {'with' if inpainting_model else 'without'} inpainting inputs")
+    R = c["resolution"]
+    if not torch.is_tensor(images) or images.shape != (len(captions), 3, R, R):
+        raise ValueError(f"images must be ({len(captions)}, 3, {R}, {R}) (one per caption), got "
+                         f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+    masks = check_mask(images.float(), masks)
+    profile = profile or current()
+    dev, tok = _device(model), tokenizer_for(c)
+    diffusion = respaced(c, steps)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    null = model.encode_text(tok.encode([NULL_CAPTION]).to(dev)).as_dict()
+    out = []
+    for i in range(0, len(captions), batch):
+        caps = captions[i:i + batch]
+        known, m = images[i:i + batch].float().to(dev), masks[i:i + batch, :1].to(dev)
+        x_T = torch.randn(len(caps), 3, R, R, generator=g, device=dev)
+        cond = model.encode_text(tok.encode(caps).to(dev)).as_dict()
+        extra = {"masked_image": known, "inpaint_mask": m} if inpainting_model else {}
+
+        def eps(x, t, cond=cond, extra=extra):
+            def fn(xx, tt, cc):
+                rep = {n: torch.cat([v] * (xx.shape[0] // v.shape[0])) for n, v in extra.items()}
+                return model(xx, tt, **cc, **rep).float()
+            return cfg_eps(fn, x, t, cond, null, scale, eps_channels=3)
+
+        with profile.autocast():
+            if inpainting_model:
+                x0 = ddpm_sample(eps, diffusion, x_T, threshold=known_region_x0(known, m), generator=g,
+                                 progress=progress)
+            else:
+                x0 = replacement_inpaint_sample(eps, diffusion, x_T, known, m, generator=g, progress=progress)
+        x0 = x0.float()
+        out.append((m * known + (1 - m) * x0).clamp(-1, 1).cpu())
+    return torch.cat(out)
