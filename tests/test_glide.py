@@ -344,3 +344,13 @@ def test_the_store_names_the_recipes_lazily():
     for name, attr in (("shapes-glide", "SHAPES_GLIDE"), ("shapes-clip-noisy", "SHAPES_CLIP_NOISY"),
                        ("shapes-glide-inpaint", "SHAPES_GLIDE_INPAINT")):
         assert store.recipe(name) is getattr(G, attr) and store.recipe(name).name == name
+
+
+def test_judge_resolution_upsamples_to_the_judges_world():
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    up = G.judge_resolution(x, 32)
+    assert up.shape == (2, 3, 32, 32) and up.abs().max() <= 1
+    torch.testing.assert_close(torch.nn.functional.avg_pool2d(up, 2), x, atol=0.35, rtol=0)
+    assert torch.equal(G.judge_resolution(x, 16), x)
+    with pytest.raises(ValueError, match="multiple"):
+        G.judge_resolution(x, 40)

@@ -63,7 +63,9 @@ def score_and_grad(score_fn: ScoreFn, xt: torch.Tensor, t: torch.Tensor) -> tupl
     """``(score (B,), grad_{x_t} score (B, ...))`` in one batched backward pass, in float32.
 
     ``score_fn(x_t, t)`` must return one finite number per sample."""
-    with torch.enable_grad():
+    # float32 even inside a sampler's autocast: the gradient is small and bf16 would round it coarsely
+    with torch.enable_grad(), torch.autocast(xt.device.type if xt.device.type in ("cuda", "cpu") else "cpu",
+                                             enabled=False):
         x = xt.detach().float().requires_grad_(True)
         score = score_fn(x, t)
         if not isinstance(score, torch.Tensor) or score.shape != (xt.shape[0],):
