@@ -58,6 +58,19 @@ def test_the_recipes_train_at_smoke_and_are_cached(stored):
                                                                      "variance": "learned_range"}
     assert glide.config["resolution"] == clip.config["resolution"] == 16
     assert glide.config["p_uncond"] == 0.1
+    recall = [clip.metrics[f"recall_at_1_t{t}"] for t in G.NOISE_LEVELS]
+    assert all(0 <= r <= 1 for r in recall)
+
+
+@torch.no_grad()
+def test_the_noisy_clip_image_tower_reads_t(stored):
+    clip = stored[1].model.eval()
+    x = torch.randn(3, 3, 16, 16)
+    f = clip.encode_image(x, torch.tensor([10, 10, 10]))
+    assert not torch.allclose(f, clip.encode_image(x, torch.tensor([900, 900, 900])))
+    torch.testing.assert_close(f, clip.encode_image(x, torch.tensor(10)))
+    s = clip.score(x, torch.tensor([10, 10, 10]), clip.encode_text(G.tokenizer_for(stored[1].config).encode(CAPTIONS[:3])))
+    assert s.shape == (3,) and bool((s.abs() <= clip.scale + 1e-4).all())
 
 
 def test_the_profiles_set_resolution_and_budget():

@@ -264,6 +264,35 @@ def train_noisy_clip(model: NoisyCLIP, c: dict[str, Any], p: Profile) -> dict[st
     model.eval()
     out = _metrics(res, c)
     out["logit_scale"] = round(model.scale.item(), 3)
+    out.update(noisy_retrieval(model.cpu(), c, n=p.pick(smoke=64, cpu=500, gpu=1000)))
+    return out
+
+
+NOISE_LEVELS = (0, 250, 500, 750, 999)
+
+
+@torch.no_grad()
+def noisy_retrieval(model: NoisyCLIP, c: dict[str, Any], n: int = 500, ts: Sequence[int] = NOISE_LEVELS,
+                    seed: int = 0) -> dict[str, float]:
+    """Image-to-text recall@1 of the noise-aware CLIP among ``n`` fresh one-object scenes, with the
+    images noised to each timestep of ``ts`` (``recall_at_1_t{t}``): how much of the caption it
+    still reads from x_t as the noise grows (chance: 1/n)."""
+    from .clip import recall_at_k
+
+    model.eval()
+    world = ShapesWorld(c["resolution"], seed=c["seed"] + 1000, max_objects=MAX_OBJECTS, n_paraphrases=0,
+                        n_heldout_paraphrases=0)
+    scenes = world.fixed(n, seed=seed)
+    dev = next(model.parameters()).device
+    g_c = nn.functional.normalize(model.encode_text(trim(tokenizer_for(c).encode(scenes.captions)).to(dev)), dim=-1)
+    diffusion = diffusion_for(c)
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in ts:
+        tt = torch.full((n,), t, dtype=torch.long)
+        xt = diffusion.q_sample(scenes.images, tt, generator=gen).to(dev)
+        f = nn.functional.normalize(model.encode_image(xt, tt.to(dev)), dim=-1)
+        out[f"recall_at_1_t{t}"] = round(recall_at_k((f @ g_c.T).float().cpu(), (1,))["image_to_text_recall_at_1"], 4)
     return out
 
 
