@@ -261,6 +261,9 @@ def test_bad_input_is_an_error(stored):
     with pytest.raises(ValueError, match="another process"):
         G.sample(glide, CAPTIONS[:1], guidance="clip", scale=1.0, clip=Stored(
             clip.model, clip.name, clip.profile, other, {}, clip.path, False), steps=2)
+    plain = Stored(torch.nn.Linear(2, 2), "shapes-clip", "smoke", {}, {}, clip.path, False)
+    with pytest.raises(ValueError, match="noise-aware CLIP"):
+        G.sample(glide, CAPTIONS[:1], guidance="clip", scale=1.0, clip=plain, steps=2)
     with pytest.raises(ValueError, match="timestep"):
         clip.model.encode_image(torch.zeros(1, 3, 16, 16))
     with pytest.raises(ValueError, match="input_ids"):

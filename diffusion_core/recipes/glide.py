@@ -39,7 +39,8 @@ Sampling (:func:`sample`): ancestral sampling in ``steps`` respaced steps with c
 guidance (``guidance="cfg"``, GLIDE's scale s: 1 = the conditional model) or CLIP guidance
 (``guidance="clip"``, GLIDE eq. 6 with the noise-aware CLIP, the model conditioned on the caption);
 :func:`inpaint` fills a masked region from a caption with the inpainting model, or with the base
-model and the naive replacement of the known region at each step (:func:`replace_known`).
+model and the naive replacement of the known region at each step
+(:func:`~diffusion_core.samplers.inpaint.replacement_inpaint_sample`).
 """
 
 from __future__ import annotations
@@ -428,7 +429,7 @@ def text_score_fn(clip: NoisyCLIP, tok: WordTokenizer, captions: Sequence[str]):
 @torch.no_grad()
 def sample(stored: Stored, captions: Sequence[str], *, guidance: str = "cfg", scale: float = 3.0,
            clip: Stored | None = None, steps: int = 50, seed: int = 0, batch: int = 250, progress: bool = False,
-           profile: Profile | None = None, **inputs: torch.Tensor) -> torch.Tensor:
+           profile: Profile | None = None) -> torch.Tensor:
     """Images (N, 3, R, R) in [-1, 1] of the GLIDE model ``stored`` for ``captions`` (N):
     ancestral sampling in ``steps`` respaced steps, with
 
@@ -451,6 +452,9 @@ def sample(stored: Stored, captions: Sequence[str], *, guidance: str = "cfg", sc
     k = 3  # eps channels (a learned variance's v channels follow)
     if guidance == "clip":
         clip = clip or load("shapes-clip-noisy", stored.profile, verbose=False)
+        if not isinstance(clip.model, NoisyCLIP):
+            raise ValueError(f"CLIP guidance needs the noise-aware CLIP (shapes-clip-noisy), whose image tower takes "
+                             f"x_t and t; got {clip.name!r} ({type(clip.model).__name__})")
         _check_same_process(c, clip.config)
         clip_model = clip.model.eval().to(dev)
     R = c["resolution"]
@@ -461,20 +465,17 @@ def sample(stored: Stored, captions: Sequence[str], *, guidance: str = "cfg", sc
         caps = captions[i:i + batch]
         x_T = torch.randn(len(caps), 3, R, R, generator=g, device=dev)
         cond = model.encode_text(tok.encode(caps).to(dev)).as_dict()
-        extra = {name: v[i:i + batch].to(dev) for name, v in inputs.items()}
         if guidance == "cfg":
-            def eps(x, t, cond=cond, extra=extra):
-                def fn(xx, tt, cc):
-                    rep = {n: torch.cat([v] * (xx.shape[0] // v.shape[0])) for n, v in extra.items()}
-                    return model(xx, tt, **cc, **rep).float()
-                return cfg_eps(fn, x, t, cond, null, scale, eps_channels=k)
+            def eps(x, t, cond=cond):
+                # eps_hat = eps(x_t, "") + s (eps(x_t, c) - eps(x_t, "")); v from the conditional output
+                return cfg_eps(lambda xx, tt, cc: model(xx, tt, **cc).float(), x, t, cond, null, scale, eps_channels=k)
 
             with profile.autocast():
                 x0 = ddpm_sample(eps, diffusion, x_T, clip_denoised=True, generator=g, progress=progress)
         else:
             score = text_score_fn(clip_model, tok, caps)
             with profile.autocast():
-                x0 = clip_guided_sample(lambda x, t, cond=cond, extra=extra: model(x, t, **cond, **extra).float(),
+                x0 = clip_guided_sample(lambda x, t, cond=cond: model(x, t, **cond).float(),
                                         diffusion, x_T, score, scale, generator=g, progress=progress)
         out.append(x0.float().clamp(-1, 1).cpu())
     return torch.cat(out)
