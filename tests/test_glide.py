@@ -374,3 +374,18 @@ def test_judge_resolution_upsamples_to_the_judges_world():
     assert torch.equal(G.judge_resolution(x, 16), x)
     with pytest.raises(ValueError, match="multiple"):
         G.judge_resolution(x, 40)
+
+
+def test_mask_seam_measures_the_jump_across_the_border():
+    masks = torch.ones(2, 1, 8, 8)
+    masks[:, :, 2:5, 3:6] = 0  # a 3x3 hole: 12 border pairs
+    flat = torch.zeros(2, 3, 8, 8)
+    assert torch.equal(G.mask_seam(flat, masks), torch.zeros(2))
+    filled = flat + (1 - masks) * torch.tensor([0.5, -1.0])[:, None, None, None]  # the hole 0.5 or -1 higher
+    torch.testing.assert_close(G.mask_seam(filled, masks), torch.tensor([0.5, 1.0]))
+    inside = filled.clone()
+    inside[:, :, 3, 4] = 7.0  # the hole's centre does not touch the border
+    torch.testing.assert_close(G.mask_seam(inside, masks), torch.tensor([0.5, 1.0]))
+    assert torch.isnan(G.mask_seam(flat, torch.ones(2, 1, 8, 8))).all()
+    with pytest.raises(ValueError):
+        G.mask_seam(flat, masks[:, :, :4])

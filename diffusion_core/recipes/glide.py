@@ -488,6 +488,25 @@ def _check_same_process(glide_config: dict[str, Any], clip_config: dict[str, Any
                          f"{clip_config['resolution']}) than the GLIDE model ({a}, {glide_config['resolution']})")
 
 
+def mask_seam(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(N,) the seam of each inpainted image: the mean absolute jump of pixel values (over the
+    channels) between horizontally or vertically adjacent pixels of which one is known (mask 1) and
+    the other filled (mask 0). Compare with the same statistic of the real image under the same
+    mask (a real image has edges too). NaN for a mask without a border."""
+    if images.ndim != 4 or masks.shape != (images.shape[0], 1, *images.shape[2:]):
+        raise ValueError(f"need images (N, C, H, W) and masks (N, 1, H, W), got {tuple(images.shape)} and "
+                         f"{tuple(masks.shape)}")
+    m = masks.float()
+    jumps, counts = torch.zeros(len(images)), torch.zeros(len(images))
+    for dim in (2, 3):  # vertical and horizontal neighbours
+        a, b = images.narrow(dim, 0, images.shape[dim] - 1), images.narrow(dim, 1, images.shape[dim] - 1)
+        ma, mb = m.narrow(dim, 0, m.shape[dim] - 1), m.narrow(dim, 1, m.shape[dim] - 1)
+        border = (ma != mb).float()[:, 0]  # (N, H', W'): one side known, the other filled
+        jumps += ((a - b).abs().mean(1).float().cpu() * border.cpu()).sum((1, 2))
+        counts += border.cpu().sum((1, 2))
+    return jumps / counts
+
+
 def judge_resolution(images: torch.Tensor, resolution: int) -> torch.Tensor:
     """Images of the GLIDE model (N, 3, r, r) brought to the resolution of the book's judges (the
     shapes evaluator and ``shapes-clip-judge`` read the world at 32 px, 64 on ``gpu``: twice
