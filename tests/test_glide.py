@@ -150,7 +150,7 @@ def _tiny_setup(variance="learned_range", steps=6):
     direction = torch.randn(3, 4, 4)
 
     def model(x, t):  # a per-sample "network": a 1x1 convolution plus something of t
-        return torch.nn.functional.conv2d(x, w.transpose(0, 1)) .tanh() + (t.float() / 1000)[:, None, None, None]
+        return torch.nn.functional.conv2d(x, w.transpose(0, 1)).tanh() + (t.float() / 1000)[:, None, None, None]
 
     def score(x, t):  # a smooth per-sample score: <tanh(x), direction> + |x|^2 / 10, scaled by t
         return (x.tanh() * direction).sum((1, 2, 3)) + x.pow(2).sum((1, 2, 3)) / 10 * (1 + t.float() / 1000)
