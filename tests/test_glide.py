@@ -1,7 +1,8 @@
 """Chapter 11 (GLIDE): the recipes train at smoke; every attention layer of the UNet takes the
 caption's tokens and the time embedding its final token; CLIP guidance is GLIDE eq. 6 (checked by
 hand with autograd), equals ancestral sampling bit for bit at s = 0, and raises the guiding CLIP's
-score; bad input is an error."""
+score; the inpainting model starts as the base (zero-initialised channels) and both inpainting
+samplers keep the known region; bad input is an error."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ CAPTIONS = ["a large red circle at the top left", "a small blue square at the bo
 
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
-    """Both recipes trained at smoke into a fresh cache (and found there the second time)."""
+    """The three recipes trained at smoke into a fresh cache (shapes-glide found there the second time)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("DIFFUSION_CACHE", str(tmp_path_factory.mktemp("glide-cache")))
     glide = load("shapes-glide", SMOKE, verbose=False)
