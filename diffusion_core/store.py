@@ -92,6 +92,9 @@ RECIPES: dict[str, Recipe | str] = {
     "faces-clip": "diffusion_core.recipes.faces:FACES_CLIP",
     "faces-instantid": "diffusion_core.recipes.instantid:INSTANTID",
     "faces-ip-clip": "diffusion_core.recipes.instantid:IP_CLIP",
+    "shapes-glide": "diffusion_core.recipes.glide:SHAPES_GLIDE",
+    "shapes-clip-noisy": "diffusion_core.recipes.glide:SHAPES_CLIP_NOISY",
+    "shapes-glide-inpaint": "diffusion_core.recipes.glide:SHAPES_GLIDE_INPAINT",
 
 }
 
