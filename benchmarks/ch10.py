@@ -47,8 +47,17 @@ def metrics(profile: Profile, setting: claim.Setting | None = None) -> dict:
     }
     for row in ROWS:
         m[f"nuisance_accuracy_{row}"] = {k.removesuffix("_accuracy"): c[row][k] for k in nuis}
+    frac = claim.BARS["text_control_fraction"]   # the bar's value per nuisance: chance + frac (base - chance)
+    m["text_control_bar"] = {k: m["chance"][k] + frac * (m["nuisance_accuracy_base"][k] - m["chance"][k])
+                             for k in claim.TEXT_NUISANCES}
+    m["autoencoder_psnr"] = dc_load(FR.FACES_VAE.name, profile).metrics["psnr"]
     m["verdicts"] = claim.verdicts({**m, "chance": m["chance"]})
     return m
+
+
+def dc_load(name: str, profile: Profile):
+    from diffusion_core.store import load
+    return load(name, profile, verbose=False)
 
 
 def identity_judge_accuracy(profile: Profile) -> float:

@@ -1,0 +1,84 @@
+"""A chapter's readings quote its committed benchmark run.
+
+Where ``benchmarks/results/NN-cpu.json`` exists (written by ``benchmarks/run.py --chapter NN --profile
+cpu --save``), every number in the chapter's ``*Reading (cpu profile ...)*`` paragraphs must be a value of
+that run's metrics, at the precision it is quoted (0.438 matches 0.437705; 68% matches 0.68; 2,000 matches
+2000). Numbers without a decimal point below 100 are structure (section and chapter numbers, image sizes)
+and are not checked. A reading that quotes a number the run does not hold fails here, so a reader who runs
+the benchmark can find every quoted figure in its output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*-cpu.json"))
+NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)")
+
+
+def _values(obj) -> list[float]:
+    out: list[float] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            try:
+                out.append(float(k))
+            except ValueError:
+                pass
+            out += _values(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            out += _values(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        out.append(float(obj))
+    return out
+
+
+def quoted_numbers(text: str) -> list[tuple[str, float, int]]:
+    """(as written, value, decimals) of every number in ``text`` that the test checks."""
+    out = []
+    for m in NUMBER.finditer(text):
+        s = m.group(1).rstrip(",")
+        value = float(s.replace(",", ""))
+        decimals = len(s.split(".")[1]) if "." in s else 0
+        if decimals == 0 and value < 100:
+            continue
+        out.append((s, value, decimals))
+    return out
+
+
+def unmatched(text: str, values: list[float]) -> list[str]:
+    def found(v: float, d: int) -> bool:
+        tol = 0.5 * 10 ** -d + 1e-9
+        return any(abs(x - v) <= tol or abs(100 * x - v) <= tol for x in values)
+    return [s for s, v, d in quoted_numbers(text) if not found(v, d)]
+
+
+def readings(chapter: str) -> list[str]:
+    [py] = (ROOT / "chapters").glob(f"{chapter}_*.py")
+    cells = re.split(r"\n# %%", py.read_text())
+    return [c for c in cells if "*Reading (cpu profile" in c]
+
+
+def test_the_check_catches_a_misquote():
+    values = [0.437705, 2000.0, 0.68]
+    assert unmatched("identity 0.438 after 2,000 steps, pose 68%", values) == []
+    assert unmatched("identity 0.44 (section 6, 32x32)", values) == []
+    assert unmatched("identity 0.451", values) == ["0.451"]
+    assert unmatched("after 2,500 steps", values) == ["2,500"]
+
+
+@pytest.mark.parametrize("result", RESULTS, ids=[p.stem for p in RESULTS])
+def test_readings_quote_the_committed_run(result):
+    run = json.loads(result.read_text())
+    assert run.get("commit") and run["profile"] == "cpu", f"{result.name} lacks its commit or is not a cpu run"
+    chapter = run["chapter"]
+    paragraphs = readings(chapter)
+    assert paragraphs, f"chapter {chapter} has a committed cpu run but no '*Reading (cpu profile' paragraph"
+    values = _values(run["metrics"])
+    bad = {i: miss for i, p in enumerate(paragraphs) if (miss := unmatched(p, values))}
+    assert not bad, f"chapter {chapter}'s readings quote numbers not in {result.name}: {bad}"
