@@ -92,8 +92,8 @@ profile = dc.setup()
 #    by decoupled cross-attention as above, $K_i = c_f W'_k$, $V_i = c_f W'_v$.
 # 2. **IdentityNet.** A ControlNet (chapter 07) whose spatial condition is an image of five facial
 #    landmarks (two eyes, the nose tip, two mouth corners) and whose cross-attention reads the face tokens
-#    $c_f$ *instead of* the caption: "we only use ID embedding as conditions for cross-attention layers in
-#    ControlNet" (Sec. 3.3). It adds a strong, spatial hold on the face, while only five points leave the
+#    $c_f$ *instead of* the caption: the paper drops the text prompt from IdentityNet and conditions its
+#    cross-attention on the ID embedding alone (Sec. 3.3). It adds a strong, spatial hold on the face, while only five points leave the
 #    rest (hair, expression, background) free.
 # 3. **The locked base.** Nothing of the text-to-image model is trained; the caption keeps its control.
 #
@@ -297,8 +297,8 @@ viz.show(fig)
 # 8x8x4 numbers for a 32x32 face, PSNR 25.3 dB). InstantID is at that ceiling (0.438 against 0.442): what
 # is left of a face after the autoencoder, it keeps. Without IdentityNet (the same trained model, its
 # scale at 0) the face embedding through the image adapter alone gives 0.129: most of the identity arrives
-# with IdentityNet, whose cross-attention reads the face tokens too. The paper's ablation (Sec. 4) reports
-# the same order: IdentityNet alone already keeps the identity well, and the image adapter adds detail.
+# with IdentityNet, whose cross-attention reads the face tokens too (the paper ablates the two parts in
+# pictures; we compare only our own numbers).
 # The training curve of section 5 shows how it was learned: nothing much for 1,250 steps, then identity
 # 0.16 to 0.35 and landmark error 2.27 to 1.94 px within 250 steps, chapter 07's "sudden convergence" of a
 # ControlNet again.

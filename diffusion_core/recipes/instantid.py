@@ -12,8 +12,8 @@ one budget (:func:`budget`), so that chapter 10 compares them at equal training 
      cross-attention (chapter 09's eq. 5, new ``to_k_ip``/``to_v_ip`` per layer).
   2. **IdentityNet**: a ControlNet (chapter 07) on the five landmarks drawn as an image
      (:func:`~diffusion_core.data.faces.landmark_map`) whose cross-attention reads the *face tokens*
-     instead of the caption (the paper: "we only use ID embedding as conditions for cross-attention
-     layers in ControlNet", Sec. 3.3). Its residuals join the base UNet's skips.
+     instead of the caption (the paper drops the text prompt from IdentityNet and conditions its
+     cross-attention on the ID embedding, Sec. 3.3). Its residuals join the base UNet's skips.
   3. The **locked base**, whose caption still controls everything else (pose words, expression,
      lighting, background).
 * ``faces-ip-clip``: IP-Adapter with a CLIP image embedding: the faces CLIP's (``faces-clip``) unit
