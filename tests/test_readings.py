@@ -2,7 +2,7 @@
 
 Where ``benchmarks/results/NN-cpu.json`` exists (written by ``benchmarks/run.py --chapter NN --profile
 cpu --save``), every number in the chapter's ``*Reading (cpu profile ...)*`` paragraphs must be a value of
-that run's metrics, at the precision it is quoted (0.438 matches 0.437705; 68% matches 0.68; 2,000 matches
+that run's metrics or speed, at the precision it is quoted (0.438 matches 0.437705; 68% matches 0.68; 2,000 matches
 2000). Numbers without a decimal point below 100 are structure (section and chapter numbers, image sizes)
 and are not checked. A reading that quotes a number the run does not hold fails here, so a reader who runs
 the benchmark can find every quoted figure in its output.
@@ -59,9 +59,11 @@ def unmatched(text: str, values: list[float]) -> list[str]:
 
 
 def readings(chapter: str) -> list[str]:
+    """The chapter's reading paragraphs: a Markdown paragraph (lines up to an empty ``#`` line) that starts
+    with ``*Reading (cpu profile``. The paragraphs after it (the paper's figures) are not checked."""
     [py] = (ROOT / "chapters").glob(f"{chapter}_*.py")
-    cells = re.split(r"\n# %%", py.read_text())
-    return [c for c in cells if "*Reading (cpu profile" in c]
+    paragraphs = re.split(r"\n#[ \t]*\n|\n# %%[^\n]*\n", py.read_text())
+    return [p.strip() for p in paragraphs if p.strip().startswith("# *Reading (cpu profile")]
 
 
 def test_the_check_catches_a_misquote():
@@ -79,6 +81,6 @@ def test_readings_quote_the_committed_run(result):
     chapter = run["chapter"]
     paragraphs = readings(chapter)
     assert paragraphs, f"chapter {chapter} has a committed cpu run but no '*Reading (cpu profile' paragraph"
-    values = _values(run["metrics"])
+    values = _values(run["metrics"]) + _values(run.get("speed", {}))
     bad = {i: miss for i, p in enumerate(paragraphs) if (miss := unmatched(p, values))}
     assert not bad, f"chapter {chapter}'s readings quote numbers not in {result.name}: {bad}"
