@@ -29,6 +29,9 @@ def run(profile: Profile) -> dict:
         "train": r["train"], "adherence_by_step": r["adherence_by_step"], "n": r["n"],
         "features_once_max_abs_diff": r["features_once"]["max_abs_diff"],
     }
+    m["params_ratio"] = m["params_adapter"] / m["params_controlnet"]
+    m["params_full_ratio"] = m["params_full_adapter"] / m["params_full_controlnet"]
+    m["train_time_ratio"] = r["train"]["adapter"]["train_seconds"] / r["train"]["controlnet"]["train_seconds"]
     print(f"edge F1 ({m['n']} scenes): base {m['edge_f1_base']:.3f}, T2I-Adapter {m['edge_f1_adapter']:.3f}, "
           f"ControlNet {m['edge_f1_controlnet']:.3f} (same steps and batch), real {m['edge_f1_real']:.3f}")
     print(f"training: adapter {r['train']['adapter']}, ControlNet {r['train']['controlnet']}")
