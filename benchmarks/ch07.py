@@ -23,6 +23,7 @@ def metrics(profile: Profile, setting: claim.Setting | None = None) -> dict:
         "edge_f1_base_no_caption": adh["edges_base_no_caption"]["f1"],
         "caption_accuracy_control": adh["caption_accuracy_control"],
         "caption_accuracy_base": adh["caption_accuracy_base"], "caption_accuracy_real": adh["caption_accuracy_real"],
+        "position_accuracy": {k: adh[f"position_accuracy_{k}"] for k in ("base", "control", "real")},
         "composition_f1_edges": comp["both"]["edge_f1"], "composition_depth_error": comp["both"]["depth_error"],
         "composition": {k: comp[k] for k in ("base", "edges", "depth", "both", "real")},
         "n": adh["n"], "sampling_steps": adh["sampling_steps"], "train": adh["train"],

@@ -248,13 +248,16 @@ print(f"largest jump between evaluations: {float(curve[k, 1]):.3f} -> {float(cur
       f"(steps {int(curve[k, 0])} -> {int(curve[k + 1, 0])}); first {float(curve[0, 1]):.3f}, last {float(curve[-1, 1]):.3f}")
 
 # %% [markdown]
-# *Reading (cpu profile, `benchmarks/run.py --chapter 07 --profile cpu`, one thread).* Edge F1 of 48 unseen
+# *Reading (cpu profile, `benchmarks/run.py --chapter 07 --profile cpu --save`, saved in
+# `benchmarks/results/07-cpu.json`; one thread).* Edge F1 of 48 unseen
 # conditions stays at the caption-only level for 200 steps (0.38, 0.40, 0.38 at steps 0, 100, 200), then
 # jumps to 0.86 at step 300 and 0.93 at step 400, and sits at 0.94-0.95 from there to step 1,200: a
-# sudden convergence, in 100-200 steps out of 1,200. The paper saw its jump at about 6,000 steps (Fig. 4),
-# with a model a thousand times larger and a learning rate of 1e-5 against our 3e-4; what carries over is the
-# shape of the curve, not the step count. Where it jumps depends on the seed and the learning rate: one run
-# cannot say more.
+# sudden convergence, in 100-200 steps out of 1,200. Where it jumps depends on the seed and the learning
+# rate: one run cannot say more.
+#
+# *The paper's figure beside ours.* The paper saw its jump at about 6,000 steps (Fig. 4), with a model a
+# thousand times larger and a learning rate of 1e-5 against our 3e-4; what carries over is the shape of
+# the curve, not the step count.
 
 # %% [markdown]
 # ## 5. The claim in miniature: control without forgetting the caption

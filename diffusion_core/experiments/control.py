@@ -171,6 +171,7 @@ def adherence(profile: Profile, setting: Setting | None = None, seed: int = 0) -
         out[f"edges_{name}"] = edge_f1(im, edges)
     for name in ("base", "control", "real"):
         out[f"caption_accuracy_{name}"] = evaluator.caption_accuracy(images[name], s.scenes)
+        out[f"position_accuracy_{name}"] = evaluator.matches(images[name], s.scenes, ("position",)).float().mean().item()
     out["samples"] = {k: v[:16] for k, v in images.items()}
     out["conditions"] = edges[:16]
     out["captions"] = s.scenes.captions[:16]
