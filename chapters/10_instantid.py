@@ -93,8 +93,8 @@ profile = dc.setup()
 # 2. **IdentityNet.** A ControlNet (chapter 07) whose spatial condition is an image of five facial
 #    landmarks (two eyes, the nose tip, two mouth corners) and whose cross-attention reads the face tokens
 #    $c_f$ *instead of* the caption: the paper drops the text prompt from IdentityNet and conditions its
-#    cross-attention on the ID embedding alone (Sec. 3.3). It adds a strong, spatial hold on the face, while only five points leave the
-#    rest (hair, expression, background) free.
+#    cross-attention on the ID embedding alone (Sec. 3.3). It adds a strong, spatial hold on the face,
+#    while only five points leave the rest (hair, expression, background) free.
 # 3. **The locked base.** Nothing of the text-to-image model is trained; the caption keeps its control.
 #
 # Training is the diffusion loss with all three conditions, the image's own face embedding and landmarks:
@@ -105,7 +105,8 @@ profile = dc.setup()
 # IdentityNet learn.
 #
 # In this chapter everything is in miniature: procedural faces of 400 training people (100 more are held
-# out), an ArcFace encoder of 74,336 parameters (at `cpu`), and chapter 04's text-to-image recipe trained on faces.
+# out), an ArcFace encoder of 74,336 parameters (at `cpu`), and chapter 04's text-to-image recipe trained
+# on faces.
 
 # %% [markdown]
 # ## 2. A world of faces
