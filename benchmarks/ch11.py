@@ -26,6 +26,8 @@ def metrics(profile: Profile, setting: claim.Setting | None = None) -> dict:
         "color_accuracy_clip_by_scale": {k: r["color_accuracy"] for k, r in sweep["clip"].items()},
         "position_accuracy_clip_by_scale": {k: r["position_accuracy"] for k, r in sweep["clip"].items()},
         "size_accuracy_clip_by_scale": {k: r["size_accuracy"] for k, r in sweep["clip"].items()},
+        "one_object_cfg_by_scale": {k: r["one_object"] for k, r in sweep["cfg"].items()},
+        "one_object_clip_by_scale": {k: r["one_object"] for k, r in sweep["clip"].items()},
         "conditional_max_abs_diff": sweep.get("conditional_max_abs_diff"),
         "inpaint": {k: inpaint[k] for k in ("model", "replace", "real", "original", "hole_fraction", "scale")},
         "adversarial": {k: adv[k] for k in ("before", "after", "max_abs_change")},
@@ -54,8 +56,9 @@ def run(profile: Profile) -> dict:
               f"{m['guide_similarity_clip_by_scale'][k]:.3f} / {m['fd_clip_by_scale'][k]:.2f}")
     print(f"CFG s=1 and CLIP s=0 (both the conditional model): max |diff| {m['conditional_max_abs_diff']}")
     ip = m["inpaint"]
-    print(f"inpainting (hole {ip['hole_fraction']:.2f} of the image; caption accuracy / seam / outside MSE): "
-          + ", ".join(f"{k} {ip[k]['caption_accuracy']:.3f} / {ip[k]['seam']:.4f} / {ip[k]['outside_mse']:.2g}"
+    print(f"inpainting (hole {ip['hole_fraction']:.2f} of the image; caption accuracy / one object / seam / outside "
+          "MSE): " + ", ".join(f"{k} {ip[k]['caption_accuracy']:.3f} / {ip[k]['one_object']:.3f} / {ip[k]['seam']:.4f} / "
+                               f"{ip[k]['outside_mse']:.2g}"
                       for k in ("model", "replace", "real", "original")))
     a = m["adversarial"]
     print(f"adversarial ascent on the guide (before -> after): guide {a['before']['guide_similarity']:.3f} -> "

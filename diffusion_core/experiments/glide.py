@@ -152,15 +152,19 @@ class Setting:
         """(N,) the independent judge CLIP's cosine of each image (at its resolution) and caption."""
         return self.judge.similarity(self.up(images), list(captions))
 
+    def one_object(self, images: torch.Tensor) -> float:
+        """The share of ``images`` in which the evaluator sees exactly one object (whatever it is)."""
+        return float((self.evaluator.predict(self.up(images))["count"] == 1).float().mean())
+
     def fd(self, images: torch.Tensor) -> float:
         return frechet_distance_from_stats(*feature_stats(self.evaluator.features(self.up(images))), *self.reference)
 
     def scores(self, images: torch.Tensor, scenes: Scenes | None = None, fd: bool = True) -> dict[str, float]:
-        """Caption accuracy (and per attribute), judge and guide cosines, FD, of 16 px ``images``
+        """Caption accuracy (and per attribute), the share showing one object, judge and guide cosines, FD, of 16 px ``images``
         drawn for ``scenes`` (default: the setting's)."""
         scenes = self.scenes[:len(images)] if scenes is None else scenes
         up = self.up(images)
-        out = {"caption_accuracy": self.evaluator.caption_accuracy(up, scenes)}
+        out = {"caption_accuracy": self.evaluator.caption_accuracy(up, scenes), "one_object": self.one_object(images)}
         for a in ("shape", "color", "size", "position"):
             out[f"{a}_accuracy"] = self.evaluator.caption_accuracy(up, scenes, attributes=(a,))
         out["judge_similarity"] = float(self.judge_similarity(images, scenes.captions).mean())
@@ -253,7 +257,8 @@ def inpainting(profile: Profile, setting: Setting | None = None, scale: float = 
     (``method="model"``) and with the base model and replacement (``method="replace"``), both with
     classifier-free guidance at ``scale`` from the same noise. Per method: ``caption_accuracy`` of the
     result against the edited scene (the object is inside the hole and the known region is background,
-    so this is the accuracy of the filled region), ``seam`` (:func:`~diffusion_core.recipes.glide.mask_seam`,
+    so this is the accuracy of the filled region), ``one_object`` (the share in which the evaluator sees
+    one object at all: an empty hole is a fill too), ``seam`` (:func:`~diffusion_core.recipes.glide.mask_seam`,
     mean over images), ``outside_mse`` (mean squared change of the known pixels); and for the real
     edited scenes (``real``) and the originals (``original``) the same statistics."""
     s = setting or Setting(profile)
@@ -270,7 +275,7 @@ def inpainting(profile: Profile, setting: Setting | None = None, scale: float = 
             st, known, masks, edit.captions, method=m, scale=scale, steps=s.steps, seed=s.seed, profile=s.profile))
     runs["real"], runs["original"] = edit.images, scenes.images
     for name, im in runs.items():
-        out[name] = {"caption_accuracy": s.evaluator.caption_accuracy(s.up(im), edit),
+        out[name] = {"caption_accuracy": s.evaluator.caption_accuracy(s.up(im), edit), "one_object": s.one_object(im),
                      "judge_similarity": float(s.judge_similarity(im, edit.captions).mean()),
                      "seam": float(G.mask_seam(im, masks).nanmean()),
                      "outside_mse": float((((im - known) ** 2) * masks).sum() / (masks.sum() * 3))}
