@@ -390,3 +390,99 @@ def test_mask_seam_measures_the_jump_across_the_border():
     assert torch.isnan(G.mask_seam(flat, torch.ones(2, 1, 8, 8))).all()
     with pytest.raises(ValueError):
         G.mask_seam(flat, masks[:, :, :4])
+
+
+# ------------------------------------------------------------------------------------------------
+# experiments.glide (chapter 11's claim)
+# ------------------------------------------------------------------------------------------------
+ISSUE_KEYS = ("caption_accuracy_cfg_by_scale", "caption_accuracy_clip_by_scale", "judge_similarity_cfg_by_scale",
+              "judge_similarity_clip_by_scale", "guide_similarity_clip_by_scale", "fd_cfg_by_scale", "fd_clip_by_scale",
+              "inpaint_caption_accuracy", "inpaint_caption_accuracy_replace", "inpaint_seam", "inpaint_seam_replace",
+              "inpaint_seam_real", "inpaint_outside_mse")
+
+
+def _measured(**change):
+    m = {"caption_accuracy_cfg_by_scale": {1.0: 0.3, 3.0: 0.6}, "caption_accuracy_clip_by_scale": {0.0: 0.3, 10.0: 0.4},
+         "judge_similarity_clip_by_scale": {0.0: 0.5, 10.0: 0.55}, "guide_similarity_clip_by_scale": {0.0: 0.4, 10.0: 0.6},
+         "inpaint_caption_accuracy": 0.5, "inpaint_caption_accuracy_replace": 0.4, "inpaint_seam": 0.1,
+         "inpaint_seam_replace": 0.2}
+    m.update(change)
+    return m
+
+
+def test_the_verdicts_read_the_fixed_bars():
+    from diffusion_core.experiments import glide as E
+
+    assert all(E.verdicts(_measured()).values())
+    # the best accuracy over the scales counts, wherever it is; a tie is not cleared
+    v = E.verdicts(_measured(caption_accuracy_clip_by_scale={0.0: 0.6, 10.0: 0.1}))
+    assert not v["cfg_over_clip_accuracy"] and v["guide_rises_more_than_judge"]
+    # rises from the smallest to the largest CLIP scale (keys may be strings, as in the saved JSON)
+    v = E.verdicts(_measured(guide_similarity_clip_by_scale={"0.0": 0.4, "10.0": 0.44}))
+    assert not v["guide_rises_more_than_judge"]
+    v = E.verdicts(_measured(judge_similarity_clip_by_scale={0.0: 0.5, 10.0: 0.3},
+                             guide_similarity_clip_by_scale={0.0: 0.4, 10.0: 0.3}))
+    assert v["guide_rises_more_than_judge"]   # the guide fell less than the judge: still a gap
+    assert E.verdicts(_measured(inpaint_caption_accuracy=0.4))["inpaint_at_least_as_accurate"]
+    assert not E.verdicts(_measured(inpaint_caption_accuracy=0.39))["inpaint_at_least_as_accurate"]
+    assert not E.verdicts(_measured(inpaint_seam=0.2))["inpaint_smaller_seam"]
+    with pytest.raises(ValueError, match="same CLIP scales"):
+        E.verdicts(_measured(judge_similarity_clip_by_scale={0.0: 0.5, 3.0: 0.55}))
+    assert set(E.BARS) == {"cfg_over_clip_accuracy", "guide_rise_over_judge_rise", "inpaint_accuracy_margin",
+                           "inpaint_seam_margin"}
+
+
+def test_the_benchmark_metrics_hold_every_key_of_the_issue():
+    from diffusion_core.experiments import glide as E
+
+    row = {"caption_accuracy": 0.5, "judge_similarity": 0.4, "guide_similarity": 0.3, "fd": 2.0}
+    sweep = {"cfg": {1.0: row, 3.0: row}, "clip": {0.0: row, 10.0: {**row, "guide_similarity": 0.9}}, "real": row}
+    part = {"caption_accuracy": 0.5, "seam": 0.1, "outside_mse": 0.0}
+    m = E.benchmark_metrics(sweep, {"model": part, "replace": {**part, "seam": 0.3}, "real": part})
+    assert set(ISSUE_KEYS) <= set(m)
+    assert m["caption_accuracy_clip_by_scale"] == {0.0: 0.5, 10.0: 0.5}
+    assert m["verdicts"] == {"cfg_over_clip_accuracy": False, "guide_rises_more_than_judge": True,
+                             "inpaint_at_least_as_accurate": True, "inpaint_smaller_seam": True}
+    assert list(E.CFG_SCALES) == sorted(E.CFG_SCALES) and list(E.CLIP_SCALES) == sorted(E.CLIP_SCALES)
+    assert 1.0 in E.CFG_SCALES and 0.0 in E.CLIP_SCALES   # both sweeps contain the conditional model
+    for guidance, bad in (("cfg", (3.0, 1.0)), ("clip", (0.0, -1.0)), ("clip", (1.0, 1.0))):
+        with pytest.raises(ValueError):
+            E._check_scales(guidance, bad)
+
+
+def test_the_holes_cover_each_object_with_a_margin():
+    from diffusion_core.experiments import glide as E
+
+    scenes = E.world(16).fixed(32, seed=7)
+    masks = E.hole_masks(scenes)
+    assert masks.shape == (32, 1, 16, 16) and set(masks.unique().tolist()) == {0.0, 1.0}
+    obj = scenes.object_masks[:, :1] > 0.02
+    assert not bool((obj & (masks > 0)).any())          # no object pixel is known
+    hole = masks[:, 0] == 0
+    rows, cols = hole.any(2).sum(1), hole.any(1).sum(1)
+    assert bool((rows >= 4).all() and (cols >= 4).all())  # at least R / 4, the smallest hole trained on
+    assert bool((hole.sum((1, 2)) == rows * cols).all())  # one rectangle each
+    # the margin: the hole reaches two pixels beyond the object (unless the image ends first)
+    grown = torch.nn.functional.max_pool2d(obj.float(), 5, 1, 2) > 0
+    assert not bool((grown & (masks > 0)).any())
+    edit = E.edit_scenes(scenes)
+    assert bool((edit.color[:, 0] != scenes.color[:, 0]).all()) and torch.equal(edit.position, scenes.position)
+
+
+def test_the_sweep_and_the_inpainting_edit_run_at_smoke(stored):
+    from diffusion_core.experiments import glide as E
+
+    s = E.Setting(SMOKE, n=4)
+    s.steps = 3
+    sweep = E.guidance_sweep(SMOKE, s, cfg_scales=(1.0, 3.0), clip_scales=(0.0, 10.0))
+    assert sweep["conditional_max_abs_diff"] == 0.0       # CFG s = 1 and CLIP s = 0: the conditional model
+    for guidance in ("cfg", "clip"):
+        for row in sweep[guidance].values():
+            assert 0 <= row["caption_accuracy"] <= 1 and -1 <= row["judge_similarity"] <= 1
+            assert -1 <= row["guide_similarity"] <= 1 and row["fd"] >= 0
+    ip = E.inpainting(SMOKE, s)
+    assert ip["model"]["outside_mse"] == 0.0 and ip["replace"]["outside_mse"] == 0.0
+    assert ip["real"]["seam"] == ip["original"]["seam"]   # the hole's border runs through the background only
+    adv = E.adversarial_ascent(s, n=4, steps=3)
+    assert adv["after"]["guide_similarity"] > adv["before"]["guide_similarity"]
+    assert adv["max_abs_change"] <= 3 * 0.02 + 1e-6

@@ -4,7 +4,7 @@ Where ``benchmarks/results/NN-cpu.json`` exists (written by ``benchmarks/run.py 
 cpu --save``), every number in the chapter's ``*Reading (cpu profile ...)*`` paragraphs must be a value of
 that run's metrics or speed, at the precision it is quoted (0.438 matches 0.437705; 68% matches 0.68; 2,000 matches
 2000). Numbers without a decimal point below 100 are structure (section and chapter numbers, image sizes)
-and are not checked. A reading that quotes a number the run does not hold fails here, so a reader who runs
+and settings written as ``$t = 250$`` or ``$s = 10$`` are the experiment's inputs: neither is checked. A reading that quotes a number the run does not hold fails here, so a reader who runs
 the benchmark can find every quoted figure in its output.
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*-cpu.json"))
-NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)")
+NUMBER = re.compile(r"(?<![\w.])(?<!=\s)(?<!=)(\d[\d,]*(?:\.\d+)?)")  # not a setting: "$t = 250$", "$s = 10$"
 
 
 def _values(obj) -> list[float]:
@@ -72,6 +72,7 @@ def test_the_check_catches_a_misquote():
     assert unmatched("identity 0.44 (section 6, 32x32)", values) == []
     assert unmatched("identity 0.451", values) == ["0.451"]
     assert unmatched("after 2,500 steps", values) == ["2,500"]
+    assert unmatched("at $t = 250$ it is 0.438", values) == []
 
 
 @pytest.mark.parametrize("result", RESULTS, ids=[p.stem for p in RESULTS])

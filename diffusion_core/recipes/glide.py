@@ -314,7 +314,8 @@ def _inpaint_config(p: Profile) -> dict[str, Any]:
         "base": {"recipe": SHAPES_GLIDE.name, "version": SHAPES_GLIDE.version, **base},
         # the erased rectangle: each side a uniform fraction of the image in [min, max]
         "hole_min": 0.25, "hole_max": 0.75,
-        "steps": p.pick(smoke=20, cpu=600, gpu=5000),  # cpu: about 2 minutes (the base's step cost) "lr": p.pick(smoke=5e-4, cpu=5e-4, gpu=1e-4),
+        # cpu: about 2 minutes (the base's step cost); the learning rate is the base's (from **base)
+        "steps": p.pick(smoke=20, cpu=600, gpu=5000),
         "ema_decay": p.pick(smoke=0.99, cpu=0.995, gpu=0.999), "seed": 2,
     }
 
