@@ -68,6 +68,11 @@ from . import glide
 from .latent import NULL_CAPTION, LatentCodes, _training_set, caption_batches
 
 MAX_OBJECTS = 1
+# The cpu budget, estimated from measured seconds per step on the 2-core machine (shared with other
+# jobs; torch 2 threads): the three base models 3 x 2,000 x 0.10 s = 600 s, the two SR models
+# 2 x 1,000 x 0.114 s = 228 s, MiniLM's token states of the 16,841 distinct training texts about
+# 40 s: about 14.5 minutes (about 22 on one thread), shapes-clip cached by chapter 05.
+CPU_BUDGET_SECONDS = {"base": 3 * 2000 * 0.10, "sr": 2 * 1000 * 0.114, "minilm_states": 40}
 ENCODERS = ("minilm", "clip", "scratch")
 RECIPE_NAMES = {"minilm": "shapes-imagen-minilm", "clip": "shapes-imagen-clip", "scratch": "shapes-imagen-scratch"}
 MINILM_LENGTH = 20   # WordPiece ids per text ([CLS] ... [SEP], padded): the longest one-object text has 17
@@ -186,12 +191,13 @@ def _base_config(encoder: str):
             "encoder": encoder, "profile": p.name, "resolution": res,
             "n_train": p.pick(smoke=512, cpu=8000, gpu=16000), "paraphrases": True,
             "diffusion": _diffusion_config(),
-            "width": p.pick(smoke=16, cpu=32, gpu=64), "cross_dim": p.pick(smoke=32, cpu=64, gpu=128),
+            "width": p.pick(smoke=16, cpu=24, gpu=64), "cross_dim": p.pick(smoke=32, cpu=64, gpu=128),
             # per level, highest resolution first: added-K/V attention (the middle block always has it)
             "attention": [False, True, True], "coord_channels": True, "skip_scale": 2 ** -0.5,
             "p_uncond": 0.1,
-            # cpu: see CPU_SECONDS_PER_STEP and the module's budget note
-            "steps": p.pick(smoke=30, cpu=2500, gpu=20000), "batch_size": p.pick(smoke=16, cpu=32, gpu=128),
+            # cpu: 0.10 s per step on the 2-core machine (0.145 on one thread; measured with MiniLM's
+            # 384-wide tokens, the other encoders alike): 2,000 steps in about 3.5 minutes (see CPU_BUDGET)
+            "steps": p.pick(smoke=30, cpu=2000, gpu=20000), "batch_size": p.pick(smoke=16, cpu=32, gpu=128),
             "lr": p.pick(smoke=1e-3, cpu=1e-3, gpu=3e-4), "ema_decay": p.pick(smoke=0.99, cpu=0.999, gpu=0.9995),
             "seed": 0,
         }
@@ -328,11 +334,12 @@ def _sr_config(aug_max: float):
         low = glide.resolution_for(p)
         return {
             "resolution": 2 * low, "low_resolution": low, "n_train": p.pick(smoke=512, cpu=8000, gpu=16000),
-            "diffusion": _diffusion_config(), "width": p.pick(smoke=16, cpu=32, gpu=64), "skip_scale": 2 ** -0.5,
+            "diffusion": _diffusion_config(), "width": p.pick(smoke=16, cpu=16, gpu=64), "skip_scale": 2 ** -0.5,
             # training levels a ~ U[0, aug_max]; Imagen samples them from [0, 1], we stop at 0.5 (cosine
             # alpha_bar 0.5: noise std 0.7) since useful sampling-time levels are small
             "aug_max": aug_max,
-            "steps": p.pick(smoke=30, cpu=1500, gpu=10000), "batch_size": p.pick(smoke=16, cpu=32, gpu=64),
+            # cpu: 0.114 s per step on the 2-core machine (0.19 on one thread): 1,000 steps in 2 minutes
+            "steps": p.pick(smoke=30, cpu=1000, gpu=10000), "batch_size": p.pick(smoke=16, cpu=32, gpu=64),
             "lr": p.pick(smoke=1e-3, cpu=1e-3, gpu=3e-4), "ema_decay": p.pick(smoke=0.99, cpu=0.999, gpu=0.9995),
             "seed": 0,
         }
