@@ -234,6 +234,26 @@ def test_evaluation_texts_hold_out_the_phrasing():
         I.evaluation_texts(scenes, "train")
 
 
+class _FakeEvaluator:
+    resolution = 32
+
+    def caption_accuracy(self, images, scenes):
+        assert images.shape == (len(scenes), 3, 32, 32) and bool((images.abs() <= 1).all())
+        return 0.5
+
+    def fd(self, images, reference):
+        assert images.shape == reference.shape == (len(images), 3, 32, 32)
+        return float((images - reference).abs().mean())
+
+
+def test_judge_brings_base_samples_to_the_evaluators_resolution():
+    scenes = I.evaluation_scenes(4, resolution=16)
+    out = I.judge(_FakeEvaluator(), scenes.images, scenes)
+    assert out["caption_accuracy"] == 0.5 and out["fd"] == 0.0  # real scenes against themselves
+    with pytest.raises(ValueError, match="one scene per image"):
+        I.judge(_FakeEvaluator(), scenes.images[:3], scenes)
+
+
 def test_profiles_set_resolution_and_budget():
     cpu, gpu = dc.Profile("cpu", torch.device("cpu")), dc.Profile("gpu", torch.device("cpu"))
     base, sr = recipe("shapes-imagen-minilm"), recipe("shapes-imagen-sr")

@@ -58,11 +58,11 @@ from ..models.imagen import ImagenSRUNet, ImagenTextUNet
 from ..models.tokenizers import WordTokenizer
 from ..models.unet_cond import CondUNetConfig
 from ..process.gaussian import GaussianDiffusion
-from ..process.thresholding import METHODS, ThresholdLike
+from ..process.thresholding import METHODS, ThresholdLike, resolve_threshold
 from ..profiles import Profile, current
 from ..samplers.ancestral import ddpm_sample
 from ..samplers.guidance import cfg_eps, check_scale, drop_condition
-from ..store import Recipe, Stored, load, recipe, register
+from ..store import Recipe, Stored, load, path_for, recipe, register
 from ..train import TrainConfig, train
 from . import glide
 from .latent import NULL_CAPTION, LatentCodes, _training_set, caption_batches
@@ -97,14 +97,22 @@ def scratch_tokenizer(c: dict[str, Any]) -> WordTokenizer:
     return WordTokenizer(ShapesWorld.vocabulary(heldout=False), c["context_length"], unknown="unk")
 
 
+_CLIP_TEXT: dict[str, Any] = {}  # store file -> (CLIP model, tokenizer): read once per process
+
+
 def _clip_text(c: dict[str, Any]):
-    """(the shapes-clip text tower, its tokenizer) of a ``shapes-imagen-clip`` config, from the store."""
+    """(the frozen shapes-clip, its tokenizer) of a ``shapes-imagen-clip`` config, from the store."""
     from .clip import tokenizer_for
 
-    stored = load(c["text_encoder"]["recipe"], c["profile"], verbose=False)
-    if stored.config != {k: v for k, v in c["text_encoder"].items() if k not in ("recipe", "version")}:
-        raise ValueError("the stored shapes-clip has another config than this Imagen model was trained with")
-    return stored.model.eval().requires_grad_(False), tokenizer_for(stored.config)
+    r = recipe(c["text_encoder"]["recipe"])
+    wanted = {k: v for k, v in c["text_encoder"].items() if k not in ("recipe", "version")}
+    if r.version != c["text_encoder"]["version"] or r.config(Profile(c["profile"], torch.device("cpu"))) != wanted:
+        raise ValueError(f"{r.name} has changed (version or config) since this Imagen model was configured with it")
+    key = str(path_for(r, c["profile"], wanted))
+    if key not in _CLIP_TEXT:
+        stored = load(r.name, c["profile"], verbose=False)
+        _CLIP_TEXT[key] = (stored.model.eval().requires_grad_(False), tokenizer_for(stored.config))
+    return _CLIP_TEXT[key]
 
 
 @torch.no_grad()
@@ -437,6 +445,7 @@ def sample(stored: Stored, captions: Sequence[str], *, scale: float = 3.0, thres
     _check_stored(stored, ImagenTextUNet, "stored")
     captions = glide.check_captions(captions)
     scale = check_scale(scale)
+    resolve_threshold(threshold)  # a bad choice fails before any work
     profile = profile or current()
     model, c = stored.model.eval(), stored.config
     dev, R = _device(model), c["resolution"]
@@ -499,6 +508,7 @@ def super_resolve(sr: Stored, low: torch.Tensor, aug_level: float = 0.0, *, step
     0: unchanged) and the model, told the level, samples ancestrally in ``steps`` respaced steps."""
     _check_stored(sr, ImagenSRUNet, "sr")
     aug_level = check_aug_level(aug_level)
+    resolve_threshold(threshold)
     c, model = sr.config, sr.model.eval()
     r, R = c["low_resolution"], c["resolution"]
     if not torch.is_tensor(low) or low.ndim != 4 or tuple(low.shape[1:]) != (3, r, r) or not len(low):
@@ -570,6 +580,21 @@ def evaluation_texts(scenes: Scenes, kind: str = "heldout") -> list[str]:
         return list(scenes.captions)
     rows = scenes.paraphrases if kind == "paraphrase" else scenes.heldout_paraphrases
     return [row[k % len(row)] for k, row in enumerate(rows)]
+
+
+def judge(evaluator: Any, images: torch.Tensor, scenes: Scenes) -> dict[str, float]:
+    """``caption_accuracy`` and ``fd`` of generated ``images`` (N, 3, r, r) in [-1, 1] for ``scenes`` (N)
+    by the shapes evaluator (:func:`~diffusion_core.evaluate.attributes.shapes_evaluator`): the images are
+    brought to its resolution bicubically (:func:`~diffusion_core.recipes.glide.judge_resolution`:
+    16 px base samples are judged at 32), and FD is taken against the real one-object ``scenes``
+    themselves (brought to the same resolution), not the evaluator's 1-3 object reference."""
+    if not isinstance(scenes, Scenes) or not torch.is_tensor(images) or len(scenes) != len(images):
+        raise ValueError(f"need one scene per image, got {len(images) if torch.is_tensor(images) else images!r} images "
+                         f"and {len(scenes) if isinstance(scenes, Scenes) else type(scenes).__name__} scenes")
+    R = evaluator.resolution
+    mine = glide.judge_resolution(images.float(), R)
+    real = glide.judge_resolution(scenes.images.float(), R)
+    return {"caption_accuracy": evaluator.caption_accuracy(mine, scenes), "fd": evaluator.fd(mine, reference=real)}
 
 
 def imagen_base(encoder: str = "minilm", profile: Profile | str | None = None, verbose: bool = True) -> Stored:
