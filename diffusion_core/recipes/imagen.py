@@ -83,13 +83,13 @@ POOL_HEADS = 4       # heads of the attention pooling into the time embedding
 # The text encoders and their token states
 # ------------------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=1)
-def minilm():
+@lru_cache(maxsize=2)
+def minilm(device: str = "cpu"):
     """The frozen all-MiniLM-L6-v2 (:class:`~diffusion_core.models.bert.SentenceEncoder`), loaded once
-    per process on the CPU (eval mode, no gradients)."""
+    per process and device (eval mode, no gradients)."""
     from ..models.bert import load_minilm
 
-    return load_minilm()
+    return load_minilm(device)
 
 
 def scratch_tokenizer(c: dict[str, Any]) -> WordTokenizer:
@@ -116,18 +116,21 @@ def _clip_text(c: dict[str, Any]):
 
 
 @torch.no_grad()
-def frozen_states(c: dict[str, Any], texts: Sequence[str], batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def frozen_states(c: dict[str, Any], texts: Sequence[str], batch: int = 256,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The token states of a frozen encoder for ``texts``: ``(N, L, D)`` float32 and the mask ``(N, L)``
-    bool, L fixed by the encoder (MiniLM: :data:`MINILM_LENGTH`; CLIP: its context length), so a
-    text's states never depend on the batch it came in."""
+    bool, on the CPU, L fixed by the encoder (MiniLM: :data:`MINILM_LENGTH`; CLIP: its context length),
+    so a text's states never depend on the batch it came in. MiniLM runs on ``device``."""
     kind, texts = c["encoder"], list(texts)
     states, masks = [], []
     if kind == "minilm":
-        enc = minilm()
+        enc = minilm(str(torch.device(device)))
+        dev = next(enc.model.parameters()).device
         for i in range(0, len(texts), batch):
             tok = enc.tokenizer(texts[i:i + batch], max_length=MINILM_LENGTH, padding="max_length")
-            out = enc.model(tok.input_ids, attention_mask=tok.attention_mask, token_type_ids=tok.token_type_ids)
-            states.append(out.last_hidden_state.float())
+            out = enc.model(tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev),
+                            token_type_ids=tok.token_type_ids.to(dev))
+            states.append(out.last_hidden_state.float().cpu())
             masks.append(tok.attention_mask.bool())
     elif kind == "clip":
         model, tok = _clip_text(c)
@@ -160,12 +163,14 @@ class TextTable:
         return {"tokens": self.tokens[rows].float(), "mask": self.mask[rows]}
 
 
-def text_table(c: dict[str, Any], texts: Sequence[str]) -> TextTable:
+def text_table(c: dict[str, Any], texts: Sequence[str], device: torch.device | str = "cpu") -> TextTable:
+    """The :class:`TextTable` of the distinct ``texts`` for config ``c``'s encoder (a frozen one run on
+    ``device``; the table itself stays on the CPU)."""
     texts = list(dict.fromkeys(texts))
     index = {t: i for i, t in enumerate(texts)}
     if c["encoder"] == "scratch":
         return TextTable(texts, index, ids=scratch_tokenizer(c).encode(texts))
-    tokens, mask = frozen_states(c, texts)
+    tokens, mask = frozen_states(c, texts, device=device)
     return TextTable(texts, index, tokens=tokens.half(), mask=mask)
 
 
@@ -176,7 +181,7 @@ def encode_captions(stored: Stored, captions: Sequence[str]) -> dict[str, torch.
     c, dev = stored.config, _device(stored.model)
     if c["encoder"] == "scratch":
         return {"input_ids": scratch_tokenizer(c).encode(captions).to(dev)}
-    tokens, mask = frozen_states(c, captions)
+    tokens, mask = frozen_states(c, captions, device=dev)
     return {"tokens": tokens.to(dev), "mask": mask.to(dev)}
 
 
@@ -276,7 +281,7 @@ def train_base(model: ImagenTextUNet, c: dict[str, Any], p: Profile) -> dict[str
     per_scene = [[cap, *(par if c["paraphrases"] else [])] for cap, par in zip(data.captions, data.paraphrases)]
     V = min(len(t) for t in per_scene)
     start = time.perf_counter()
-    table = text_table(c, [NULL_CAPTION] + [t for row in per_scene for t in row[:V]])
+    table = text_table(c, [NULL_CAPTION] + [t for row in per_scene for t in row[:V]], p.device)
     encode_seconds = time.perf_counter() - start
     rows = torch.tensor([[table.index[t] for t in row[:V]] for row in per_scene], dtype=torch.long)  # (N, V)
     diffusion = diffusion_for(c)
@@ -332,7 +337,8 @@ def augment(low_up: torch.Tensor, level: torch.Tensor, generator: torch.Generato
     """Noise conditioning augmentation: ``z_a = sqrt(alpha_bar(a)) z + sqrt(1 - alpha_bar(a)) eps`` per
     sample, ``level`` (B,) in [0, 1]; where a = 0 the image is returned unchanged (bit for bit)."""
     ab = aug_alpha_bar(level.to(low_up.device)).view(-1, 1, 1, 1)
-    eps = torch.randn(low_up.shape, generator=generator, device=generator.device if generator else low_up.device)
+    eps = torch.randn(low_up.shape, generator=generator,
+                      device=generator.device if generator is not None else low_up.device)
     noised = ab.sqrt() * low_up + (1 - ab).sqrt() * eps.to(low_up)
     return torch.where(level.view(-1, 1, 1, 1).to(low_up.device) == 0, low_up, noised)
 
@@ -468,11 +474,12 @@ def sample(stored: Stored, captions: Sequence[str], *, scale: float = 3.0, thres
     return torch.cat(out)
 
 
-def saturated_fraction(images: torch.Tensor, tolerance: float = 1 / 255) -> float:
+def saturated_fraction(images: torch.Tensor, tolerance: float = 0.0) -> float:
     """The fraction of values (over pixels and channels) of ``images`` (sampler outputs *before* any
-    final clipping) that are saturated: ``|x| >= 1 - tolerance``; the default tolerance makes it the
-    values an 8-bit picture shows as 0 or 255. (Real shapes scenes have some: white objects, and the
-    full channels of blue, yellow and orange; compare with :func:`saturated_fraction` of real images.)"""
+    final clipping) that are saturated: ``|x| >= 1 - tolerance``. ``tolerance=0``: at or beyond the
+    data range (what static clipping pins to +-1, what no clipping leaves outside it); ``1 / 255``:
+    the values an 8-bit picture shows as 0 or 255. Real shapes scenes have some (white objects, the
+    full channels of blue, yellow and orange): compare with the fraction of real images."""
     if not torch.is_tensor(images) or not images.is_floating_point() or images.numel() == 0:
         raise ValueError("images must be a non-empty float tensor")
     if not 0 <= tolerance < 1:
