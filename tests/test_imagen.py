@@ -126,7 +126,7 @@ def test_the_scratch_encoder_meets_heldout_words_as_unknown(trained):
     ids = I.encode_captions(stored, ["you can see a little red disk in the top left corner"])["input_ids"]
     assert (ids == 3).any()  # <unk>
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([100])
-    assert stored.model.eval()(x, t, ids).shape == (1, 3, 16, 16)
+    assert stored.model.eval()(x, t, ids).shape == (1, 6, 16, 16)  # eps and the variance's v
 
 
 @torch.no_grad()

@@ -34,9 +34,11 @@ the 16 px image already says everything the caption does), which keeps the casca
 every method at every guidance weight from the same noise, and :func:`saturated_fraction` counts
 the saturated pixels of the sampler's output before any final clipping.
 
-The process (all recipes): GLIDE's cosine schedule, T = 1000, eps-prediction, fixed variance
-(``fixed_small``) and L_simple (Imagen's base model predicts eps with a fixed variance too);
-sampling is ancestral in ``steps`` respaced steps (Improved DDPM's respacing).
+The process (all recipes): GLIDE's cosine schedule, T = 1000, eps-prediction with a learned
+variance (Improved DDPM's ``learned_range``, trained by L_hybrid with lambda = 0.001), as DeepFloyd IF
+(the public Imagen-style cascade) has at both stages; sampling is ancestral in ``steps`` respaced
+steps. (With the fixed variance, a smoke-size model trained for 500 steps left visible noise in
+50-step samples that 250 steps removed; the learned variance is what makes few steps work.)
 """
 
 from __future__ import annotations
@@ -190,7 +192,20 @@ def encode_captions(stored: Stored, captions: Sequence[str]) -> dict[str, torch.
 # ------------------------------------------------------------------------------------------------
 
 def _diffusion_config() -> dict[str, Any]:
-    return {"schedule": "cosine", "T": 1000, "variance": "fixed_small"}
+    return {"schedule": "cosine", "T": 1000, "variance": "learned_range", "loss": "hybrid", "hybrid_lambda": 1e-3}
+
+
+def _loss(diffusion: GaussianDiffusion, c: dict[str, Any]) -> dict[str, Any]:
+    """The ``training_losses`` options of a config: L_hybrid with a learned variance, else L_simple."""
+    d = c["diffusion"]
+    if diffusion.variance == "learned_range":
+        return {"loss": d.get("loss", "hybrid"), "hybrid_lambda": d.get("hybrid_lambda", 1e-3)}
+    return {"loss": "simple"}
+
+
+def out_channels(c: dict[str, Any]) -> int:
+    """eps (3), and the variance's v (3 more) when it is learned."""
+    return 6 if c["diffusion"]["variance"] == "learned_range" else 3
 
 
 def diffusion_for(c: dict[str, Any]) -> GaussianDiffusion:
@@ -235,7 +250,7 @@ def base_unet_config(c: dict[str, Any]) -> CondUNetConfig:
     time embedding (``addition_embed_type="text"``), skips scaled by ``skip_scale`` (Efficient U-Net)."""
     w, attn = c["width"], c["attention"]
     return CondUNetConfig(
-        sample_size=c["resolution"], in_channels=3 + (2 if c["coord_channels"] else 0), out_channels=3,
+        sample_size=c["resolution"], in_channels=3 + (2 if c["coord_channels"] else 0), out_channels=out_channels(c),
         block_out_channels=(w, 2 * w, 2 * w),
         down_block_types=tuple("SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attn),
         up_block_types=tuple("SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attn)),
@@ -259,13 +274,14 @@ def build_base(c: dict[str, Any]) -> ImagenTextUNet:
 
 
 def base_loss(model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor, rows: torch.Tensor,
-              table: TextTable, p_uncond: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """L_simple with classifier-free guidance's caption dropout: each text row becomes the empty
-    caption's with probability ``p_uncond`` (Ho & Salimans' Algorithm 1), then the model gets that
-    text's token states (or ids) from ``table``."""
-    rows = drop_condition(rows, table.index[NULL_CAPTION], p_uncond, generator)
+              table: TextTable, c: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+    """The diffusion loss (L_hybrid, or L_simple with a fixed variance) with classifier-free guidance's
+    caption dropout: each text row becomes the empty caption's with probability ``c["p_uncond"]`` (Ho &
+    Salimans' Algorithm 1), then the model gets that text's token states (or ids) from ``table``."""
+    rows = drop_condition(rows, table.index[NULL_CAPTION], c["p_uncond"], generator)
     kw = {k: v.to(x0.device) for k, v in table.lookup(rows).items()}
-    return diffusion.training_losses(model, x0, generator=generator, model_kwargs=kw)["loss"].mean()
+    return diffusion.training_losses(model, x0, generator=generator, model_kwargs=kw,
+                                     **_loss(diffusion, c))["loss"].mean()
 
 
 def _metrics(res: Any, c: dict[str, Any]) -> dict[str, Any]:
@@ -289,7 +305,7 @@ def train_base(model: ImagenTextUNet, c: dict[str, Any], p: Profile) -> dict[str
     torch.manual_seed(c["seed"])
 
     def loss_fn(m, batch):
-        return base_loss(m, diffusion, batch[0], batch[1], table, c["p_uncond"], g)
+        return base_loss(m, diffusion, batch[0], batch[1], table, c, g)
 
     cfg = TrainConfig(steps=c["steps"], lr=c["lr"], ema_decay=c["ema_decay"], warmup_steps=min(100, c["steps"] // 5),
                       desc=f"Imagen base ({c['encoder']} text encoder)")
@@ -366,7 +382,7 @@ def sr_unet_config(c: dict[str, Any]) -> CondUNetConfig:
     (x_t, the upsampled low-resolution image), the augmentation level as a timestep-like class label."""
     w = c["width"]
     return CondUNetConfig(
-        sample_size=c["resolution"], in_channels=6, out_channels=3, block_out_channels=(w, 2 * w, 2 * w),
+        sample_size=c["resolution"], in_channels=6, out_channels=out_channels(c), block_out_channels=(w, 2 * w, 2 * w),
         down_block_types=("ResnetDownsampleBlock2D",) * 3, up_block_types=("ResnetUpsampleBlock2D",) * 3,
         mid_block_type="UNetMidBlock2D", layers_per_block=1, cross_attention_dim=None, norm_num_groups=8,
         resnet_time_scale_shift="scale_shift", class_embed_type="timestep", skip_scale=c["skip_scale"],
@@ -393,9 +409,9 @@ def sr_inputs(x0: torch.Tensor, c: dict[str, Any], generator: torch.Generator | 
 
 def sr_loss(model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor, c: dict[str, Any],
             generator: torch.Generator | None = None) -> torch.Tensor:
-    """L_simple of the SR model on high-resolution images ``x0``, given :func:`sr_inputs`."""
+    """The diffusion loss of the SR model on high-resolution images ``x0``, given :func:`sr_inputs`."""
     low, levels = sr_inputs(x0, c, generator)
-    return diffusion.training_losses(model, x0, generator=generator,
+    return diffusion.training_losses(model, x0, generator=generator, **_loss(diffusion, c),
                                      model_kwargs={"low_res": low, "aug_level": levels})["loss"].mean()
 
 
@@ -466,7 +482,8 @@ def sample(stored: Stored, captions: Sequence[str], *, scale: float = 3.0, thres
 
         def eps(x, t, cond=cond):
             # eps_hat = eps(x_t, "") + w (eps(x_t, c) - eps(x_t, ""))
-            return cfg_eps(lambda xx, tt, cc: model(xx, tt, **cc).float(), x, t, cond, null, scale)
+            # (a learned variance's v channels come from the conditional output)
+            return cfg_eps(lambda xx, tt, cc: model(xx, tt, **cc).float(), x, t, cond, null, scale, eps_channels=3)
 
         with profile.autocast():
             x0 = ddpm_sample(eps, diffusion, x_T, threshold=threshold, generator=g, progress=progress).float()
