@@ -369,7 +369,7 @@ def _sr_config(aug_max: float):
             # alpha_bar 0.5: noise std 0.7) since useful sampling-time levels are small
             "aug_max": aug_max,
             # cpu: 0.114 s per step on the 2-core machine (0.19 on one thread): 1,000 steps in 2 minutes
-            "steps": p.pick(smoke=30, cpu=1000, gpu=10000), "batch_size": p.pick(smoke=16, cpu=32, gpu=64),
+            "steps": p.pick(smoke=60, cpu=1000, gpu=10000), "batch_size": p.pick(smoke=16, cpu=32, gpu=64),
             "lr": p.pick(smoke=1e-3, cpu=1e-3, gpu=3e-4), "ema_decay": p.pick(smoke=0.99, cpu=0.999, gpu=0.9995),
             "seed": 0,
         }
