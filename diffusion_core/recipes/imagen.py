@@ -37,8 +37,10 @@ the saturated pixels of the sampler's output before any final clipping.
 The process (all recipes): GLIDE's cosine schedule, T = 1000, eps-prediction with a learned
 variance (Improved DDPM's ``learned_range``, trained by L_hybrid with lambda = 0.001), as DeepFloyd IF
 (the public Imagen-style cascade) has at both stages; sampling is ancestral in ``steps`` respaced
-steps. (With the fixed variance, a smoke-size model trained for 500 steps left visible noise in
-50-step samples that 250 steps removed; the learned variance is what makes few steps work.)
+steps (Improved DDPM found the learned variance keeps few-step sampling good; ``"variance":
+"fixed_small"`` in the config gives the L_simple model instead). A smoke-size model trained for 500
+steps still leaves visible noise in 50-step samples (so does ``shapes-glide`` at that size): judge
+the recipes at ``cpu``.
 """
 
 from __future__ import annotations
@@ -70,10 +72,12 @@ from . import glide
 from .latent import NULL_CAPTION, LatentCodes, _training_set, caption_batches
 
 MAX_OBJECTS = 1
-# The cpu budget, estimated from measured seconds per step on the 2-core machine (shared with other
-# jobs; torch 2 threads): the three base models 3 x 2,000 x 0.10 s = 600 s, the two SR models
-# 2 x 1,000 x 0.114 s = 228 s, MiniLM's token states of the 16,841 distinct training texts about
-# 40 s: about 14.5 minutes (about 22 on one thread), shapes-clip cached by chapter 05.
+# The cpu budget, estimated (never run) from seconds per training step measured at the cpu sizes on
+# the 2-core machine while other jobs shared it (torch with 2 threads): the three base models
+# 3 x 2,000 x 0.10 s = 600 s, the two SR models 2 x 1,000 x 0.114 s = 228 s, MiniLM's token states of
+# the 16,841 distinct training texts about 40 s: about 14.5 minutes, shapes-clip cached by chapter 05.
+# On one thread the steps took 0.145-0.165 s and 0.19-0.24 s: about 23 minutes. Under heavier load
+# two threads were much slower than one (oversubscription): the estimate holds for an idle machine.
 CPU_BUDGET_SECONDS = {"base": 3 * 2000 * 0.10, "sr": 2 * 1000 * 0.114, "minilm_states": 40}
 ENCODERS = ("minilm", "clip", "scratch")
 RECIPE_NAMES = {"minilm": "shapes-imagen-minilm", "clip": "shapes-imagen-clip", "scratch": "shapes-imagen-scratch"}
@@ -223,8 +227,8 @@ def _base_config(encoder: str):
             # per level, highest resolution first: added-K/V attention (the middle block always has it)
             "attention": [False, True, True], "coord_channels": True, "skip_scale": 2 ** -0.5,
             "p_uncond": 0.1,
-            # cpu: 0.10 s per step on the 2-core machine (0.145 on one thread; measured with MiniLM's
-            # 384-wide tokens, the other encoders alike): 2,000 steps in about 3.5 minutes (see CPU_BUDGET)
+            # cpu: 0.10 s per step on the 2-core machine (0.145-0.165 on one thread; measured with MiniLM's
+            # 384-wide tokens, the other encoders alike): 2,000 steps in about 3.5 minutes (CPU_BUDGET_SECONDS)
             "steps": p.pick(smoke=30, cpu=2000, gpu=20000), "batch_size": p.pick(smoke=16, cpu=32, gpu=128),
             "lr": p.pick(smoke=1e-3, cpu=1e-3, gpu=3e-4), "ema_decay": p.pick(smoke=0.99, cpu=0.999, gpu=0.9995),
             "seed": 0,
@@ -368,7 +372,7 @@ def _sr_config(aug_max: float):
             # training levels a ~ U[0, aug_max]; Imagen samples them from [0, 1], we stop at 0.5 (cosine
             # alpha_bar 0.5: noise std 0.7) since useful sampling-time levels are small
             "aug_max": aug_max,
-            # cpu: 0.114 s per step on the 2-core machine (0.19 on one thread): 1,000 steps in 2 minutes
+            # cpu: 0.114 s per step on the 2-core machine (0.19-0.24 on one thread): 1,000 steps in 2 minutes
             "steps": p.pick(smoke=60, cpu=1000, gpu=10000), "batch_size": p.pick(smoke=16, cpu=32, gpu=64),
             "lr": p.pick(smoke=1e-3, cpu=1e-3, gpu=3e-4), "ema_decay": p.pick(smoke=0.99, cpu=0.999, gpu=0.9995),
             "seed": 0,
