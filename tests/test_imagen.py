@@ -267,7 +267,9 @@ def test_profiles_set_resolution_and_budget():
     assert (sr.config(gpu)["low_resolution"], sr.config(gpu)["resolution"]) == (32, 64)
     assert recipe("shapes-imagen-sr-noaug").config(cpu)["aug_max"] == 0 and sr.config(cpu)["aug_max"] > 0
     b = I.CPU_BUDGET_SECONDS
-    assert b["base"] == 3 * base.config(cpu)["steps"] * 0.10 and b["sr"] == 2 * sr.config(cpu)["steps"] * 0.114
+    per_step = I.CPU_SECONDS_PER_STEP
+    assert b["base"] == 3 * base.config(cpu)["steps"] * per_step["base"]
+    assert b["sr"] == 2 * sr.config(cpu)["steps"] * per_step["sr"]
     assert sum(b.values()) <= 15 * 60
 
 
