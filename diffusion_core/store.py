@@ -95,6 +95,11 @@ RECIPES: dict[str, Recipe | str] = {
     "shapes-glide": "diffusion_core.recipes.glide:SHAPES_GLIDE",
     "shapes-clip-noisy": "diffusion_core.recipes.glide:SHAPES_CLIP_NOISY",
     "shapes-glide-inpaint": "diffusion_core.recipes.glide:SHAPES_GLIDE_INPAINT",
+    "shapes-imagen-minilm": "diffusion_core.recipes.imagen:SHAPES_IMAGEN_MINILM",
+    "shapes-imagen-clip": "diffusion_core.recipes.imagen:SHAPES_IMAGEN_CLIP",
+    "shapes-imagen-scratch": "diffusion_core.recipes.imagen:SHAPES_IMAGEN_SCRATCH",
+    "shapes-imagen-sr": "diffusion_core.recipes.imagen:SHAPES_IMAGEN_SR",
+    "shapes-imagen-sr-noaug": "diffusion_core.recipes.imagen:SHAPES_IMAGEN_SR_NOAUG",
 
 }
 
