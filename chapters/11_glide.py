@@ -382,8 +382,8 @@ explore(show_guidance, cfg_scale=(1.0, 8.0, 1.0, 3.0), clip_scale=(0.0, 100.0, 1
 # at $s = 8$; six shapes), and the grid cell at chance (0.11 at $s = 1$, 0.10 at $s = 8$; one cell in nine):
 # the base model never learned where "at the top left" puts the object, and classifier-free guidance can only
 # amplify what the conditional model already does differently from the unconditional one. (In a check on 100
-# captions, sampling in float32 instead of bfloat16, with 50 or 250 steps, the cell was still right only 16% and
-# 14% of the time.) More guidance costs fidelity: FD grows from 595 at $s = 1$ to 1,042 at $s = 8$ (real
+# captions, sampling in float32 instead of bfloat16, with 50 steps or five times as many, the cell was still
+# right only 16% and 14% of the time.) More guidance costs fidelity: FD grows from 595 at $s = 1$ to 1,042 at $s = 8$ (real
 # scenes: 444), and colour accuracy falls to 0.78.
 #
 # CLIP guidance adds what the noised CLIP can read: the cell is right 11% of the time at $s = 0$, 92% at
