@@ -23,8 +23,6 @@ on row i of ``x_t`` only (true of per-sample networks: GroupNorm, LayerNorm, no 
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +32,7 @@ from tqdm.auto import tqdm
 from ..process.gaussian import GaussianDiffusion, ModelPrediction, randn_like
 from ..process.thresholding import ThresholdLike
 from .ancestral import _check_start
+from .guidance import check_scale
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, ...), t (B,)) -> (B,)
 
@@ -42,21 +41,7 @@ def check_clip_scale(scale: float | torch.Tensor, batch: int | None = None) -> f
     """The CLIP guidance scale ``s``: a finite number >= 0 (0: no guidance), or a (B,) tensor of
     them (one per sample). A negative ``s`` would push samples away from the caption; NaN or inf
     would make every sample NaN."""
-    rule = "the CLIP guidance scale s must be a finite number >= 0 (0: no guidance)"
-    if isinstance(scale, torch.Tensor):
-        if scale.dtype == torch.bool or scale.is_complex():
-            raise TypeError(f"{rule}; got a tensor of dtype {scale.dtype}")
-        if scale.ndim > 1 or (scale.ndim == 1 and batch is not None and scale.numel() not in (1, batch)):
-            raise ValueError(f"a per-sample CLIP guidance scale must have shape ({batch if batch is not None else 'B'},), "
-                             f"got {tuple(scale.shape)}")
-        if scale.numel() and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
-            raise ValueError(f"{rule}; got {scale.tolist()}")
-        return scale
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"{rule}; got {type(scale).__name__} {scale!r}")
-    if not (math.isfinite(scale) and scale >= 0):
-        raise ValueError(f"{rule}; got {scale!r}")
-    return float(scale)
+    return check_scale(scale, batch, what="CLIP guidance scale", meaning="0: no guidance")
 
 
 def score_and_grad(score_fn: ScoreFn, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,18 +28,20 @@ from ..distributed import batch_rand
 Cond = Any  # a tensor (B, ...), or a dict / tuple / list of them (passed to model_fn as one object)
 
 
-def check_scale(scale: float | torch.Tensor, batch: int | None = None) -> float | torch.Tensor:
+def check_scale(scale: float | torch.Tensor, batch: int | None = None, what: str = "guidance scale",
+                meaning: str = "0: unconditional, 1: conditional, > 1: guided") -> float | torch.Tensor:
     """The guidance scale ``s`` as a float (or a per-sample tensor), checked: a finite number >= 0
     (0: unconditional, 1: conditional, > 1: guided). A tensor is 0-d, or ``(B,)`` / ``(1,)`` with
     ``batch`` = B. NaN or inf would turn every sample into NaN; a negative s extrapolates past the
     unconditional model, away from the condition (to steer away from a condition, pass it as
-    ``null_cond`` with s > 1, the "negative prompt")."""
-    rule = "the guidance scale s must be a finite number >= 0 (0: unconditional, 1: conditional, > 1: guided)"
+    ``null_cond`` with s > 1, the "negative prompt"). ``what`` and ``meaning`` name the scale in the
+    errors (CLIP guidance checks its scale here too)."""
+    rule = f"the {what} s must be a finite number >= 0 ({meaning})"
     if isinstance(scale, torch.Tensor):
         if scale.dtype == torch.bool or scale.is_complex():
             raise TypeError(f"{rule}; got a tensor of dtype {scale.dtype}")
         if scale.ndim > 1 or (scale.ndim == 1 and batch is not None and scale.numel() not in (1, batch)):
-            raise ValueError(f"a per-sample guidance scale must have shape ({batch if batch is not None else 'B'},), "
+            raise ValueError(f"a per-sample {what} must have shape ({batch if batch is not None else 'B'},), "
                              f"got {tuple(scale.shape)}")
         if scale.numel() and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
             raise ValueError(f"{rule}; got {scale.tolist()}")
