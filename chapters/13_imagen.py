@@ -235,8 +235,8 @@ with torch.no_grad():
 # %% [markdown]
 # ## 5. Finding 1: which text encoder?
 #
-# For 200 unseen scenes (`smoke`: 16), one sample per text from the same starting noise, with classifier-free
-# guidance at $w = 3$ and static clipping, for three kinds of text: the **caption** (the training template), a
+# For 128 unseen scenes (`smoke`: 16), one sample per text from the same starting noise (30 respaced steps),
+# with classifier-free guidance at $w = 3$ and static clipping, for three kinds of text: the **caption** (the training template), a
 # **training paraphrase** (templates and synonyms the models trained on) and a **held-out paraphrase** (templates
 # and synonyms no training text uses). The evaluator counts a sample right when shape, colour, size and grid
 # cell are all those the text names. Beside it, a text-only check (no image model): how often each encoder puts
@@ -271,7 +271,7 @@ print(*[f"{i}: {t}" for i, t in enumerate(enc["texts"]["heldout"])], sep="\n")
 # ## 6. Finding 2: the cascade
 #
 # The MiniLM base model's samples for the captions (section 5's, $w = 3$), super-resolved to 32 px by both SR
-# models in 50 steps: `shapes-imagen-sr` at every sampling-time level in `claim.AUG_LEVELS`, `shapes-imagen-sr-noaug`
+# models in 30 steps: `shapes-imagen-sr` at every sampling-time level in `claim.AUG_LEVELS`, `shapes-imagen-sr-noaug`
 # at $a = 0$ (the only level it knows). FD against real 32 px scenes (evaluator features; lower is better). Beside
 # them: the base samples simply upsampled (bicubic), both SR models given the *real* 16 px scenes (what they do when
 # their input has no artefacts), and real 32 px scenes.

@@ -33,8 +33,7 @@ The bars were fixed before any measurement (:data:`BARS`); :func:`verdicts` read
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -47,6 +46,7 @@ from ..profiles import Profile
 from ..recipes import glide as G
 from ..recipes.clip import shapes_clip, trim
 from ..store import load
+from .memo import SampleMemo
 
 PAPER = {
     "glide": "GLIDE (Nichol et al. 2021): a 3.5 billion parameter text-conditional diffusion model at 64x64 "
@@ -90,7 +90,7 @@ def world(resolution: int) -> ShapesWorld:
 # ------------------------------------------------------------------------------------------------
 # the setting: models, judges, captions, real references, and a memo of samples
 # ------------------------------------------------------------------------------------------------
-class Setting:
+class Setting(SampleMemo):
     """The three GLIDE models, the evaluator, the judge CLIP, ``n`` unseen scenes whose captions are
     drawn (``scenes``), other real scenes (``real``: the ceiling of every score) and the FD reference
     statistics (500 more real scenes, or ``n`` if more). Samples are memoised by name (:meth:`run`)."""
@@ -125,14 +125,6 @@ class Setting:
         caps = list(self.scenes.captions[:n or self.n] if captions is None else captions)
         return G.sample(self.glide, caps, guidance=guidance, scale=scale, clip=self.clip, steps=self.steps,
                         seed=self.seed if seed is None else seed, profile=self.profile)
-
-    def run(self, name: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The samples called ``name``: made once by ``make()`` (timed), then reused."""
-        if name not in self.samples:
-            start = time.perf_counter()
-            self.samples[name] = make()
-            self.seconds[name] = time.perf_counter() - start
-        return self.samples[name]
 
     @torch.no_grad()
     def guide_similarity(self, images: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:

@@ -75,14 +75,16 @@ from . import glide
 from .latent import NULL_CAPTION, LatentCodes, _training_set, caption_batches
 
 MAX_OBJECTS = 1
-# The cpu budget, estimated (never run) from seconds per training step measured at the cpu sizes on
-# the 2-core machine while other jobs shared it (torch with 2 threads): the three base models
-# 3 x 1,800 x 0.11 s = 594 s, the two SR models 2 x 900 x 0.137 s = 247 s, MiniLM's token states of
-# the 16,841 distinct training texts about 40 s: about 14.7 minutes, shapes-clip cached by chapter 05.
-# On one thread the steps took 0.145-0.165 s and 0.19-0.24 s: about 21 minutes. Under heavier load
-# two threads were much slower than one (oversubscription): the estimate holds for a quiet machine.
+# The cpu budget, from seconds per training step measured at the cpu sizes on the 2-core machine (torch
+# with 2 threads, other jobs sharing it): the three base models 3 x 1,200 x 0.11 s = 396 s, the two SR
+# models 2 x 600 x 0.137 s = 164 s, MiniLM's token states of the 16,841 distinct training texts about
+# 40 s: 10 minutes, shapes-clip cached by chapter 05, leaving chapter 13 about 5 minutes to sample. On
+# one thread beside two other jobs a base step took 0.19-0.20 s and the MiniLM states 66 s. (The first
+# cpu budget, 1,800 and 900 steps, came to about 27 minutes for training alone at one thread there;
+# its MiniLM model still placed the object in the right grid cell no more often than chance, 0.18 of
+# 100 captions, with colour 0.97 and size 0.90 right: position is what a small budget learns last.)
 CPU_SECONDS_PER_STEP = {"base": 0.11, "sr": 0.137}
-CPU_BUDGET_SECONDS = {"base": 3 * 1800 * CPU_SECONDS_PER_STEP["base"], "sr": 2 * 900 * CPU_SECONDS_PER_STEP["sr"],
+CPU_BUDGET_SECONDS = {"base": 3 * 1200 * CPU_SECONDS_PER_STEP["base"], "sr": 2 * 600 * CPU_SECONDS_PER_STEP["sr"],
                       "minilm_states": 40}
 ENCODERS = ("minilm", "clip", "scratch")
 RECIPE_NAMES = {"minilm": "shapes-imagen-minilm", "clip": "shapes-imagen-clip", "scratch": "shapes-imagen-scratch"}
@@ -233,8 +235,8 @@ def _base_config(encoder: str):
             "attention": [False, True, True], "coord_channels": True, "skip_scale": 2 ** -0.5,
             "p_uncond": 0.1,
             # cpu: 0.11 s per step on the 2-core machine (0.145-0.165 on one thread; measured with MiniLM's
-            # 384-wide tokens, the other encoders alike): 1,800 steps in about 3.3 minutes (CPU_BUDGET_SECONDS)
-            "steps": p.pick(smoke=30, cpu=1800, gpu=20000), "batch_size": p.pick(smoke=16, cpu=32, gpu=128),
+            # 384-wide tokens, the other encoders alike): 1,200 steps in about 2.2 minutes (CPU_BUDGET_SECONDS)
+            "steps": p.pick(smoke=30, cpu=1200, gpu=20000), "batch_size": p.pick(smoke=16, cpu=32, gpu=128),
             "lr": p.pick(smoke=1e-3, cpu=1e-3, gpu=3e-4), "ema_decay": p.pick(smoke=0.99, cpu=0.999, gpu=0.9995),
             "seed": 0,
         }
@@ -377,8 +379,8 @@ def _sr_config(aug_max: float):
             # training levels a ~ U[0, aug_max]; Imagen samples them from [0, 1], we stop at 0.5 (cosine
             # alpha_bar 0.5: noise std 0.7) since useful sampling-time levels are small
             "aug_max": aug_max,
-            # cpu: 0.137 s per step on the 2-core machine (0.19-0.24 on one thread): 900 steps in 2 minutes
-            "steps": p.pick(smoke=60, cpu=900, gpu=10000), "batch_size": p.pick(smoke=16, cpu=32, gpu=64),
+            # cpu: 0.137 s per step on the 2-core machine (0.19-0.24 on one thread): 600 steps in 1.4 minutes
+            "steps": p.pick(smoke=60, cpu=600, gpu=10000), "batch_size": p.pick(smoke=16, cpu=32, gpu=64),
             "lr": p.pick(smoke=1e-3, cpu=1e-3, gpu=3e-4), "ema_decay": p.pick(smoke=0.99, cpu=0.999, gpu=0.9995),
             "seed": 0,
         }
