@@ -428,6 +428,30 @@ print(f"{'s':>5s} | " + " | ".join(f"p_uncond={p:<4g} FD   acc" for p in dig["ro
 for s in claim.SCALES:
     print(f"{s:5.1f} | " + " | ".join(f"{row[s]['fd']:12.2f} {row[s]['accuracy']:5.3f}" for row in dig["rows"].values()))
 
+# %% [markdown]
+# **The paper's table beside ours.** Ho & Salimans' Table 1 (class-conditional ImageNet 64x64, FID and
+# Inception Score on 50,000 samples, one model per $p_\text{uncond}$) at the weights our scales match,
+# $w = s - 1$; it has no row for $s = 0$ (the unconditional model) or $s = 8$ ($w = 7$). Beside it,
+# this run's digits: FD and condition accuracy, our stand-ins for FID and IS. The values do not compare
+# (other data, other features, other models); the directions do: IS and accuracy rise with $s$, and FID
+# and FD are lowest at a small weight and then rise. (There is no committed `cpu` run of this chapter to
+# print beside them; its numbers are in the reading below.)
+
+# %%
+p_paper = list(claim.PAPER_TABLE1)
+print(f"{'':10s} | {'paper, ImageNet 64x64: FID / IS':^{17 * len(p_paper)}s} | this run, digits: FD / accuracy")
+print(f"{'s':>5s} {'w':>4s} | " + "".join(f"{f'p_uncond={p:g}':>17s}" for p in p_paper)
+      + " | " + "".join(f"{f'p_uncond={p:g}':>17s}" for p in dig["rows"]))
+for s in claim.SCALES:
+    paper = claim.paper_table1_at(s)
+    left = "".join(f"{f'{paper[p][0]:g} / {paper[p][1]:g}' if paper else '-':>17s}" for p in p_paper)
+    cells = [f"{row[s]['fd']:.2f} / {row[s]['accuracy']:.3f}" for row in dig["rows"].values()]
+    right = "".join(f"{c:>17s}" for c in cells)
+    print(f"{s:5.1f} {s - 1:4g} | {left} | {right}")
+best = {p: row[0.1] for p, row in claim.PAPER_TABLE1.items()}
+print("the paper's best FID is at w = 0.1 (s = 1.1), which this sweep does not sample: "
+      + ", ".join(f"p_uncond = {p:g}: {fid:g} / {is_:g}" for p, (fid, is_) in best.items()))
+
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
 for p, row in dig["rows"].items():

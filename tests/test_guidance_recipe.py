@@ -181,3 +181,14 @@ def test_sweeps_check_their_scales_before_loading_or_training_a_model(monkeypatc
         claim.digits_sweep(SMOKE, scales=(1.0, float("inf")))
     with pytest.raises(ValueError, match="guidance scale"):
         claim.shapes_sweep(SMOKE, scales=(-2.0,))
+
+
+def test_the_papers_table_1_matches_the_scales_by_w_equals_s_minus_one():
+    assert set(claim.PAPER_TABLE1) == set(recipes.DIGIT_P_UNCONDS)
+    assert claim.paper_table1_at(0.0) is None and claim.paper_table1_at(8.0) is None
+    assert claim.paper_table1_at(1.0) == {p: row[0.0] for p, row in claim.PAPER_TABLE1.items()}
+    assert claim.paper_table1_at(5.0) == {p: row[4.0] for p, row in claim.PAPER_TABLE1.items()}
+    for row in claim.PAPER_TABLE1.values():     # the chapter's reading: best FID at w = 0.1, IS rising with w
+        assert min(row, key=lambda w: row[w][0]) == 0.1
+        inception = [row[w][1] for w in sorted(row)]
+        assert inception == sorted(inception)

@@ -209,3 +209,21 @@ def test_fixed_large_decoder_variance_is_beta_tilde_1_as_for_fixed_small():
     eps_hat, t0 = torch.randn_like(x0), torch.zeros(4, dtype=torch.long)
     assert torch.allclose(large.p_mean_variance(eps_hat, x0, t0).variance, small.p_mean_variance(eps_hat, x0, t0).variance)
     assert torch.allclose(large.vb_terms_bpd(eps_hat, x0, x0, t0), small.vb_terms_bpd(eps_hat, x0, x0, t0))
+
+
+# ----------------------------------------------------------------------------- the paper's tables
+def test_every_nll_model_has_a_paper_row_in_both_tables():
+    assert set(claim.PAPER_NLL_ROWS) == set(claim.NLL_MODELS)
+    for schedule, objective in claim.PAPER_NLL_ROWS.values():
+        for dataset in claim.PAPER_DATASETS:
+            nll, fid = claim.paper_ablation(dataset, schedule, objective)
+            assert 2.5 < nll < 4.5 and fid > 0
+
+
+def test_paper_differences_have_the_signs_the_chapter_quotes():
+    """The chapter's claim: L_hybrid beats L_simple and cosine beats linear, in both of the paper's tables."""
+    diffs = claim.paper_nll_differences()
+    assert set(diffs) == set(claim.NLL_DIFFERENCES)
+    assert all(d < 0 for row in diffs.values() for d in row.values())
+    best = claim.PAPER["best_nll"]
+    assert {ds: min(v[0] for k, v in claim.PAPER_ABLATIONS.items() if k[0] == ds) for ds in best} == best

@@ -139,3 +139,10 @@ def test_equal_compute_budget_gives_cheaper_spaces_more_steps(monkeypatch):
     assert R.sweep_steps({**c, "f": 1}, SMOKE)[0] == 20
     assert R.sweep_steps({**c, "f": 8, "max_steps": 150}, SMOKE)[0] == 150
     assert R.sweep_steps({**c, "f": 1, "min_steps": 50}, SMOKE)[0] == 50
+
+
+def test_the_papers_table_8_covers_every_autoencoder_of_the_sweep_and_loses_more_as_f_grows():
+    assert set(R.VAE_FACTORS) <= set(claim.PAPER_TABLE8_KL)
+    single = [claim.PAPER_TABLE8_KL[f][0] for f in sorted(R.VAE_FACTORS)]
+    assert [r_fid for _, r_fid, _ in single] == sorted(r_fid for _, r_fid, _ in single)     # R-FID rises with f
+    assert [psnr for _, _, psnr in single] == sorted((psnr for _, _, psnr in single), reverse=True)

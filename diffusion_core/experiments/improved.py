@@ -21,7 +21,8 @@ The miniature, on 16x16 digits, with models trained at one budget (``recipes.imp
   ancestral sampling of a few hundred digits affordable on a laptop CPU;
 * :func:`skip_prefix`: the paper's Fig. 4, skipping the start of the reverse process per schedule;
 * :func:`nll_comparison`: the bound on held-out digits in bits/dim (float32) for L_simple (both fixed
-  variances) vs L_hybrid (linear) and linear vs cosine (L_hybrid), with paired differences.
+  variances) vs L_hybrid (linear) and linear vs cosine (L_hybrid), with paired differences; the paper's
+  Tables 1-2 are :data:`PAPER_ABLATIONS`.
 """
 
 from __future__ import annotations
@@ -72,6 +73,56 @@ PAPER = {
     "skip_prefix": "skipping up to about 20% of the linear schedule's reverse process costs little FID (their Fig. 4)",
     "best_nll": {"CIFAR-10": 2.94, "ImageNet 64x64": 3.53},  # their best models, trained on L_vlb
 }
+
+#: Improved DDPM Table 1 (ImageNet 64x64) and Table 2 (CIFAR-10): (dataset, training iterations, T,
+#: schedule, objective) -> (NLL in bits/dim, FID), one run each. The L_simple rows have a fixed reverse
+#: variance, the L_hybrid and L_vlb rows a learned one.
+PAPER_ABLATIONS: dict[tuple[str, str, str, str, str], tuple[float, float]] = {
+    ("ImageNet 64x64", "200K", "1K", "linear", "L_simple"): (3.99, 32.5),
+    ("ImageNet 64x64", "200K", "4K", "linear", "L_simple"): (3.77, 31.3),
+    ("ImageNet 64x64", "200K", "4K", "linear", "L_hybrid"): (3.66, 32.2),
+    ("ImageNet 64x64", "200K", "4K", "cosine", "L_simple"): (3.68, 27.0),
+    ("ImageNet 64x64", "200K", "4K", "cosine", "L_hybrid"): (3.62, 28.0),
+    ("ImageNet 64x64", "200K", "4K", "cosine", "L_vlb"): (3.57, 56.7),
+    ("ImageNet 64x64", "1.5M", "4K", "cosine", "L_hybrid"): (3.57, 19.2),
+    ("ImageNet 64x64", "1.5M", "4K", "cosine", "L_vlb"): (3.53, 40.1),
+    ("CIFAR-10", "500K", "1K", "linear", "L_simple"): (3.73, 3.29),
+    ("CIFAR-10", "500K", "4K", "linear", "L_simple"): (3.37, 2.90),
+    ("CIFAR-10", "500K", "4K", "linear", "L_hybrid"): (3.26, 3.07),
+    ("CIFAR-10", "500K", "4K", "cosine", "L_simple"): (3.26, 3.05),
+    ("CIFAR-10", "500K", "4K", "cosine", "L_hybrid"): (3.17, 3.19),
+    ("CIFAR-10", "500K", "4K", "cosine", "L_vlb"): (2.94, 11.47),
+}
+
+#: the paper's row for each model of :data:`NLL_MODELS`, as (schedule, objective) at T = 4K and the
+#: shorter training (200K iterations on ImageNet, 500K on CIFAR-10). The paper's L_simple rows have one
+#: fixed variance, so both of ours map to the same row.
+PAPER_NLL_ROWS: dict[str, tuple[str, str]] = {
+    "L_simple, linear, fixed small": ("linear", "L_simple"),
+    "L_simple, linear, fixed large": ("linear", "L_simple"),
+    "L_hybrid, linear, learned": ("linear", "L_hybrid"),
+    "L_hybrid, cosine, learned": ("cosine", "L_hybrid"),
+}
+PAPER_DATASETS: dict[str, tuple[str, str]] = {"ImageNet 64x64": ("200K", "4K"), "CIFAR-10": ("500K", "4K")}
+PAPER_FID_DECIMALS = {"ImageNet 64x64": 1, "CIFAR-10": 2}   # as the tables print them
+
+
+def paper_ablation(dataset: str, schedule: str, objective: str) -> tuple[float, float]:
+    """(NLL bits/dim, FID) of the paper's Table 1 (``"ImageNet 64x64"``) or Table 2 (``"CIFAR-10"``)
+    row with T = 4K, the shorter training, and this schedule and objective."""
+    iters, T = PAPER_DATASETS[dataset]
+    return PAPER_ABLATIONS[(dataset, iters, T, schedule, objective)]
+
+
+def paper_nll_differences() -> dict[str, dict[str, float]]:
+    """The paper's NLL differences for the comparisons of :data:`NLL_DIFFERENCES` that it has (bits/dim,
+    T = 4K, shorter training): {comparison: {dataset: difference}}. The paper has one L_simple row, so
+    ``hybrid_minus_simple_fixed_small`` has the same numbers as ``hybrid_minus_simple``."""
+    out: dict[str, dict[str, float]] = {}
+    for key, (a, b) in NLL_DIFFERENCES.items():
+        out[key] = {ds: round(paper_ablation(ds, *PAPER_NLL_ROWS[a])[0] - paper_ablation(ds, *PAPER_NLL_ROWS[b])[0], 4)
+                    for ds in PAPER_DATASETS}
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

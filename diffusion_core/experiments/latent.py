@@ -31,8 +31,26 @@ from ..samplers.ddim import ddim_sample
 from ..samplers.guidance import cfg_eps, check_scale
 from ..store import Stored, load
 
-PAPER = {  # LDM Tab. 8 / Fig. 6 (ImageNet, class-conditional, 2M steps): the qualitative ordering
+PAPER = {
+    # Fig. 6 (class-conditional ImageNet, FID and IS over 2M training steps, same steps and parameters
+    # for every f): a plot with no printed values; the paper's reading of it, Sec. 4.1:
     "fig6": "LDM-1 needs far longer training than LDM-4..16; LDM-32 is capped by its first stage",
+    # Sec. 4.1, the one number the text gives for Fig. 6: FID of LDM-1 minus FID of LDM-8 after 2M steps
+    "fig6_fid_gap_ldm1_ldm8": 38,
+    # Fig. 7 (FID against samples per second, DDIM with 10-200 steps; CelebA-HQ and ImageNet): a plot
+    "fig7": "LDM-4 and LDM-8 reach far lower FID than pixel-space LDM-1 at far higher throughput",
+}
+
+#: LDM Table 8 (appendix D.2), the KL-regularised autoencoders of its autoencoder zoo (trained on
+#: OpenImages, evaluated on ImageNet-Val): f -> [(latent channels c, R-FID of the reconstructions,
+#: PSNR in dB)], one entry per autoencoder. R-FID is the FID of the autoencoder's own reconstructions, the
+#: paper's counterpart of the "FD autoenc." column of :func:`f_sweep`.
+PAPER_TABLE8_KL: dict[int, list[tuple[int, float, float]]] = {
+    2: [(2, 0.086, 32.47)],
+    4: [(3, 0.27, 27.53)],
+    8: [(4, 0.90, 24.19)],
+    16: [(16, 0.87, 24.08), (8, 2.63, 21.94)],
+    32: [(64, 2.04, 22.27), (16, 7.3, 20.38)],
 }
 
 
