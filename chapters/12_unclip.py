@@ -41,7 +41,8 @@
 # minute; `cpu` 24 minutes from an empty cache of this chapter's two models, chapter 05's CLIP, evaluator and judge
 # cached (the benchmark, which runs the same code: 1,441 s, of which the prior's training 137 s and the decoder's
 # 1,135 s, on a machine running three other jobs, load 4.7 on 2 cores; alone, the decoder's step took 0.22 s
-# instead of 0.47 s, which puts a quiet cold run near 14 minutes); with both models cached, about 4 minutes; `gpu` about 15 minutes (not measured). For a quick look on a laptop, set
+# instead of 0.47 s, which puts a quiet cold run near 14 minutes); with both models cached, 2.5 minutes (151 s, executed with
+# nbconvert on the same busy machine); `gpu` about 15 minutes (not measured). For a quick look on a laptop, set
 # `DIFFUSION_PROFILE=smoke` before starting Jupyter (smoke models are barely trained: their numbers mean nothing).
 
 # %% [markdown]
@@ -330,8 +331,9 @@ viz.show(fig)
 # close to the source's (cosine 0.940) while their pixels move: a mean absolute change of 0.412 from the source
 # and 0.409 between two variations of one source (pixels in [-1, 1]), against 0.209 for the reconstruction
 # ($\eta = 0$ from the inverted $x_T$), which keeps all four attributes in 86% of the scenes. In this CLIP's 64
-# numbers, colour, place and size are held firmly and shape loosely; the rest of the image is the decoder's to
-# choose afresh each time.
+# numbers, colour, place and size are held firmly and shape loosely. The background, which no caption names,
+# is chosen afresh in each variation (dark, grey or a gradient in the figure above), and a shape's corners come
+# and go: this decoder rounds small shapes.
 
 # %% [markdown]
 # ## 6. Interpolation: a slider between two images
@@ -379,7 +381,10 @@ for i in range(3):
 
 # %% [markdown]
 # The evaluator's reading of every point (size, colour, shape and grid cell) shows where along the path each
-# attribute switches from the first scene's value to the second's.
+# attribute switches from the first scene's value to the second's. At the `cpu` profile the attributes do not
+# switch together: size and shape often change first and the cell later, and in between the decoder draws
+# objects that belong to neither end (a green diamond on the way from a green triangle to a green circle). The
+# path between two embeddings passes through embeddings of other scenes.
 
 # %% [markdown]
 # ## 7. The bars
