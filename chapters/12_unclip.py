@@ -125,8 +125,9 @@ profile = dc.setup()
 #   by its standard deviation per dimension (the `clip_mean` and `clip_std` of the released Karlo prior). A unit
 #   vector in 64 dimensions has coordinates of size about 1/8; standardised, each has variance 1, like the noise;
 # - the decoder reads the caption through CLIP's text tower (as the Karlo decoder does; the paper keeps GLIDE's
-#   own text encoder) and has chapter 04's coordinate channels beside $x_t$: chapter 11's GLIDE never learned
-#   *where* an object goes without them.
+#   own text encoder) and has chapter 04's coordinate channels beside $x_t$, as chapter 11's GLIDE had (which,
+#   with them, still never learned *where* its captions put the object; whether an embedding teaches it better
+#   is one of the things section 4 shows).
 #
 # The judges never conditioned anything: the shapes evaluator (caption accuracy: the image shows exactly the
 # object the caption names) and `shapes-clip-judge`, a CLIP trained with another seed.

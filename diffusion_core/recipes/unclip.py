@@ -28,8 +28,8 @@ scene or a decoded sample, is first brought there by :func:`~.glide.judge_resolu
   text tower (as Karlo's decoder; the paper's reuses GLIDE's own text encoder), so the decoder trains
   only the UNet and the projections. As the paper: ``z_i`` becomes the learned null embedding 10% of
   the time and the caption the empty caption 50% of the time (classifier-free guidance on both).
-  Chapter 04's coordinate channels are added to the input (chapter 11's ``shapes-glide`` never learned
-  *where* an object goes without a hint this strong in its budget). eps-prediction with a fixed
+  Chapter 04's coordinate channels are added to the input, as in chapter 11's ``shapes-glide`` (which, with
+  them, still did not learn from its captions *where* an object goes in its budget). eps-prediction with a fixed
   variance (L_simple): the decoder is sampled by DDIM, which needs no variance.
 
 Sampling: :func:`sample_prior` (DDIM over the embedding with classifier-free guidance, two samples per
@@ -293,7 +293,7 @@ def _decoder_config(p: Profile) -> dict[str, Any]:
         "extra_tokens": 4, "coord_channels": True,
         # z_i and z_t are multiplied by sqrt(P) before the projections (UnCLIPDecoder.embedding_scale); in a
         # 600-step cpu trial without it the decoded samples had the source's colour 15-28% of the time and
-        # its grid cell 7-9%, with it 39-45% and 14-15% (DDIM eta = 0; 100 scenes)
+        # its grid cell 7-9%, with it 39-45% and 14-16% (DDIM eta = 0; 100 scenes)
         "embedding_scale": float(SHAPES_CLIP.config(p)["embed_dim"]) ** 0.5,
         "p_uncond_image": 0.1, "p_uncond_caption": 0.5,   # the paper's: z_i 10%, the caption 50%
         # cpu: 0.22-0.31 s per step of 32 on one thread of the busy 2-core machine (measured): 2,400 steps in
