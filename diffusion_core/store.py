@@ -95,6 +95,8 @@ RECIPES: dict[str, Recipe | str] = {
     "shapes-glide": "diffusion_core.recipes.glide:SHAPES_GLIDE",
     "shapes-clip-noisy": "diffusion_core.recipes.glide:SHAPES_CLIP_NOISY",
     "shapes-glide-inpaint": "diffusion_core.recipes.glide:SHAPES_GLIDE_INPAINT",
+    "shapes-unclip-prior": "diffusion_core.recipes.unclip:SHAPES_UNCLIP_PRIOR",
+    "shapes-unclip-decoder": "diffusion_core.recipes.unclip:SHAPES_UNCLIP_DECODER",
     "shapes-imagen-minilm": "diffusion_core.recipes.imagen:SHAPES_IMAGEN_MINILM",
     "shapes-imagen-clip": "diffusion_core.recipes.imagen:SHAPES_IMAGEN_CLIP",
     "shapes-imagen-scratch": "diffusion_core.recipes.imagen:SHAPES_IMAGEN_SCRATCH",
