@@ -24,6 +24,7 @@ def metrics(profile: Profile, setting: claim.Setting | None = None) -> dict:
         "caption_accuracy_by_aug_level": {a: r["caption_accuracy"] for a, r in cas["aug"].items()},
         "caption_accuracy_cascade_no_aug": cas["no_aug"]["caption_accuracy"],
         "real_thresholding": thr["real"],
+        "alpha_bar_T": thr["alpha_bar_T"], "x0_error_gain_first_step": thr["x0_error_gain_first_step"],
         "train": {name: st.metrics for name, st in [*((f"shapes-imagen-{e}", b) for e, b in s.bases.items()),
                                                     ("shapes-imagen-sr", s.sr), ("shapes-imagen-sr-noaug", s.sr_noaug)]},
         "sampling_seconds": dict(s.seconds),
@@ -53,7 +54,8 @@ def run(profile: Profile) -> dict:
         print(f"  {meth:8s} " + ", ".join(
             f"{w:g}: {m['fd_by_w'][meth][w]:.2f} / {m['caption_accuracy_by_w'][meth][w]:.3f} / "
             f"{m['saturated_fraction_by_w'][meth][w]:.3f}" for w in m["fd_by_w"][meth]))
-    print(f"  real scenes: saturated {m['real_thresholding']['saturated']:.3f}")
+    print(f"  real scenes: saturated {m['real_thresholding']['saturated']:.3f}; alpha_bar_T {m['alpha_bar_T']:.3g}: the first "
+          f"step multiplies an error in eps_hat by {m['x0_error_gain_first_step']:,.0f} in x0_hat")
     print("training:", m["train"])
     print("sampling seconds:", {k: round(v, 1) for k, v in m["sampling_seconds"].items()})
     print("bars:", m["verdicts"])

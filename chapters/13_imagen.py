@@ -323,6 +323,8 @@ for meth in ("none", "static", "dynamic"):
     for w, r in thr[meth].items():
         print(f"{meth:8s} {w:4g} {r['fd']:8.2f} {r['caption_accuracy']:11.3f} {r['saturated']:9.3f}")
 print(f"real scenes: saturated {thr['real']['saturated']:.3f}, FD {thr['real']['fd']:.2f}")
+print(f"alpha_bar_T = {thr['alpha_bar_T']:.3g}: the first step's x0_hat multiplies an error in eps_hat by "
+      f"{thr['x0_error_gain_first_step']:,.0f}")
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(11, 3))

@@ -83,6 +83,10 @@ def test_the_three_findings_and_the_benchmark_keys(setting):
     # the SR samples are 32 px, the cascade's low-resolution ones 16 px
     assert cas["samples"]["no_aug"].shape[-1] == 32 and cas["samples"]["low"].shape[-1] == 16
     assert set(m["verdicts"]) == set(claim.BARS)
+    # GLIDE's cosine schedule ends with alpha_bar_T ~ 2.4e-9 (beta clipped at 0.999): the first step's x0_hat
+    # multiplies an error in eps_hat by 1 / sqrt(alpha_bar_T), about 20,000
+    assert thr["alpha_bar_T"] < 1e-8
+    assert thr["x0_error_gain_first_step"] == pytest.approx(thr["alpha_bar_T"] ** -0.5) and thr["x0_error_gain_first_step"] > 1e4
 
 
 def _metrics(**over):

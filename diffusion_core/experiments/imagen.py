@@ -241,7 +241,8 @@ def thresholding_sweep(profile: Profile, setting: Setting | None = None, weights
     of values at or beyond +-1 before the final clip (:func:`~diffusion_core.recipes.imagen.saturated_fraction`).
 
     Returns ``{method: {w: row}}``, ``real`` (real scenes' scores and saturated fraction), ``samples``
-    ``{method: {w: first 8}}``."""
+    ``{method: {w: first 8}}``, and ``alpha_bar_T`` with ``x0_error_gain_first_step`` = 1 / sqrt(alpha_bar_T): how
+    much the first reverse step's x0_hat magnifies an error in eps_hat."""
     bad = [m for m in methods if m not in METHODS]
     if bad or not len(methods):
         raise ValueError(f"methods must be among {METHODS}, got {list(methods)}")
@@ -259,6 +260,10 @@ def thresholding_sweep(profile: Profile, setting: Setting | None = None, weights
             out[m][w] = {**s.scores(raw), "saturated": R.saturated_fraction(raw)}
             out["samples"][m][w] = raw[:8].clamp(-1, 1)
     out["real"] = {**s.scores(s.real.images, s.real), "saturated": R.saturated_fraction(s.real.images)}
+    # why no thresholding can diverge: x0_hat = (x_T - sqrt(1 - alpha_bar_T) eps_hat) / sqrt(alpha_bar_T) multiplies
+    # the first step's error in eps_hat by 1 / sqrt(alpha_bar_T)
+    ab_T = float(R.diffusion_for(s.bases[encoder].config).alpha_bar[-1])
+    out["alpha_bar_T"], out["x0_error_gain_first_step"] = ab_T, ab_T ** -0.5
     return out
 
 
