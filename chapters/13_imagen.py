@@ -35,9 +35,13 @@
 # **Prerequisites.** Chapter 02 (the learned variance, respacing), chapter 05 (CLIP, the shapes evaluator),
 # chapter 06 (classifier-free guidance) and chapter 11 (the pixel text-conditional UNet family).
 #
-# **Run time** (measured on the 2-core CPU; see `book.toml`). `smoke` about 2 minutes from an empty cache; `cpu`
-# RUNTIME_CPU; `gpu` about 15 minutes (not measured). For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke`
-# before starting Jupyter (smoke models are barely trained: their numbers mean nothing).
+# **Run time** (measured on the 2-core CPU while two other jobs shared it, 6 December 2026, one thread). `smoke`
+# about 2 minutes from an empty cache; `cpu` about 5 minutes with the chapter's five models cached (the benchmark,
+# which runs the same code: 303 s, 273 s of CPU time); cold, add their training, 34 minutes on that busy machine
+# (2,045 s; 1,249 s of CPU time: MiniLM's token states 90 s, the three base models 466, 513 and 394 s, the two SR
+# models 314 and 257 s), with chapter 05's CLIP and evaluator cached. On a quiet 2-core machine we estimate 15 to
+# 20 minutes cold (not measured). `gpu` about 15 minutes (not measured). For a quick look on a laptop, set
+# `DIFFUSION_PROFILE=smoke` before starting Jupyter (smoke models are barely trained: their numbers mean nothing).
 
 # %% [markdown]
 # ## Setup
@@ -265,7 +269,20 @@ viz.show(fig)
 print(*[f"{i}: {t}" for i, t in enumerate(enc["texts"]["heldout"])], sep="\n")
 
 # %% [markdown]
-# *Reading (cpu profile).* READING_ENCODERS
+# *Reading (cpu profile).* *Reading (cpu profile, `benchmarks/run.py --chapter 13 --profile cpu`, 128 unseen scenes).* None of the
+# three models draws the named object right often: caption accuracy 0.023 with the frozen language model, 0.008
+# with CLIP's tower and none at all with the scratch encoder, on the training template, against 0.867 for real
+# 16 px scenes. After 1,200 steps the models have learned colour and size, not yet shape (0.281 at best, six
+# shapes) or the grid cell (0.086, where chance is one in nine): caption accuracy cannot tell the encoders apart
+# here, the attributes can. On the training template the frozen language model and the CLIP tower are close
+# (colour 0.906 and 0.797, size 0.82 and 0.812) and the scratch encoder lags (0.266 and 0.406). On the held-out
+# paraphrases the order is plain: colour right 0.789 of the time with the frozen language model, 0.586 with CLIP,
+# 0.172 with the scratch encoder; size 0.734, 0.625 and 0.172. From the training template to a held-out phrasing
+# the frozen model loses least (colour 0.906 to 0.789); the scratch encoder, which meets every held-out word as
+# `<unk>`, is left with little. The text-only check agrees without any image model: the frozen model puts a
+# held-out paraphrase nearest to its own scene's caption for 0.508 of the scenes, CLIP's tower for 0.305, the
+# scratch encoder for 0.125. One training of each, 128 scenes: differences of a few hundredths are within the
+# noise (one scene is 0.008), those between the encoders on held-out colour and size are not.
 
 # %% [markdown]
 # ## 6. Finding 2: the cascade
@@ -305,7 +322,16 @@ def show_cascade(aug_level: float = claim.AUG_LEVEL):
 explore(show_cascade, aug_level=(0.0, 0.5, 0.1, claim.AUG_LEVEL))
 
 # %% [markdown]
-# *Reading (cpu profile).* READING_CASCADE
+# *Reading (cpu profile).* *Reading (cpu profile).* The cascade does not reproduce the paper's finding. The model trained with
+# augmentation gives a *higher* FD at every sampling-time level (2,499 at $a = 0$ up to 2,665 at $a = 0.5$; 2,608
+# at the bar's $a = 0.2$) than the model trained without (2,061), and both are worse than upsampling the base
+# samples bicubically (1,646; real 32 px scenes: 799). Given *real* 16 px scenes the model trained without
+# augmentation draws what they show (caption accuracy 0.602, FD 1,699), while the augmented one at $a = 0.2$ loses
+# most colours (colour accuracy 0.336, FD 2,543): after 600 steps on inputs noised up to $a = 0.5$ it has not
+# learned to read a noised input, where its twin, always given a clean one, has. Augmentation makes the SR model's
+# task harder, and at our budget it has not paid off. Nor are the base samples' faults here the kind
+# augmentation is meant to absorb: the base model gets the shape and the cell wrong, which no SR model can
+# repair (caption accuracy of every cascade output 0.031 or less).
 
 # %% [markdown]
 # ## 7. Finding 3: dynamic thresholding
@@ -361,7 +387,17 @@ def show_threshold(w: float = 10.0, method: str = "dynamic"):
 explore(show_threshold, w=(1.0, 20.0, 1.0, 10.0), method=["dynamic", "static", "none"])
 
 # %% [markdown]
-# *Reading (cpu profile).* READING_THRESHOLD
+# *Reading (cpu profile).* *Reading (cpu profile).* Without thresholding the sampler diverges at every weight, $w = 1$ included: 0.999
+# or more of the output's values lie beyond $\pm 1$ (FD 5,042 at $w = 1$). The first step is the cause. GLIDE's
+# cosine schedule (its last $\beta$ clipped, chapter 02) ends at $\bar\alpha_T$ of about two billionths, so
+# $\hat x_0 = (x_T - \sqrt{1-\bar\alpha_T}\,\hat\epsilon)/\sqrt{\bar\alpha_T}$ multiplies the network's error in
+# $\hat\epsilon$ by 20,291: every sampler in this book clips $\hat x_0$ for that reason (DDPM's
+# `clip_denoised`), and a model this small errs enough to blow up. With static clipping FD grows with the weight,
+# from 1,214 at $w = 1$ to 2,450 at $w = 20$, and so do the saturated values, from 0.002 to 0.031 (real scenes:
+# 0.005). Dynamic thresholding starts worse (FD 1,605 at $w = 1$: dividing a sample whose top values lie beyond
+# 1 dims all of it) but grows more slowly, to 2,165 at $w = 20$, below static clipping, with 0.002 of the
+# values saturated. Caption accuracy stays at 0.031 or less for every method and weight: guidance cannot
+# amplify what the model has not learned (the shape and the cell), as in chapter 11.
 #
 # **Conventions.** The paper states the rule with "a certain percentile"; its pseudo-code uses $p = 99.5$ and
 # $s = \max(s, 1)$. diffusers' schedulers (`thresholding=True`) compute the same $s$ with
@@ -418,7 +454,13 @@ for k, v in measured["verdicts"].items():
     print(f"{k}: {v['value']:+.4g} -> {'cleared' if v['passed'] else 'NOT cleared'}")
 
 # %% [markdown]
-# *Reading (cpu profile).* READING_BARS
+# *Reading (cpu profile).* *Reading (cpu profile).* Three of the four bars are cleared, one of them only in name. Held-out paraphrase
+# accuracy is 0.016 with the frozen language model against 0.008 with the scratch encoder: one scene in 128, at a
+# level where caption accuracy measures almost nothing (section 5's attributes tell the story this bar was meant to
+# tell). The cascade's bar is not cleared: FD 2,608 with augmentation at $a = 0.2$ against 2,061 without. At
+# $w = 20$ dynamic thresholding gives a lower FD than static clipping (2,165 against 2,450) and fewer saturated
+# values than no thresholding (0.002 against 1.000), the second only because the unthresholded sampler diverges.
+# The bars stay where they were fixed.
 #
 # *The paper's figures beside ours.* The paper's abstract states its key discovery: generic large language
 # models pretrained on text alone are surprisingly effective text encoders for image synthesis, and increasing
@@ -432,7 +474,10 @@ for k, v in measured["verdicts"].items():
 # augmentation setting) here, so we quote none of them. What our miniature can and cannot show: it compares
 # *kinds* of text encoder at one small size each (a pretrained 22.7-million-parameter MiniLM, a CLIP text tower
 # trained on this world, a scratch encoder), never the *scaling* of either the encoder or the UNet, so the
-# paper's central claim (encoder size matters more than UNet size) is outside it; MINIATURE_CAN
+# paper's central claim (encoder size matters more than UNet size) is outside it; what it can show is the other half, that an encoder pretrained on text alone carries a new phrasing to the image
+# model better than encoders that only ever saw this world's training text (section 5's attributes and the
+# text-only check). It also shows why samplers threshold at all, and it is too small a cascade to show what
+# augmentation buys.
 
 # %% [markdown]
 # ## Summary
@@ -443,7 +488,11 @@ for k, v in measured["verdicts"].items():
 #   Noising the low-resolution input during training, and telling the model how much, makes that trust a knob.
 # - Large guidance weights push $\hat x_0$ out of the data range. Static clipping pins the excess to the edge;
 #   dynamic thresholding rescales each sample by a high percentile of its own values.
-# - In miniature: MINIATURE_SUMMARY
+# - In miniature: the frozen 22.7-million-parameter MiniLM carried held-out phrasings best (colour right
+#   0.789 of the time, against 0.586 with CLIP's tower and 0.172 with a scratch encoder); at $w = 20$ dynamic
+#   thresholding beat static clipping on FD; without thresholding this small model's sampler diverged; noise
+#   conditioning augmentation did not pay off at our budget; and none of the models learned where to put the
+#   object, so guidance could not help there either.
 #
 # ## Exercises
 # 1. Train `shapes-imagen-minilm` with the mean-pooled sentence embedding only (no token states in the
