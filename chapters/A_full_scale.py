@@ -123,8 +123,8 @@ assert len(built) >= 11 and all(ours == public for ours, public in built.values(
 assert all(n in PUBLIC for n in presets.names()), "a preset without a public count: add it to PUBLIC"
 
 # %% [markdown]
-# Every preset that exists counts exactly the public checkpoint's parameters; a row marked "not built
-# yet" (unCLIP's prior) is a model of a later chapter that fills in as its preset is added. Stable Diffusion 1.5 itself is the sum of three of
+# Every preset counts exactly the public checkpoint's parameters (a row would read "not built yet" for a
+# public model whose preset the package lacked; none does). Stable Diffusion 1.5 itself is the sum of three of
 # these rows: text encoder + UNet + autoencoder.
 
 # %%
