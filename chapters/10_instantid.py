@@ -37,12 +37,14 @@
 # baseline's image encoder), chapter 06 (classifier-free guidance), chapter 07 (ControlNet) and chapter 09
 # (IP-Adapter, decoupled cross-attention).
 #
-# **Run time** (measured on a 2-core CPU, 5 December 2026). `smoke` about 1 minute. `cpu`: 1 minute once the
-# chapter's models are cached (51 s, on one thread beside another job). Cold, this chapter trains eight models
-# of its own, since no earlier chapter knows faces: 25 minutes for the whole notebook from an empty cache on
-# the quiet machine with both cores (the faces text-to-image base 10 of them, InstantID 4, the two identity
-# encoders 4.5, the evaluator 2, the faces CLIP and IP-Adapter 5, the autoencoder 1). `gpu` about 10 minutes
-# (not measured). For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting
+# **Run time** (measured on a 2-core CPU, 6 December 2026). `smoke` about 1 minute. `cpu`: 1 minute once the
+# chapter's models are cached (70 s on one thread). Cold, this chapter trains eight models of its own, since no
+# earlier chapter knows faces: about 22 minutes for the whole notebook from an empty cache on one thread of a
+# machine shared with other jobs (measured up to the end of training, 21 minutes: the faces text-to-image base
+# 6 of them, InstantID 4, the two identity encoders 2.5, the evaluator 2.5, the faces CLIP and IP-Adapter 3.5,
+# the autoencoder 2). On the quiet machine with both cores expect about 15 minutes (estimated from that
+# machine's per-model times at the earlier, longer budgets, which took 25 minutes there; not measured). `gpu`
+# about 10 minutes (not measured). For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting
 # Jupyter (smoke models are barely trained: their numbers mean nothing).
 
 # %% [markdown]
@@ -300,24 +302,25 @@ viz.show(fig)
 # the face embedding through the image adapter alone gives 0.222: most of the identity arrives with
 # IdentityNet, whose cross-attention reads the face tokens too (the paper ablates the two parts in
 # pictures; we compare only our own numbers).
-# The training curve of section 5 shows how it was learned: the landmark error of the samples did not move
-# for 750 steps (2.64 px at step 250, 2.65 px at step 750) while identity crept up to 0.209, then in the
-# last 750 steps identity rose to 0.491 and the landmark error fell to 2.06 px, with the largest jump in the
-# last 250 steps (identity 0.352 to 0.491): chapter 07's "sudden convergence" of a ControlNet, less sudden
-# here.
+# The training curve of section 5 shows how it was learned: from step 250 to step 750 the landmark error of
+# the samples stayed where it was (2.64, 2.74, 2.65 px) while identity crept up to 0.209; in the last 750
+# steps identity rose to 0.491 and the landmark error fell to 2.06 px, the largest jump in the last 250
+# steps (identity 0.352 to 0.491): chapter 07's "sudden convergence" of a ControlNet, less sudden here.
 #
 # *The budget, and what it cost.* To keep this chapter's cold run near 15 minutes, its `cpu` models train
-# about half as long as they first did: the base 2,500 steps instead of 5,000, the two adapters 1,500
-# instead of 2,000, the identity encoders 400 instead of 800, the faces CLIP 500 instead of 1,000 and the
-# evaluator 1,500 instead of 2,000. The visible cost is in the base model: it follows its caption's tilt
-# and lighting less than the 5,000-step base did (read back from its samples, tilt 0.40 against 0.83, chance
-# 0.33; lighting 0.70 against 0.825). The claims keep their order: the longer-trained version gave
-# InstantID 0.438, InstantID without IdentityNet 0.129 and IP-Adapter with CLIP 0.023, landmark errors of
-# 1.87 and 2.63 px with and without IdentityNet, and the same verdict on every bar (its judge was another
-# training, so its cosines are on a slightly different scale). The adapters' learning rate is constant, so
-# 1,500 steps are the first 1,500 of a 2,000-step run: on the 32 people of the training curve, that run went
-# from 0.488 at step 1,500 to 0.568 at step 1,999 while its landmark error stayed at 1.9 px; identity was
-# still rising when this budget stops it.
+# for half to three quarters of their first budgets: the base 2,500 steps instead of 5,000, the two adapters 1,500 instead
+# of 2,000, the identity encoders 400 instead of 800, the faces CLIP 500 instead of 1,000 and the evaluator
+# 1,500 instead of 2,000. The visible cost is in the base model: it follows its caption's tilt and lighting
+# less than the 5,000-step base did (read back from its samples, tilt 0.40 against 0.83, chance 0.33;
+# lighting 0.70 against 0.825). The claims keep their order: the longer-trained version gave InstantID 0.438,
+# InstantID without IdentityNet 0.129 and IP-Adapter with CLIP 0.023, landmark errors of 1.87 and 2.63 px
+# with and without IdentityNet, and the same verdict on every bar. Its judge was another training (800
+# steps), on whose scale the autoencoder's ceiling was 0.442 rather than 0.592, so the two versions' cosines
+# cannot be compared number for number; against its own ceiling the longer-trained InstantID came closer
+# (0.438 of 0.442, against 0.526 of 0.592 here). The adapters' learning rate is constant, so 1,500 steps are
+# the first 1,500 of a 2,000-step run: on the 32 people of the training curve, that run went from 0.488 at
+# step 1,500 to 0.568 at step 1,999 while its landmark error stayed at 1.9 px; identity was still rising when
+# this budget stops it.
 
 # %% [markdown]
 # ## 7. Claim 2: IdentityNet holds the face in place
