@@ -37,12 +37,14 @@
 # baseline's image encoder), chapter 06 (classifier-free guidance), chapter 07 (ControlNet) and chapter 09
 # (IP-Adapter, decoupled cross-attention).
 #
-# **Run time** (measured on a 2-core CPU, 5 December 2026). `smoke` about 1 minute. `cpu`: 1 minute once the
-# chapter's models are cached (51 s, on one thread beside another job). Cold, this chapter trains eight models
-# of its own, since no earlier chapter knows faces: 25 minutes for the whole notebook from an empty cache on
-# the quiet machine with both cores (the faces text-to-image base 10 of them, InstantID 4, the two identity
-# encoders 4.5, the evaluator 2, the faces CLIP and IP-Adapter 5, the autoencoder 1). `gpu` about 10 minutes
-# (not measured). For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting
+# **Run time** (measured on a 2-core CPU, 6 December 2026). `smoke` about 1 minute. `cpu`: 1 minute once the
+# chapter's models are cached (70 s on one thread). Cold, this chapter trains eight models of its own, since no
+# earlier chapter knows faces: about 22 minutes for the whole notebook from an empty cache on one thread of a
+# machine shared with other jobs (measured up to the end of training, 21 minutes: the faces text-to-image base
+# 6 of them, InstantID 4, the two identity encoders 2.5, the evaluator 2.5, the faces CLIP and IP-Adapter 3.5,
+# the autoencoder 2). On the quiet machine with both cores expect about 15 minutes (estimated from that
+# machine's per-model times at the earlier, longer budgets, which took 25 minutes there; not measured). `gpu`
+# about 10 minutes (not measured). For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting
 # Jupyter (smoke models are barely trained: their numbers mean nothing).
 
 # %% [markdown]
@@ -287,28 +289,38 @@ viz.show(fig)
 # %% [markdown]
 # *Reading (cpu profile, `benchmarks/run.py --chapter 10 --profile cpu`, saved in
 # `benchmarks/results/10-cpu.json`; 200 held-out people, 20 DDIM steps).* InstantID's samples have a judge
-# cosine of 0.438 with the one reference photo, against 0.025 for a real photo of another person (the floor)
-# and 0.013 for the base model, which draws some person for the caption. IP-Adapter with the faces CLIP,
-# trained on the same data for the same 2,000 steps, reaches 0.023: at the floor. This CLIP learned from
-# captions that name the pose, expression, lighting and background and never the person, so its embedding
-# has nothing of the identity that an adapter could pass on; in the paper's world, the same argument is
-# why a CLIP embedding keeps a photo's semantics and loses the face. The ceiling needs care: a real second
-# photo of the same person scores 0.902, but the same photo sent through the autoencoder and back scores
-# only 0.442, and every model here samples in that latent space (the autoencoder of chapter 04's recipe,
-# 8x8x4 numbers for a 32x32 face, PSNR 25.3 dB). InstantID is at that ceiling (0.438 against 0.442): what
-# is left of a face after the autoencoder, it keeps. Without IdentityNet (the same trained model, its
-# scale at 0) the face embedding through the image adapter alone gives 0.129: most of the identity arrives
-# with IdentityNet, whose cross-attention reads the face tokens too (the paper ablates the two parts in
+# cosine of 0.526 with the one reference photo, against 0.036 for a real photo of another person (the floor)
+# and 0.038 for the base model, which draws some person for the caption. IP-Adapter with the faces CLIP,
+# trained on the same data for the same 1,500 steps, reaches 0.055: barely above the floor. This CLIP learned
+# from captions that name the pose, expression, lighting and background and never the person, so its
+# embedding has next to nothing of the identity that an adapter could pass on; in the paper's world, the
+# same argument is why a CLIP embedding keeps a photo's semantics and loses the face. The ceiling needs
+# care: a real second photo of the same person scores 0.911, but the same photo sent through the autoencoder
+# and back scores only 0.592, and every model here samples in that latent space (the autoencoder of chapter
+# 04's recipe, 8x8x4 numbers for a 32x32 face, PSNR 25.3 dB). InstantID gets most of the way to that
+# ceiling, not all of it (0.526 against 0.592). Without IdentityNet (the same trained model, its scale at 0)
+# the face embedding through the image adapter alone gives 0.222: most of the identity arrives with
+# IdentityNet, whose cross-attention reads the face tokens too (the paper ablates the two parts in
 # pictures; we compare only our own numbers).
-# The training curve of section 5 shows how it was learned: nothing much for 1,250 steps, then identity
-# 0.16 to 0.35 and landmark error 2.27 to 1.94 px within 250 steps, chapter 07's "sudden convergence" of a
-# ControlNet again.
+# The training curve of section 5 shows how it was learned: from step 250 to step 750 the landmark error of
+# the samples stayed where it was (2.64, 2.74, 2.65 px) while identity crept up to 0.209; in the last 750
+# steps identity rose to 0.491 and the landmark error fell to 2.06 px, the largest jump in the last 250
+# steps (identity 0.352 to 0.491): chapter 07's "sudden convergence" of a ControlNet, less sudden here.
 #
-# *A second training.* Running this chapter from an empty model cache (all eight models retrained, on two
-# threads instead of one, so with other rounding) gave InstantID 0.426, InstantID without IdentityNet 0.154,
-# IP-Adapter with CLIP 0.019 and the autoencoder's ceiling 0.457, landmark errors 1.83 and 2.60 px, and the
-# same verdict on every bar. The values move by about 0.01 to 0.03 from one training to the next; the ordering
-# does not.
+# *The budget, and what it cost.* To keep this chapter's cold run near 15 minutes, its `cpu` models train
+# for half to three quarters of their first budgets: the base 2,500 steps instead of 5,000, the two adapters 1,500 instead
+# of 2,000, the identity encoders 400 instead of 800, the faces CLIP 500 instead of 1,000 and the evaluator
+# 1,500 instead of 2,000. The visible cost is in the base model: it follows its caption's tilt and lighting
+# less than the 5,000-step base did (read back from its samples, tilt 0.40 against 0.83, chance 0.33;
+# lighting 0.70 against 0.825). The claims keep their order: the longer-trained version gave InstantID 0.438,
+# InstantID without IdentityNet 0.129 and IP-Adapter with CLIP 0.023, landmark errors of 1.87 and 2.63 px
+# with and without IdentityNet, and the same verdict on every bar. Its judge was another training (800
+# steps), on whose scale the autoencoder's ceiling was 0.442 rather than 0.592, so the two versions' cosines
+# cannot be compared number for number; against its own ceiling the longer-trained InstantID came closer
+# (0.438 of 0.442, against 0.526 of 0.592 here). The adapters' learning rate is constant, so 1,500 steps are
+# the first 1,500 of a 2,000-step run: on the 32 people of the training curve, that run went from 0.488 at
+# step 1,500 to 0.568 at step 1,999 while its landmark error stayed at 1.9 px; identity was still rising when
+# this budget stops it.
 
 # %% [markdown]
 # ## 7. Claim 2: IdentityNet holds the face in place
@@ -357,13 +369,14 @@ def show_scales(identitynet_scale: float = 1.0, ip_scale: float = 1.0):
 explore(show_scales, identitynet_scale=(0.0, 1.5, 0.5, 1.0), ip_scale=(0.0, 1.5, 0.5, 1.0))
 
 # %% [markdown]
-# *Reading (cpu profile).* IdentityNet puts the face where the target's landmarks are: 1.87 px of landmark
-# error against 2.63 px with its scale at 0 and 2.66 px for the base model (the faces evaluator on real
-# photos: 0.37 px; on the target photos through the autoencoder: 1.71 px, this latent space's floor). Over
-# its scale the error falls steadily (2.61, 2.04, 1.78, 1.68 px at 0, 0.5, 1, 1.5) and identity rises
-# (0.126, 0.334, 0.432, 0.477): past the scale it was trained at, IdentityNet holds the face harder still.
-# The landmarks also carry the pose, which the base model does not take from its caption: the evaluator
-# reads the caption's pose in 30% of the base's samples (chance: 33%) and in 68% of InstantID's.
+# *Reading (cpu profile).* IdentityNet puts the face where the target's landmarks are: 2.09 px of landmark
+# error against 2.77 px with its scale at 0 and 2.82 px for the base model (the faces evaluator on real
+# photos: 0.45 px; on the target photos through the autoencoder: 1.70 px, this latent space's floor). Over
+# its scale the error falls steadily (2.72, 2.33, 2.02, 1.83 px at 0, 0.5, 1, 1.5) and identity rises
+# (0.267, 0.477, 0.533, 0.552): past the scale it was trained at, IdentityNet holds the face harder still.
+# The landmarks also carry the pose and the tilt, which the base model takes from its caption little or not
+# at all: the evaluator reads the caption's pose in 32% of the base's samples (chance: 33%) and in 66.5% of
+# InstantID's, the tilt in 40% and 72%.
 
 # %% [markdown]
 # ## 8. Claim 3: the caption still decides the rest
@@ -393,12 +406,12 @@ print(f"judge cosine to the reference: {setting.similarity(im, ref6).mean():.3f}
 
 # %% [markdown]
 # *Reading (cpu profile, the table of section 6).* The caption keeps what the base model itself draws from
-# it: background 1.00 for InstantID against 0.995 for the base, tilt 0.87 against 0.83, lighting 0.78
-# against 0.82. The expression is another matter: every model here reads at chance (InstantID 0.49, the base
-# 0.49; chance 0.50), because the smile (the mouth corners rise by about one pixel) does not survive the
-# autoencoder: the target photos themselves, encoded and decoded, read 0.56. No model sampling in this
-# latent space can show a smile, so the expression column measures the autoencoder, not the caption's
-# control; exercise 6 asks what it would take.
+# it: background 0.995 for InstantID against 1.00 for the base (chance 0.125), lighting 0.65 against 0.70
+# (chance 0.33). The expression is another matter: every model here reads at chance (InstantID 0.48, the base 0.49;
+# chance 0.50), because the smile (the mouth corners rise by about one pixel) does not survive the
+# autoencoder: the target photos themselves read 0.95, and the same photos encoded and decoded 0.54. No
+# model sampling in this latent space can show a smile, so the expression column measures the autoencoder,
+# not the caption's control; exercise 6 asks what it would take.
 
 # %% [markdown]
 # ## 9. The bars
@@ -425,21 +438,21 @@ for k, v in claim.verdicts(measured).items():
     print(f"{k}: {'cleared' if v else 'NOT cleared'}")
 
 # %% [markdown]
-# *Reading (cpu profile).* Four of the five bars are cleared: identity similarity 0.438 above IP-Adapter
-# with CLIP's 0.023 and the other-person floor's 0.025; landmark error 1.87 px with IdentityNet against
-# 2.63 px without; verification accuracy 0.9825 on held-out people (the judge: 0.9855). The fifth, the
-# caption still in control, is **not cleared**: background clears it (1.00, chance 0.125, base 0.995), the
-# expression does not (0.49 against a bar of 0.495), for the reason of section 8: the autoencoder erases
-# the smile for every model, the base included. The bar stays where it was fixed.
+# *Reading (cpu profile).* Four of the five bars are cleared: identity similarity 0.526 above IP-Adapter
+# with CLIP's 0.055 and the other-person floor's 0.036; landmark error 2.09 px with IdentityNet against
+# 2.77 px without; verification accuracy 0.9725 on held-out people (the judge: 0.971). The fifth, the
+# caption still in control, is **not cleared**: background clears it (0.995 against a bar of 0.5625; chance
+# 0.125, base 1.00), the expression does not (0.48 against a bar of 0.495), for the reason of section 8: the
+# autoencoder erases the smile for every model, the base included. The bar stays where it was fixed.
 #
 # *The paper's figure beside ours.* The paper's claim is qualitative: from a single reference image and no
 # fine-tuning, InstantID keeps the identity better than IP-Adapter (with CLIP's embedding) and
 # IP-Adapter-FaceID in its comparisons, while text still edits the rest, at the cost of a small plug-in
-# module. In miniature, with a judge the model never saw: 0.438 against 0.023, at the ceiling our latent
-# space allows, with 787,696 trainable parameters (the locked UNet has 1,489,604; most of ours are
-# IdentityNet's copy of its encoder, 667,632, and the image adapter is 120,064). What our miniature cannot
-# show: faces at a resolution where hair strands and wrinkles carry identity, real photographs, and the
-# paper's stylisation results (our base knows one style).
+# module. In miniature, with a judge the model never saw: 0.526 against 0.055, most of the way to the
+# ceiling our latent space allows (0.592), with 787,696 trainable parameters (the locked UNet has
+# 1,489,604; most of ours are IdentityNet's copy of its encoder, 667,632, and the image adapter is
+# 120,064). What our miniature cannot show: faces at a resolution where hair strands and wrinkles carry
+# identity, real photographs, and the paper's stylisation results (our base knows one style).
 
 # %% [markdown]
 # ## Summary
