@@ -310,9 +310,12 @@ def _read_cached(r: Recipe, prof: Profile, config: dict[str, Any], key: str, pat
 def _train(r: Recipe, prof: Profile, config: dict[str, Any], verbose: bool) -> tuple[nn.Module, dict[str, Any]]:
     if verbose:
         print(f"[store] {r.name} ({prof.name}): training by recipe v{r.version} (cached for next time)")
-    model = r.build(config)
-    start = time.perf_counter()
-    metrics = dict(r.train(model, config, prof) or {})
+    # a model is often first asked for inside a no_grad (or inference_mode) block, by a sampler or an encoder
+    # that needs another recipe's model: it must still be built with ordinary tensors and trained with gradients
+    with torch.inference_mode(False), torch.enable_grad():
+        model = r.build(config)
+        start = time.perf_counter()
+        metrics = dict(r.train(model, config, prof) or {})
     metrics.setdefault("train_seconds", round(time.perf_counter() - start, 2))
     return model.to("cpu").eval(), metrics
 

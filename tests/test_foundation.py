@@ -252,6 +252,31 @@ def test_store_trains_once_then_loads_from_cache(cache):
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]  # no temporary left behind
 
 
+def test_store_trains_with_gradients_even_when_first_asked_for_under_no_grad(cache):
+    seen: list = []
+
+    def cfg(p: Profile) -> dict:
+        return {"width": 3}
+
+    def train_fn(m: nn.Module, c: dict, p: Profile) -> dict:
+        seen.append(torch.is_grad_enabled())
+        loss = m.lin(torch.ones(4, 2)).pow(2).mean()
+        loss.backward()  # fails without gradients
+        return {"grad_norm": float(m.lin.weight.grad.norm())}
+
+    store.register(store.Recipe("test-nograd", 1, cfg, lambda c: _Tiny(c["width"]), train_fn))
+    prof = Profile("smoke", torch.device("cpu"))
+    with torch.no_grad():
+        s = store.load("test-nograd", prof, verbose=False)
+    with torch.inference_mode():
+        store.register(store.Recipe("test-inference", 1, cfg, lambda c: _Tiny(c["width"]), train_fn))
+        store.load("test-inference", prof, verbose=False)
+    assert seen == [True, True] and s.metrics["grad_norm"] > 0
+    with torch.no_grad():
+        store.load("test-nograd", prof, verbose=False)
+        assert not torch.is_grad_enabled()
+
+
 def test_store_rebuilds_a_corrupt_file(cache):
     calls: list = []
     store.register(_recipe("test-corrupt", calls))
