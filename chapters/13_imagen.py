@@ -35,13 +35,14 @@
 # **Prerequisites.** Chapter 02 (the learned variance, respacing), chapter 05 (CLIP, the shapes evaluator),
 # chapter 06 (classifier-free guidance) and chapter 11 (the pixel text-conditional UNet family).
 #
-# **Run time** (measured on the 2-core CPU while two other jobs shared it, 6 December 2026, one thread). `smoke`
-# about 2 minutes from an empty cache; `cpu` about 5 minutes with the chapter's five models cached (the benchmark,
-# which runs the same code: 303 s, 273 s of CPU time); cold, add their training, 34 minutes on that busy machine
-# (2,045 s; 1,249 s of CPU time: MiniLM's token states 90 s, the three base models 466, 513 and 394 s, the two SR
-# models 314 and 257 s), with chapter 05's CLIP and evaluator cached. On a quiet 2-core machine we estimate 15 to
-# 20 minutes cold (not measured). `gpu` about 15 minutes (not measured). For a quick look on a laptop, set
-# `DIFFUSION_PROFILE=smoke` before starting Jupyter (smoke models are barely trained: their numbers mean nothing).
+# **Run time** (measured on the 2-core CPU, 6 December 2026). `smoke` about 2 minutes from an empty cache. `cpu`
+# cold, 16.5 minutes for the whole notebook on the quiet machine with both cores (990 s, from a cache holding only
+# earlier chapters' models; training the five models took 774 s of it: the base models 161, 199 and 197 s, the SR
+# models 112 and 105 s); with the five models cached about 5 minutes (the benchmark, the same code, took 303 s
+# on one thread beside two other jobs). The readings quote that one-thread run; with two threads a few numbers
+# move in the third digit (floating-point sums in another order). `gpu` about 15 minutes (not measured). For a
+# quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter (smoke models are barely trained:
+# their numbers mean nothing).
 
 # %% [markdown]
 # ## Setup
