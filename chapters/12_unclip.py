@@ -37,12 +37,13 @@
 # **Prerequisites.** Chapter 03 (DDIM, its $\eta$ and inversion), chapter 05 (CLIP, the shapes evaluator, the
 # judge CLIP), chapter 06 (classifier-free guidance) and chapter 11 (GLIDE's text-conditional pixel UNet).
 #
-# **Run time** (measured on a 2-core CPU shared with other jobs, 5 December 2026, one thread). `smoke` under a
-# minute; `cpu` 24 minutes from an empty cache of this chapter's two models, chapter 05's CLIP, evaluator and judge
-# cached (the benchmark, which runs the same code: 1,441 s, of which the prior's training 137 s and the decoder's
-# 1,135 s, on a machine running three other jobs, load 4.7 on 2 cores; alone, the decoder's step took 0.22 s
-# instead of 0.47 s, which puts a quiet cold run near 14 minutes); with both models cached, 2.5 minutes (151 s, executed with
-# nbconvert on the same busy machine); `gpu` about 15 minutes (not measured). For a quick look on a laptop, set
+# **Run time** (measured on the 2-core CPU, 6 December 2026). `smoke` under a minute. `cpu` cold, 8.8 minutes for
+# the whole notebook on the quiet machine with both cores (527 s, from a cache holding only other chapters'
+# models: the prior and the decoder trained in it); with both models cached, 2.5 minutes (151 s, one thread beside
+# other jobs). The readings quote the benchmark run on one thread (1,441 s cold beside three other jobs); with two
+# threads a few numbers move in the second or third digit (floating-point sums in another order: caption
+# accuracy from the prior's embedding 0.565 instead of 0.56, from the text embedding 0.63 both times). `gpu`
+# about 15 minutes (not measured). For a quick look on a laptop, set
 # `DIFFUSION_PROFILE=smoke` before starting Jupyter (smoke models are barely trained: their numbers mean nothing).
 
 # %% [markdown]
