@@ -38,12 +38,12 @@
 # respacing), chapter 04 (captions of the shapes world, coordinate channels), chapter 05 (CLIP, the shapes
 # evaluator, the judge CLIP) and chapter 06 (classifier-free guidance).
 #
-# **Run time** (measured on a 2-core CPU shared with other jobs, 5 December 2026, one thread). `smoke` under a
-# minute (44 s from an empty cache); `cpu` 5 minutes with the chapter's three models and chapter 05's evaluator and
-# judge cached (291 s); cold, add about 18 minutes to train the three models (`shapes-glide` 794 s,
-# `shapes-clip-noisy` 171 s, `shapes-glide-inpaint` 130 s, on the busy machine); `gpu` about 15 minutes (not
-# measured). For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter (smoke
-# models are barely trained: their numbers mean nothing).
+# **Run time** (measured on the 2-core CPU, 5 and 6 December 2026). `smoke` under a minute (44 s from an empty
+# cache). `cpu` cold, 12.2 minutes for the whole notebook on the quiet machine with both cores (732 s, from a cache
+# holding only other chapters' models; training took 595 s of it: `shapes-glide` 461 s, `shapes-clip-noisy` 60 s,
+# `shapes-glide-inpaint` 74 s); with the three models cached, 5 minutes (291 s, one thread on a machine shared with
+# other jobs). `gpu` about 15 minutes (not measured). For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke`
+# before starting Jupyter (smoke models are barely trained: their numbers mean nothing).
 
 # %% [markdown]
 # ## Setup
