@@ -22,8 +22,7 @@ The bars were fixed before any measurement (:data:`BARS`); :func:`verdicts` read
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from ..recipes.clip import shapes_clip
 from ..recipes.glide import judge_resolution
 from ..samplers.ddim import ddim_invert
 from ..samplers.guidance import cfg_eps
+from .memo import SampleMemo
 
 PAPER = {
     "unclip": "DALL·E 2 / unCLIP (Ramesh et al. 2022, arXiv 2204.06125): a prior produces a CLIP image "
@@ -79,7 +79,7 @@ def world(resolution: int) -> ShapesWorld:
     return ShapesWorld(resolution, seed=0, max_objects=U.MAX_OBJECTS, n_paraphrases=0, n_heldout_paraphrases=0)
 
 
-class Setting:
+class Setting(SampleMemo):
     """The prior and decoder, the frozen CLIP, the evaluator and the judge, ``n`` unseen scenes whose
     captions are drawn (``scenes``), real scenes (``real``) and the FD reference (500 more). Their
     true image embeddings ``z_true``, the text embeddings ``z_text`` and the prior's samples
@@ -111,14 +111,6 @@ class Setting:
     def up(self, images: torch.Tensor) -> torch.Tensor:
         """Images brought to the judges' resolution."""
         return judge_resolution(images, self.judge_resolution)
-
-    def run(self, name: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The tensor called ``name``: made once by ``make()`` (timed), then reused."""
-        if name not in self.samples:
-            start = time.perf_counter()
-            self.samples[name] = make()
-            self.seconds[name] = time.perf_counter() - start
-        return self.samples[name]
 
     def embedding(self, arm: str) -> torch.Tensor | None:
         if arm not in ARMS:
