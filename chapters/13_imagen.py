@@ -270,7 +270,7 @@ viz.show(fig)
 print(*[f"{i}: {t}" for i, t in enumerate(enc["texts"]["heldout"])], sep="\n")
 
 # %% [markdown]
-# *Reading (cpu profile).* *Reading (cpu profile, `benchmarks/run.py --chapter 13 --profile cpu`, 128 unseen scenes).* None of the
+# *Reading (cpu profile, `benchmarks/run.py --chapter 13 --profile cpu`, 128 unseen scenes).* None of the
 # three models draws the named object right often: caption accuracy 0.023 with the frozen language model, 0.008
 # with CLIP's tower and none at all with the scratch encoder, on the training template, against 0.867 for real
 # 16 px scenes. After 1,200 steps the models have learned colour and size, not yet shape (0.281 at best, six
@@ -323,7 +323,7 @@ def show_cascade(aug_level: float = claim.AUG_LEVEL):
 explore(show_cascade, aug_level=(0.0, 0.5, 0.1, claim.AUG_LEVEL))
 
 # %% [markdown]
-# *Reading (cpu profile).* *Reading (cpu profile).* The cascade does not reproduce the paper's finding. The model trained with
+# *Reading (cpu profile).* The cascade does not reproduce the paper's finding. The model trained with
 # augmentation gives a *higher* FD at every sampling-time level (2,499 at $a = 0$ up to 2,665 at $a = 0.5$; 2,608
 # at the bar's $a = 0.2$) than the model trained without (2,061), and both are worse than upsampling the base
 # samples bicubically (1,646; real 32 px scenes: 799). Given *real* 16 px scenes the model trained without
@@ -388,7 +388,7 @@ def show_threshold(w: float = 10.0, method: str = "dynamic"):
 explore(show_threshold, w=(1.0, 20.0, 1.0, 10.0), method=["dynamic", "static", "none"])
 
 # %% [markdown]
-# *Reading (cpu profile).* *Reading (cpu profile).* Without thresholding the sampler diverges at every weight, $w = 1$ included: 0.999
+# *Reading (cpu profile).* Without thresholding the sampler diverges at every weight, $w = 1$ included: 0.999
 # or more of the output's values lie beyond $\pm 1$ (FD 5,042 at $w = 1$). The first step is the cause. GLIDE's
 # cosine schedule (its last $\beta$ clipped, chapter 02) ends at $\bar\alpha_T$ of about two billionths, so
 # $\hat x_0 = (x_T - \sqrt{1-\bar\alpha_T}\,\hat\epsilon)/\sqrt{\bar\alpha_T}$ multiplies the network's error in
@@ -455,7 +455,7 @@ for k, v in measured["verdicts"].items():
     print(f"{k}: {v['value']:+.4g} -> {'cleared' if v['passed'] else 'NOT cleared'}")
 
 # %% [markdown]
-# *Reading (cpu profile).* *Reading (cpu profile).* Three of the four bars are cleared, one of them only in name. Held-out paraphrase
+# *Reading (cpu profile).* Three of the four bars are cleared, one of them only in name. Held-out paraphrase
 # accuracy is 0.016 with the frozen language model against 0.008 with the scratch encoder: one scene in 128, at a
 # level where caption accuracy measures almost nothing (section 5's attributes tell the story this bar was meant to
 # tell). The cascade's bar is not cleared: FD 2,608 with augmentation at $a = 0.2$ against 2,061 without. At
