@@ -34,6 +34,10 @@ def run(profile: Profile) -> dict:
           f"{sweep['floor_spread']['mean']:.3f} +- {sweep['floor_spread']['sd']:.3f} (sd)")
     for name in claim.SAMPLERS:
         print(f"  {name:12s} " + "  ".join(f"K={K}: {sweep['fd_by_steps'][name][K]:.3f}" for K in steps))
+    for pair, row in sweep["paired"].items():
+        print(f"  {pair}, FD difference [90% paired bootstrap] (fraction of replicates learned lower): "
+              + "  ".join(f"K={K}: {d['difference']:+.3f} [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]"
+                          f" ({d['p_lower']:.2f})" for K, d in row.items()))
 
     start = time.perf_counter()
     skip = claim.skip_prefix(profile, seed=profile.seed, evaluator=evaluator)
@@ -66,6 +70,7 @@ def run(profile: Profile) -> dict:
     print(f"wall seconds: train {train_wall:.0f}, FD sweep {sweep_wall:.0f}, skip {skip_wall:.0f}, NLL {nll_wall:.0f}")
     metrics = {
         "fd_by_steps": sweep["fd_by_steps"], "n_samples": n, "bf16_sampling": sweep["amp"],
+        "fd_paired": sweep["paired"],
         "fd_floor": refs["fd_floor"], "fd_blurred": refs["fd_blurred"], "fd_gaussian": refs["fd_gaussian"],
         "fd_floor_sd": sweep["floor_spread"]["sd"], "fd_floor_mean_of_10": sweep["floor_spread"]["mean"],
         "nll": {label: row["nll_bpd"] for label, row in nll["rows"].items()},

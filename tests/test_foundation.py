@@ -14,7 +14,7 @@ import diffusion_core as dc
 from diffusion_core import store
 from diffusion_core.data import box_blur, digits, gaussian_baseline, toy2d
 from diffusion_core.data.digits import batches as digit_batches
-from diffusion_core.evaluate.frechet import frechet_distance, frechet_distance_from_stats
+from diffusion_core.evaluate.frechet import feature_stats, frechet_distance, frechet_distance_from_stats
 from diffusion_core.profiles import Profile, UnknownProfileError, check_profile, detect_profile
 from diffusion_core.train import EMA, TrainConfig, train
 
@@ -551,3 +551,29 @@ def test_store_names_a_profile_of_the_wrong_type(cache):
     store.register(_recipe("test-profile-type", []))
     with pytest.raises(TypeError, match="profile must be a Profile, a profile name or None, got int"):
         store.load("test-profile-type", 3, verbose=False)  # before: AttributeError inside the recipe's config
+
+
+def test_paired_bootstrap_resamples_the_same_indices_from_both_sets():
+    from diffusion_core.evaluate.frechet import central_interval, paired_bootstrap
+    g = torch.Generator().manual_seed(0)
+    ref = feature_stats(torch.randn(400, 3, generator=g))
+    a = torch.randn(80, 3, generator=g)
+    fa, fb = paired_bootstrap(a, a.clone(), ref, reps=30, seed=1)
+    assert np.array_equal(fa, fb)                      # the same set: equal in every replicate
+    # a set shifted away from the reference scores worse in every replicate (paired), where two
+    # independently resampled sets would cross sometimes
+    fa, fb = paired_bootstrap(a, a + 0.3, ref, reps=50, seed=1)
+    assert (fa < fb).all() and fa.std() > 0
+    # the replicates are reproducible from the seed, and move with it
+    assert np.array_equal(paired_bootstrap(a, a + 0.3, ref, reps=5, seed=2)[0],
+                          paired_bootstrap(a, a + 0.3, ref, reps=5, seed=2)[0])
+    assert not np.array_equal(paired_bootstrap(a, a, ref, reps=5, seed=2)[0],
+                              paired_bootstrap(a, a, ref, reps=5, seed=3)[0])
+    lo, hi = central_interval(np.arange(101.0), 0.9)
+    assert (lo, hi) == (pytest.approx(5.0), pytest.approx(95.0))
+    with pytest.raises(ValueError, match="same shape"):
+        paired_bootstrap(a, a[:10], ref)
+    with pytest.raises(ValueError, match="reps"):
+        paired_bootstrap(a, a, ref, reps=0)
+    with pytest.raises(ValueError, match="level"):
+        central_interval(np.arange(3.0), 1.5)

@@ -12,6 +12,7 @@ from torch import nn
 
 from diffusion_core import store
 from diffusion_core.data.digits import digits
+from diffusion_core.evaluate.frechet import feature_stats
 from diffusion_core.experiments import ddpm
 from diffusion_core.experiments import improved as claim
 from diffusion_core.process import GaussianDiffusion
@@ -110,14 +111,17 @@ def test_sample_starts_every_sampler_from_the_same_noise():
 
 
 class FakeEvaluator:
-    """Records the sample counts it is asked about; FD = the mean pixel plus the count."""
+    """Records the sample counts it is asked about; its features are the first three pixels."""
 
     def __init__(self):
         self.counts, self.reference_n = [], None
 
-    def fd(self, x):
+    def features(self, x):
         self.counts.append(len(x))
-        return float(len(x)) + float(x.mean())
+        return x.flatten(1)[:, :3].double()
+
+    def heldout_stats(self):
+        return feature_stats(torch.randn(100, 3, generator=torch.Generator().manual_seed(0)))
 
     def references(self, n, seed=0):
         self.reference_n = n
@@ -133,6 +137,13 @@ def test_fd_vs_steps_measures_every_k_on_the_same_number_of_samples(monkeypatch)
     assert set(ev.counts) == {n} and ev.reference_n == n == res["n"]
     assert set(res["fd_by_steps"]) == set(claim.SAMPLERS)
     assert all(list(row) == list(claim.steps_grid(SMOKE)) for row in res["fd_by_steps"].values())
+    # the paired comparison: learned against each fixed variance at every K, its point difference the
+    # difference of the two FDs above, an interval of bootstrap replicates and a fraction in [0, 1]
+    assert set(res["paired"]) == {"learned_vs_fixed_small", "learned_vs_fixed_large"}
+    for fixed in ("fixed_small", "fixed_large"):
+        for K, d in res["paired"][f"learned_vs_{fixed}"].items():
+            assert d["difference"] == pytest.approx(res["fd_by_steps"]["learned"][K] - res["fd_by_steps"][fixed][K])
+            assert d["interval"][0] <= d["interval"][1] and 0.0 <= d["p_lower"] <= 1.0
 
 
 def test_sizes_use_one_sample_count_for_every_k_and_enough_of_them_on_cpu():

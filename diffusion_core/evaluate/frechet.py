@@ -43,3 +43,36 @@ def feature_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.n
 def frechet_distance(features_a: torch.Tensor | np.ndarray, features_b: torch.Tensor | np.ndarray) -> float:
     """FD between two feature sets (N_a, D) and (N_b, D)."""
     return frechet_distance_from_stats(*feature_stats(features_a), *feature_stats(features_b))
+
+
+def paired_bootstrap(features_a: torch.Tensor | np.ndarray, features_b: torch.Tensor | np.ndarray,
+                     reference: tuple[np.ndarray, np.ndarray], reps: int = 500, seed: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """FD of two *paired* sample sets against ``reference`` (mean, covariance), ``reps`` times over
+    bootstrap replicates: (reps,) FDs of a and (reps,) of b, where replicate r resamples the *same*
+    indices from both sets. Image i of a and image i of b must come from the same starting noise;
+    then the spread of FD(a) - FD(b) over replicates is how much the comparison moves with the draw
+    of the n starting noises, the part they share cancelling. (Resampling with replacement repeats
+    images, which raises both FDs a little: read a difference or a ratio, and its spread, rather than
+    either replicate FD.) The model's own training is not resampled: a second training can move both."""
+    fa = np.asarray(features_a.detach().cpu().double() if torch.is_tensor(features_a) else features_a, np.float64)
+    fb = np.asarray(features_b.detach().cpu().double() if torch.is_tensor(features_b) else features_b, np.float64)
+    if fa.shape != fb.shape:
+        raise ValueError(f"paired sets must have the same shape, got {fa.shape} and {fb.shape}")
+    if not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"reps must be a positive int, got {reps!r}")
+    g = torch.Generator().manual_seed(seed)
+    out_a, out_b = np.empty(reps), np.empty(reps)
+    for r in range(reps):
+        idx = torch.randint(len(fa), (len(fa),), generator=g).numpy()
+        out_a[r] = frechet_distance_from_stats(*feature_stats(fa[idx]), *reference)
+        out_b[r] = frechet_distance_from_stats(*feature_stats(fb[idx]), *reference)
+    return out_a, out_b
+
+
+def central_interval(values: np.ndarray, level: float = 0.9) -> tuple[float, float]:
+    """The central ``level`` interval of ``values`` (quantiles (1 - level)/2 and (1 + level)/2)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    lo, hi = np.quantile(np.asarray(values, np.float64), [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

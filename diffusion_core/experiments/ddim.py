@@ -35,7 +35,7 @@ import torch
 
 from ..data.digits import digits
 from ..evaluate.digits import DigitEvaluator, digit_evaluator
-from ..evaluate.frechet import feature_stats, frechet_distance_from_stats
+from ..evaluate.frechet import central_interval, paired_bootstrap
 from ..process.respacing import space_timesteps
 from ..profiles import Profile, current
 from ..recipes.digits import diffusion_for
@@ -184,18 +184,8 @@ def fd_ratio_interval(evaluator: DigitEvaluator, a: torch.Tensor, b: torch.Tenso
     images, which raises both FDs a little, so read its width rather than its centre."""
     if len(a) != len(b):
         raise ValueError(f"paired sets must have the same size, got {len(a)} and {len(b)}")
-    fa, fb = evaluator.features(a), evaluator.features(b)
-    held = evaluator.heldout_stats()
-    g = torch.Generator().manual_seed(seed)
-    ratios = []
-    for _ in range(reps):
-        idx = torch.randint(len(a), (len(a),), generator=g)
-        fd_a = frechet_distance_from_stats(*feature_stats(fa[idx]), *held)
-        fd_b = frechet_distance_from_stats(*feature_stats(fb[idx]), *held)
-        ratios.append(fd_a / fd_b)
-    q = torch.tensor(ratios, dtype=torch.float64).quantile(torch.tensor([(1 - level) / 2, (1 + level) / 2],
-                                                                          dtype=torch.float64))
-    return float(q[0]), float(q[1])
+    fd_a, fd_b = paired_bootstrap(evaluator.features(a), evaluator.features(b), evaluator.heldout_stats(), reps, seed)
+    return central_interval(fd_a / fd_b, level)
 
 
 # --------------------------------------------------------------------------------------------------
