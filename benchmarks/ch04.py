@@ -1,4 +1,5 @@
-"""Chapter 04 (Latent Diffusion): FD and train/sample seconds for f in {1, 2, 4, 8} at an equal budget,
+"""Chapter 04 (Latent Diffusion): FD and train/sample seconds for f in {1, 2, 4, 8} at an equal compute budget
+and at an equal number of steps,
 caption accuracy of text-to-image, speed of the conditional UNet and the autoencoder against diffusers,
 and the cost of one sampling step in the f = 4 latent space relative to pixel space."""
 
@@ -23,6 +24,9 @@ def run(profile: Profile) -> dict:
               f"train {row['train_seconds']} s for {row['train_steps']} steps x {row['batch_size']}  "
               f"sample {row['sample_seconds_per_image'] * 1000:.1f} ms/image ({row['sampling_steps']} DDIM steps)")
     print(f"references: floor {refs['fd_floor']:.3f}  blurred {refs['fd_blurred']:.3f}  Gaussian {refs['fd_gaussian']:.3f}")
+    steps_sweep = claim.f_sweep(profile, seed=profile.seed, progress=False, equal="steps")
+    for f, row in steps_sweep["rows"].items():
+        print(f"equal steps, f={f}: FD {row['fd']:.3f}  train {row['train_seconds']} s for {row['train_steps']} steps")
     t2i = claim.text_to_image(profile, seed=profile.seed, progress=False)
     for s, row in t2i["rows"].items():
         print(f"text-to-image, guidance {s:g}: caption accuracy {row['accuracy']['caption']:.3f} "
@@ -48,6 +52,9 @@ def run(profile: Profile) -> dict:
                              "encode": r["encode_seconds"],
                              "sample_per_image": r["sample_seconds_per_image"]} for f, r in rows.items()},
         "train_steps_by_f": {f: r["train_steps"] for f, r in rows.items()},
+        "fd_by_f_equal_steps": {f: r["fd"] for f, r in steps_sweep["rows"].items()},
+        "train_seconds_by_f_equal_steps": {f: r["train_seconds"] for f, r in steps_sweep["rows"].items()},
+        "equal_steps": steps_sweep["rows"][1]["train_steps"],
         "budget_seconds": rows[1]["budget_seconds"], "batch_size": rows[1]["batch_size"],
         "sampling_steps": rows[1]["sampling_steps"], "n_samples": rows[1]["n_samples"],
         "fd_floor": refs["fd_floor"], "fd_blurred": refs["fd_blurred"], "fd_gaussian": refs["fd_gaussian"],
@@ -60,7 +67,7 @@ def run(profile: Profile) -> dict:
         "t2i_fd_by_scale": {s: r["fd"] for s, r in t2i["rows"].items()}, "t2i_fd_floor": t2i["fd_floor"],
         "t2i_n": t2i["n"],
         "t2i_train_seconds": t2i["train_seconds"], "t2i_train_steps": t2i["train_steps"],
-        "trained_now": any(r["trained_now"] for r in rows.values()) or t2i["trained_now"],
+        "trained_now": any(r["trained_now"] for r in [*rows.values(), *steps_sweep["rows"].values()]) or t2i["trained_now"],
     }
     speed = {"cond_unet_fwd_bwd_vs_diffusers": unet["ratio"], "vae_fwd_bwd_vs_diffusers": vae["ratio"],
              "latent_vs_pixel_step_cost": step["ratio"],

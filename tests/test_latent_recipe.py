@@ -146,3 +146,21 @@ def test_the_papers_table_8_covers_every_autoencoder_of_the_sweep_and_loses_more
     single = [claim.PAPER_TABLE8_KL[f][0] for f in sorted(R.VAE_FACTORS)]
     assert [r_fid for _, r_fid, _ in single] == sorted(r_fid for _, r_fid, _ in single)     # R-FID rises with f
     assert [psnr for _, _, psnr in single] == sorted((psnr for _, _, psnr in single), reverse=True)
+
+
+def test_equal_steps_sweep_trains_every_factor_for_the_same_steps(monkeypatch):
+    # the equal-steps recipes are the equal-compute ones with the budget replaced by a step count
+    for profile in (SMOKE, Profile("cpu", torch.device("cpu"))):
+        for f in R.FACTORS:
+            a, b = R.LDM_RECIPES[f].config(profile), R.LDM_STEPS_RECIPES[f].config(profile)
+            assert b["steps"] == R.equal_steps(profile) and "budget_seconds" not in b
+            assert {k: v for k, v in a.items() if k not in ("budget_seconds", "min_steps", "max_steps")} == \
+                {k: v for k, v in b.items() if k != "steps"}
+            assert store.recipe(f"shapes-ldm-f{f}-steps") is R.LDM_STEPS_RECIPES[f]
+    # training reads the fixed count and never times the sweep (no step-seconds measured)
+    monkeypatch.setattr(R, "sweep_steps", lambda c, p: (_ for _ in ()).throw(AssertionError("timed")))
+    c = R.LDM_STEPS_RECIPES[8].config(SMOKE)
+    metrics = R._train_ldm(R.build_ldm(c), c, SMOKE)
+    assert metrics["steps"] == R.equal_steps(SMOKE) and metrics["step_compute_seconds"] is None
+    with pytest.raises(ValueError, match="equal"):
+        claim.evaluate_factor(4, SMOKE, None, equal="time")

@@ -124,9 +124,13 @@ def kl_weight_effect(profile: Profile, n_shown: int = 12) -> dict[str, Any]:
 
 
 def evaluate_factor(f: int, profile: Profile, evaluator: ShapesEvaluator, seed: int = 0,
-                    progress: bool = True) -> dict[str, Any]:
-    """One row of the sweep: FD of samples and of reconstructions, the timings, the model's size."""
-    stored = load(f"shapes-ldm-f{f}", profile)
+                    progress: bool = True, equal: str = "compute") -> dict[str, Any]:
+    """One row of the sweep: FD of samples and of reconstructions, the timings, the model's size.
+    ``equal="compute"``: the model of the equal-compute sweep (``shapes-ldm-f{f}``); ``"steps"``: the
+    one trained for :func:`recipes.latent.equal_steps` steps (``shapes-ldm-f{f}-steps``)."""
+    if equal not in ("compute", "steps"):
+        raise ValueError(f"equal must be 'compute' or 'steps', got {equal!r}")
+    stored = load(f"shapes-ldm-f{f}" + ("-steps" if equal == "steps" else ""), profile)
     vae = None if f == 1 else R.load_vae(f, profile).model
     n, steps, res = fd_sample_count(profile), sampling_steps(profile), stored.config["resolution"]
     start = time.perf_counter()
@@ -150,12 +154,13 @@ def evaluate_factor(f: int, profile: Profile, evaluator: ShapesEvaluator, seed: 
     }
 
 
-def f_sweep(profile: Profile, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """The sweep over f = 1, 2, 4, 8 at an equal training budget (same UNet, batch, compute seconds)."""
+def f_sweep(profile: Profile, seed: int = 0, progress: bool = True, equal: str = "compute") -> dict[str, Any]:
+    """The sweep over f = 1, 2, 4, 8 with the same UNet and batch, at an equal training budget in
+    compute seconds (``equal="compute"``) or in steps (``equal="steps"``, the paper's Fig. 6)."""
     evaluator = shapes_evaluator(profile)
     refs = evaluator.references(n=fd_sample_count(profile), seed=seed)
-    rows = {f: evaluate_factor(f, profile, evaluator, seed, progress) for f in R.FACTORS}
-    return {"rows": rows, "references": refs, "evaluator_accuracy": evaluator.accuracy}
+    rows = {f: evaluate_factor(f, profile, evaluator, seed, progress, equal) for f in R.FACTORS}
+    return {"rows": rows, "references": refs, "evaluator_accuracy": evaluator.accuracy, "equal": equal}
 
 
 # ------------------------------------------------------------------------------------------------

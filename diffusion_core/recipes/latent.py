@@ -493,7 +493,7 @@ def _train_ldm(model: UNet2D, c: dict[str, Any], p: Profile) -> dict[str, Any]:
     """An equal compute budget: the steps are ``budget_seconds`` divided by this model's measured
     compute seconds per step (so a model in a small latent space takes more steps)."""
     codes = LatentCodes(training_set(p).pixels, _vae_for(c["f"], p))
-    steps, sec = sweep_steps(c, p)
+    steps, sec = (c["steps"], None) if "steps" in c else sweep_steps(c, p)   # equal steps, or equal compute
     diffusion = diffusion_for(c)
     g = torch.Generator(device=p.device).manual_seed(c["seed"])
     torch.manual_seed(c["seed"])
@@ -511,7 +511,8 @@ def _train_ldm(model: UNet2D, c: dict[str, Any], p: Profile) -> dict[str, Any]:
     tail = res.losses[-100:]
     return {"final_loss": round(sum(tail) / len(tail), 5), "train_seconds": round(res.seconds, 1),
             "train_compute_seconds": round(compute, 1), "encode_seconds": round(codes.seconds, 1),
-            "steps": steps, "step_compute_seconds": round(sec, 5), "batch_size": c["batch_size"],
+            "steps": steps, "step_compute_seconds": None if sec is None else round(sec, 5),
+            "batch_size": c["batch_size"],
             "latent_scale": codes.scale}
 
 
@@ -522,6 +523,29 @@ LDM_RECIPES = {
     for f in FACTORS
 }
 SHAPES_LDM_F1, SHAPES_LDM_F2, SHAPES_LDM_F4, SHAPES_LDM_F8 = (LDM_RECIPES[f] for f in FACTORS)
+
+
+def equal_steps(p: Profile) -> int:
+    """The training steps every model of the equal-steps sweep takes (the paper's Fig. 6 compares its
+    LDM-f at equal steps). At ``cpu`` this is about 2.4x what f = 1 gets in the equal-compute sweep
+    and a third of what f = 4 gets there: the f = 1 model alone costs about 4 minutes of one thread."""
+    return p.pick(smoke=10, cpu=400, gpu=5000)
+
+
+def _ldm_steps_config(f: int):
+    def config(p: Profile) -> dict[str, Any]:
+        c = {k: v for k, v in _ldm_config(f)(p).items() if k not in ("budget_seconds", "min_steps", "max_steps")}
+        return {**c, "steps": equal_steps(p)}
+    return config
+
+
+#: the same models at an equal number of training steps (not an equal compute budget)
+LDM_STEPS_RECIPES = {
+    f: register(Recipe(f"shapes-ldm-f{f}-steps", 1, _ldm_steps_config(f), build_ldm, _train_ldm,
+                       f"shapes-ldm-f{f} trained for a fixed number of steps (equal steps across f) instead of "
+                       "an equal compute budget"))
+    for f in FACTORS
+}
 
 
 # ------------------------------------------------------------------------------------------------
