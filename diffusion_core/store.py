@@ -24,7 +24,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +117,6 @@ class Stored:
     metrics: dict[str, Any]
     path: Path
     trained_now: bool
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class UnknownRecipeError(KeyError):
@@ -263,7 +262,7 @@ def load(name: str, profile: Profile | str | None = None, device: torch.device |
     if none exists) every process takes part in training, but only rank 0 takes the lock, reads the
     cached file to decide, prints and writes; the others wait for its file and load it, so every
     process returns the same weights and metrics (:mod:`diffusion_core.distributed`)."""
-    from .profiles import check_profile, setup
+    from .profiles import check_profile
 
     if profile is not None and not isinstance(profile, (str, Profile)):
         raise TypeError(f"[store] profile must be a Profile, a profile name or None, got {type(profile).__name__}")
@@ -271,7 +270,7 @@ def load(name: str, profile: Profile | str | None = None, device: torch.device |
         prof = current()
         prof = Profile(name=check_profile(profile), device=prof.device, seed=prof.seed)
     else:
-        prof = profile or current() or setup(verbose=False)
+        prof = profile or current()
     r = recipe(name)
     config = r.config(prof)
     key = cache_key(r, prof.name, config)

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -800,14 +799,3 @@ def _relation(objs: list[tuple[int, int, int, int]]) -> str:
     a = f"a {SIZES[z0]} {COLORS[c0]} {SHAPES[s0]}"
     b = f"a {SIZES[z1]} {COLORS[c1]} {SHAPES[s1]}"
     return _articles(f"{a} {rel} {b}")
-
-
-def benchmark(resolution: int = 32, n: int = 1000, repeats: int = 3) -> float:
-    """Scenes per second for ``sample(n)`` (best of ``repeats``), everything included."""
-    world = ShapesWorld(resolution=resolution)
-    best = float("inf")
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        world.sample(n, seed=r)
-        best = min(best, time.perf_counter() - t0)
-    return n / best

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..distributed import batch_randint, batch_randn
-from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl, to_bits_per_dim
 from .schedules import check_betas, make_betas
 from .thresholding import ThresholdLike, resolve_threshold
 
@@ -282,7 +282,7 @@ class GaussianDiffusion:
         """L_T = KL( q(x_T | x_0) || N(0, I) ) in bits per dimension, (B,)."""
         t = torch.full((x0.shape[0],), self.T - 1, device=x0.device, dtype=torch.long)
         mean, _, log_var = self.q_mean_variance(x0, t)
-        return mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / math.log(2.0)
+        return to_bits_per_dim(mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))))
 
     def vb_terms_bpd(self, model_output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
                      clip_denoised: bool = False) -> torch.Tensor:
@@ -294,8 +294,8 @@ class GaussianDiffusion:
         t = self.check_t(t, xt)
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, xt, t)
         p = self.p_mean_variance(model_output, xt, t, clip_denoised=clip_denoised)
-        kl = mean_flat(normal_kl(true_mean, true_log_var, p.mean, p.log_variance)) / math.log(2.0)
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance)) / math.log(2.0)
+        kl = to_bits_per_dim(mean_flat(normal_kl(true_mean, true_log_var, p.mean, p.log_variance)))
+        nll = -to_bits_per_dim(mean_flat(discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance)))
         return torch.where(t == 0, nll, kl)
 
     def training_losses(self, model: ModelFn, x0: torch.Tensor, t: torch.Tensor | None = None,
