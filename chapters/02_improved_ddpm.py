@@ -525,6 +525,26 @@ for col, name in enumerate(claim.SAMPLERS):
 viz.show(fig)
 
 # %% [markdown]
+# Is the learned variance better than a fixed one at a given $K$? The floor's spread answers a
+# different question (how much one FD moves between independent sets). Here the sets are *paired*:
+# image $i$ of every sampler starts from the same $x_T$ and gets the same noise at every step, so much
+# of what moves one FD moves the other too. A paired bootstrap resamples the $n$ starting noises (the
+# same indices for both samplers), recomputes both FDs, and keeps their difference: its central 90%
+# interval, and the fraction of replicates in which the learned variance scores lower. An interval
+# that excludes 0 resolves the comparison *for these two trained models*; it says nothing about a
+# second training of either (each was trained once).
+
+# %%
+print(f"FD(learned) - FD(fixed) at each K, {n} paired samples; [90% paired bootstrap interval] "
+      f"(fraction of replicates in which learned is lower)")
+for pair, row in sweep["paired"].items():
+    print(f"  {pair}:")
+    for K, d in row.items():
+        resolved = "resolved" if d["interval"][0] > 0 or d["interval"][1] < 0 else "not resolved"
+        print(f"    K = {K:4d}: {d['difference']:+6.2f}  [{d['interval'][0]:+6.2f}, {d['interval'][1]:+6.2f}]"
+              f"  ({d['p_lower']:.2f})  {resolved}")
+
+# %% [markdown]
 # **Reading it.** Compare each curve with its own value at $K = 1000$ and with the floor. What to
 # expect, from the paper's argument: with fixed large variance, few steps add far too much noise
 # ($\beta'_k$ is huge once the steps are long); with fixed small, each step may add too little, and the

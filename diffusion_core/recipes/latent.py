@@ -546,6 +546,8 @@ LDM_STEPS_RECIPES = {
                        "an equal compute budget"))
     for f in FACTORS
 }
+SHAPES_LDM_F1_STEPS, SHAPES_LDM_F2_STEPS, SHAPES_LDM_F4_STEPS, SHAPES_LDM_F8_STEPS = (
+    LDM_STEPS_RECIPES[f] for f in FACTORS)
 
 
 # ------------------------------------------------------------------------------------------------
