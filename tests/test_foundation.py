@@ -577,3 +577,9 @@ def test_paired_bootstrap_resamples_the_same_indices_from_both_sets():
         paired_bootstrap(a, a, ref, reps=0)
     with pytest.raises(ValueError, match="level"):
         central_interval(np.arange(3.0), 1.5)
+
+
+def test_every_registered_recipe_name_resolves_to_the_recipe_of_that_name():
+    for name in list(store.RECIPES):
+        r = store.recipe(name)
+        assert isinstance(r, store.Recipe) and r.name == name, name
