@@ -123,6 +123,15 @@ class Stored:
     trained_now: bool
 
 
+def device_of(obj: nn.Module | Stored) -> torch.device:
+    """The device a module (or a stored model's module) holds its parameters on (the CPU for a module
+    without parameters)."""
+    module = obj.model if isinstance(obj, Stored) else obj
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"device_of takes a module or a Stored model, got {type(obj).__name__}")
+    return next(module.parameters(), torch.empty(0)).device
+
+
 class UnknownRecipeError(KeyError):
     def __str__(self) -> str:
         return str(self.args[0])

@@ -41,7 +41,7 @@ from ..profiles import Profile, current
 from ..recipes.digits import diffusion_for
 from ..samplers.ancestral import ddpm_sample
 from ..samplers.ddim import ddim_invert, ddim_sample
-from ..store import Stored, load
+from ..store import Stored, device_of, load
 
 MODEL = "digits-ddpm"
 ETAS = (0.0, 0.5, 1.0)
@@ -84,14 +84,11 @@ def sizes(profile: Profile) -> dict[str, int]:
                         gpu={"n": 1000, "batch": 1000})
 
 
-def _device(stored: Stored) -> torch.device:
-    return next(stored.model.parameters()).device
-
 
 def noise(stored: Stored, n: int, seed: int = 0) -> torch.Tensor:
     """x_T ~ N(0, I), (n, 1, R, R), from a generator seeded with ``seed`` (equal seeds, equal x_T)."""
     R = stored.config["resolution"]
-    return torch.randn(n, 1, R, R, generator=torch.Generator().manual_seed(seed)).to(_device(stored))
+    return torch.randn(n, 1, R, R, generator=torch.Generator().manual_seed(seed)).to(device_of(stored))
 
 
 @torch.no_grad()
@@ -210,7 +207,7 @@ def reconstruction_error(stored: Stored, x0: torch.Tensor, steps: Sequence[int],
     the error measured is the ODE's discretisation, not bf16 rounding."""
     diffusion = diffusion_for(stored.config)
     model = stored.model.eval()
-    x0 = x0.to(_device(stored))
+    x0 = x0.to(device_of(stored))
     out = {}
     for S in steps:
         x_T = ddim_invert(model, diffusion, x0, S, progress=progress)

@@ -39,7 +39,7 @@ from ..recipes.digits import diffusion_for
 from ..recipes.guidance import DIGIT_P_UNCONDS, digits_recipe_name
 from ..samplers.ddim import ddim_sample
 from ..samplers.guidance import cfg_eps, check_scale
-from ..store import Stored, load
+from ..store import Stored, device_of, load
 
 SCALES = (0.0, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
 
@@ -112,9 +112,6 @@ def guided_sample(model_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Te
                        threshold=x0_fn or "none")
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
 
 def _float_out(model_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """``model_fn`` with its output cast to float32: under bf16 autocast the network runs in bf16,
@@ -144,7 +141,7 @@ def sample_digits(stored: Stored, labels: torch.Tensor, scale: float, steps: int
         raise ValueError(f"sample_digits: labels must lie in 0..{num_classes - 1} (class {stored.config['null_class']} "
                          f"is the null class), got values in {int(labels.min())}..{int(labels.max())}")
     model = stored.model.eval()
-    dev = _device(model)
+    dev = device_of(model)
     R = stored.config["resolution"]
     g = torch.Generator(device=dev).manual_seed(seed)
     x_T = torch.randn(len(labels), 1, R, R, generator=g, device=dev)

@@ -41,7 +41,7 @@ from ..process.schedules import cosine_betas, linear_betas
 from ..profiles import Profile, current
 from ..recipes.digits import diffusion_for
 from ..samplers.ancestral import ddpm_sample
-from ..store import Stored, load
+from ..store import Stored, device_of, load
 from .ddpm import heldout_bound, mean_stderr, nll_settings
 
 #: the three ways of sampling compared over K: variance -> the stored model that is sampled
@@ -174,7 +174,7 @@ def bound_terms(stored: Stored, x0: torch.Tensor, ts: Sequence[int], seed: int =
     """L_t for each t in ``ts`` (bits/dim), averaged over the images x0: (len(ts),) float64. The bound
     is the sum over all T of these (plus L_T), so their size says which steps the likelihood cares about."""
     diffusion = diffusion_for(stored.config)
-    x0 = x0.to(_device(stored))
+    x0 = x0.to(device_of(stored))
     return torch.stack([diffusion.vb_terms_bpd(out, x0, xt, t).mean().double().cpu()
                         for t, xt, out in _outputs_at(stored, diffusion, x0, ts, seed)])
 
@@ -187,7 +187,7 @@ def learned_interpolation(stored: Stored, x0: torch.Tensor, ts: Sequence[int], s
     diffusion = diffusion_for(stored.config)
     if diffusion.variance != "learned_range":
         raise ValueError(f"{stored.name} has no learned variance")
-    x0 = x0.to(_device(stored))
+    x0 = x0.to(device_of(stored))
     return torch.stack([((diffusion.split_output(out, xt)[1] + 1) / 2).mean().double().cpu()
                         for _, xt, out in _outputs_at(stored, diffusion, x0, ts, seed)])
 
@@ -195,9 +195,6 @@ def learned_interpolation(stored: Stored, x0: torch.Tensor, ts: Sequence[int], s
 # --------------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------------
-
-def _device(stored: Stored) -> torch.device:
-    return next(stored.model.parameters()).device
 
 
 def steps_grid(profile: Profile) -> tuple[int, ...]:
@@ -229,7 +226,7 @@ def ancestral(stored: Stored, process: GaussianDiffusion, n: int, seed: int = 0,
     comes first from a generator seeded with ``seed``, so equal seeds give equal x_T whatever the
     process."""
     profile = profile or current()
-    model, dev = stored.model.eval(), _device(stored)
+    model, dev = stored.model.eval(), device_of(stored)
     R = stored.config["resolution"]
     g = torch.Generator(device=dev).manual_seed(seed)
     x_T = torch.randn(n, 1, R, R, generator=g, device=dev)

@@ -29,7 +29,7 @@ from ..profiles import Profile, current
 from ..recipes import latent as R
 from ..samplers.ddim import ddim_sample
 from ..samplers.guidance import cfg_eps, check_scale
-from ..store import Stored, load
+from ..store import Stored, device_of, load
 
 PAPER = {
     # Fig. 6 (class-conditional ImageNet, FID and IS over 2M training steps, same steps and parameters
@@ -63,16 +63,13 @@ def fd_sample_count(profile: Profile) -> int:
     return profile.pick(smoke=64, cpu=500, gpu=2000)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
 
 @torch.no_grad()
 def decode(vae: AutoencoderKL | None, x0: torch.Tensor, batch: int = 250) -> torch.Tensor:
     """A diffusion sample -> an image in [-1, 1]: ``D(x0 / scale)`` (identity for pixel models)."""
     if vae is None:
         return x0.clamp(-1, 1)
-    dev = _device(vae)
+    dev = device_of(vae)
     return torch.cat([vae.eval().decode(x0[i:i + batch].to(dev) / vae.scaling_factor).clamp(-1, 1).cpu()
                       for i in range(0, len(x0), batch)])
 
@@ -89,7 +86,7 @@ def generate(model: torch.nn.Module, vae: AutoencoderKL | None, f: int, resoluti
     profile = profile or current()
     process = process or R.latent_diffusion()
     model.eval()
-    dev = _device(model)
+    dev = device_of(model)
     shape = R.latent_shape(f, resolution)
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -105,7 +102,7 @@ def generate(model: torch.nn.Module, vae: AutoencoderKL | None, f: int, resoluti
 @torch.no_grad()
 def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
     """``D(mean of q(z | x))``, clipped to [-1, 1]: (N, 3, R, R) on the CPU."""
-    dev = _device(vae)
+    dev = device_of(vae)
     return torch.cat([vae.eval()(images[i:i + batch].to(dev)).clamp(-1, 1).cpu() for i in range(0, len(images), batch)])
 
 
@@ -146,7 +143,7 @@ def evaluate_factor(f: int, profile: Profile, evaluator: ShapesEvaluator, seed: 
         "train_seconds": m.get("train_seconds"), "train_compute_seconds": m.get("train_compute_seconds"),
         "encode_seconds": m.get("encode_seconds", 0.0),
         "train_steps": m.get("steps"), "batch_size": stored.config["batch_size"],
-        "budget_seconds": stored.config["budget_seconds"],
+        "budget_seconds": stored.config.get("budget_seconds"),   # None at equal steps
         "sample_seconds": sample_seconds, "sample_seconds_per_image": sample_seconds / n,
         "sampling_steps": steps, "n_samples": n, "latent_shape": R.latent_shape(f, res),
         "unet_parameters": sum(p.numel() for p in stored.model.parameters()),
@@ -178,7 +175,7 @@ def encode_captions(stored: Stored, captions: list[str]) -> tuple[torch.Tensor, 
     (1, N, d) for the null caption (``cfg_eps`` broadcasts it), computed once, not at every step."""
     model = stored.model.eval()
     tok = R.tokenizer_for(stored.config)
-    dev = _device(model)
+    dev = device_of(model)
     return (model.encode_text(tok.encode(list(captions)).to(dev)),
             model.encode_text(tok.encode([R.NULL_CAPTION]).to(dev)))
 
@@ -194,7 +191,7 @@ def generate_from_captions(stored: Stored, vae: AutoencoderKL, captions: list[st
     scale = check_scale(scale)
     model = stored.model.eval()
     c = stored.config
-    dev = _device(model)
+    dev = device_of(model)
     shape = R.latent_shape(c["f"], c["resolution"])
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -62,7 +62,7 @@ from ..profiles import Profile, current
 from ..samplers.ancestral import ddpm_sample
 from ..samplers.clip_guidance import check_clip_scale, clip_guided_sample
 from ..samplers.guidance import cfg_eps, check_scale, drop_condition
-from ..store import Recipe, Stored, load, register
+from ..store import Recipe, Stored, device_of, load, register
 from ..train import TrainConfig, train
 from .clip import trim
 from .latent import NULL_CAPTION, LatentCodes, TrainingSet, _training_set, caption_batches, caption_ids
@@ -397,9 +397,6 @@ SHAPES_GLIDE_INPAINT = register(Recipe(
 # Sampling
 # ------------------------------------------------------------------------------------------------
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
 
 def respaced(c: dict[str, Any], steps: int) -> GaussianDiffusion:
     """The process in ``steps`` evenly spaced steps (Improved DDPM Sec. 4; GLIDE samples its base
@@ -418,7 +415,7 @@ def check_captions(captions: Sequence[str] | str) -> list[str]:
 
 def text_score_fn(clip: NoisyCLIP, tok: WordTokenizer, captions: Sequence[str]):
     """``score(x_t, t) = e^tau cos(f(x_t, t), g(c))`` for the captions (g computed once)."""
-    dev = _device(clip)
+    dev = device_of(clip)
     with torch.no_grad():
         g_c = clip.encode_text(trim(tok.encode(list(captions))).to(dev)).float()
 
@@ -448,7 +445,7 @@ def sample(stored: Stored, captions: Sequence[str], *, guidance: str = "cfg", sc
     scale = check_scale(scale) if guidance == "cfg" else check_clip_scale(scale)
     profile = profile or current()
     model, c = stored.model.eval(), stored.config
-    dev, tok = _device(model), tokenizer_for(c)
+    dev, tok = device_of(model), tokenizer_for(c)
     diffusion = respaced(c, steps)
     k = 3  # eps channels (a learned variance's v channels follow)
     if guidance == "clip":
@@ -568,7 +565,7 @@ def inpaint(stored: Stored, images: torch.Tensor, masks: torch.Tensor, captions:
                          f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
     masks = check_mask(images.float(), masks)
     profile = profile or current()
-    dev, tok = _device(model), tokenizer_for(c)
+    dev, tok = device_of(model), tokenizer_for(c)
     diffusion = respaced(c, steps)
     g = torch.Generator(device=dev).manual_seed(seed)
     null = model.encode_text(tok.encode([NULL_CAPTION]).to(dev)).as_dict()

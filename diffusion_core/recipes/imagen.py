@@ -69,7 +69,7 @@ from ..process.thresholding import METHODS, ThresholdLike, resolve_threshold
 from ..profiles import Profile, current
 from ..samplers.ancestral import ddpm_sample
 from ..samplers.guidance import cfg_eps, check_scale, drop_condition
-from ..store import Recipe, Stored, load, path_for, recipe, register
+from ..store import Recipe, Stored, device_of, load, path_for, recipe, register
 from ..train import TrainConfig, train
 from . import glide
 from .latent import NULL_CAPTION, LatentCodes, _training_set, caption_batches
@@ -191,7 +191,7 @@ def encode_captions(stored: Stored, captions: Sequence[str]) -> dict[str, torch.
     """The model inputs for ``captions`` (on the model's device): ``tokens`` and ``mask`` of the frozen
     encoder the model was trained with, or ``input_ids`` for the scratch encoder."""
     captions = glide.check_captions(captions)
-    c, dev = stored.config, _device(stored.model)
+    c, dev = stored.config, device_of(stored.model)
     if c["encoder"] == "scratch":
         return {"input_ids": scratch_tokenizer(c).encode(captions).to(dev)}
     tokens, mask = frozen_states(c, captions, device=dev)
@@ -455,9 +455,6 @@ SHAPES_IMAGEN_SR_NOAUG = register(Recipe(
 # Sampling
 # ------------------------------------------------------------------------------------------------
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
 
 def _check_stored(stored: Stored, kind: type, what: str) -> None:
     if not isinstance(stored, Stored) or not isinstance(stored.model, kind):
@@ -481,7 +478,7 @@ def sample(stored: Stored, captions: Sequence[str], *, scale: float = 3.0, thres
     resolve_threshold(threshold)  # a bad choice fails before any work
     profile = profile or current()
     model, c = stored.model.eval(), stored.config
-    dev, R = _device(model), c["resolution"]
+    dev, R = device_of(model), c["resolution"]
     diffusion = glide.respaced(c, steps)
     g = torch.Generator(device=dev).manual_seed(seed)
     null = encode_captions(stored, [NULL_CAPTION])
@@ -550,7 +547,7 @@ def super_resolve(sr: Stored, low: torch.Tensor, aug_level: float = 0.0, *, step
         raise ValueError(f"low must be (N, 3, {r}, {r}) images, got "
                          f"{tuple(low.shape) if torch.is_tensor(low) else type(low).__name__}")
     profile = profile or current()
-    dev = _device(model)
+    dev = device_of(model)
     diffusion = glide.respaced(c, steps)
     g = torch.Generator(device=dev).manual_seed(seed)
     out = []

@@ -45,7 +45,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..data.shapes import ShapesWorld
 from ..models.prior import PriorConfig, PriorTransformer
@@ -55,7 +54,7 @@ from ..process.gaussian import GaussianDiffusion
 from ..profiles import Profile, current
 from ..samplers.ddim import check_eta, ddim_sample
 from ..samplers.guidance import cfg_eps, check_scale, drop_condition
-from ..store import Recipe, Stored, load, register
+from ..store import Recipe, Stored, device_of, load, register
 from ..train import TrainConfig, train
 from .clip import SHAPES_CLIP, ShapesCLIP, shapes_clip
 from .glide import judge_resolution
@@ -367,9 +366,6 @@ SHAPES_UNCLIP_DECODER = register(Recipe(
 # Sampling
 # ------------------------------------------------------------------------------------------------
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
 
 def _check_steps(steps: int, T: int) -> int:
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
@@ -405,7 +401,7 @@ def sample_prior(prior: Stored, clip: ShapesCLIP, captions: Sequence[str], *, sc
     model, c = prior.model.eval(), prior.config
     diffusion = prior_diffusion(c)
     steps = _check_steps(steps, diffusion.T)
-    dev = _device(model)
+    dev = device_of(model)
     clip.model.to(dev)
     n, P = len(captions), c["clip"]["embed_dim"]
     cond = encode_captions(clip, captions, c["context_length"])
@@ -447,7 +443,7 @@ def decode(decoder: Stored, clip: ShapesCLIP, image_embeds: torch.Tensor | None,
     model, c = decoder.model.eval(), decoder.config
     diffusion = decoder_diffusion(c)
     steps = _check_steps(steps, diffusion.T)
-    dev = _device(model)
+    dev = device_of(model)
     clip.model.to(dev)
     P, R = c["clip"]["embed_dim"], c["resolution"]
     if image_embeds is None and captions is None:
