@@ -374,6 +374,21 @@ for ax, f in zip(axes, fs):
 viz.show(fig)
 
 # %% [markdown]
+# **The same sweep at equal steps.** The paper's Fig. 6 compares its LDM-$f$ after the same number of
+# training steps, not the same compute. The same four UNets, batches and learning rates, each trained
+# for the same number of steps (`recipes.latent.equal_steps`), then sampled and scored as above. At
+# equal steps a latent model no longer gets more batches than the pixel model; what is left of its
+# advantage is the easier task: a smaller space to model, with the autoencoder's perceptual
+# compression already done.
+
+# %%
+steps_sweep = claim.f_sweep(profile, equal="steps")
+print(f"{'f':>2s} {'steps':>6s} {'FD, equal steps':>16s} {'FD, equal compute':>18s} {'train s (equal steps)':>22s}")
+for f, row in steps_sweep["rows"].items():
+    print(f"{f:2d} {row['train_steps']:6d} {row['fd']:16.2f} {sweep['rows'][f]['fd']:18.2f} {row['train_seconds']:22.1f}")
+print(f"the paper's Fig. 6, in words: {claim.PAPER['fig6']}")
+
+# %% [markdown]
 # **Reading the numbers.** Read the steps column first: for the same compute, the UNet in the
 # $f = 4$ space takes about eight times as many training steps as in pixel space (it works on 16
 # times fewer positions; small maps use a CPU less efficiently, so the gain is less than 16x), and it
