@@ -39,13 +39,14 @@
 # **Prerequisites.** Chapter 01 (DDPM: the forward process, $\epsilon$-prediction) and chapter 03
 # (DDIM, used here for fast sampling). Attention ($\mathrm{softmax}(QK^\top/\sqrt d)V$) helps.
 # Chapters 05 (CLIP, a text encoder) and 06 (classifier-free guidance) come later and are not needed:
-# section 9 introduces the little of each that this chapter uses.
+# sections 8 and 9 introduce the little of each that this chapter uses.
 #
-# **Notation.** The book's, as in the [notation table](../README.md#notation): the array index $t$ runs
-# from 0 to $T-1$ and holds the paper's step $t+1$; formulas are written 1-based, as in the papers;
-# $\sigma$ only ever means the standard deviation of a noise (here the encoder's $\sigma(x)$; the
-# paper's $\hat\sigma$ is the spread of the latents). The chapter's two scales have their own names:
-# the latent scale is `scaling_factor` $= 1/\hat\sigma$, the guidance scale of section 9 is $s$.
+# **Notation.** The book's one notation (the README's [table](https://github.com/diffusion-from-the-papers/diffusion-from-the-papers#notation)):
+# the array index $t$ runs from 0 to $T-1$ and holds the paper's step $t+1$; formulas are written
+# 1-based, as in the papers; $\sigma$ only ever means the standard deviation of a noise (here the
+# encoder's $\sigma(x)$; the paper's $\hat\sigma$ is the spread of the latents). The chapter's two
+# scales have their own names: the latent scale is `scaling_factor` $= 1/\hat\sigma$, the guidance
+# scale of section 9 is $s$.
 #
 # **Run time.** `smoke` about 1 minute, `cpu` (a 2-core laptop) about 20 minutes with training (an estimate from
 # the benchmark's parts: the text-to-image model alone trains about 10), `gpu` about 15 minutes. The autoencoders and the text-to-image model are cached; chapters 06 to 09 reuse them.
@@ -557,10 +558,9 @@ torch.testing.assert_close(by_hand, out)
 # %% [markdown]
 # ## 9. Text-to-image on the shapes world
 #
-# The caption encoder is CLIP's text transformer (chapter 05 trains it contrastively; here it is
-# trained from scratch, jointly with the UNet, as LDM's $\tau_\theta$ was for LAION) over the
-# world's word tokens. It feeds a `UNet2DCondition` with cross-attention at the 8x8 and 4x4 levels
-# and in the middle, in the $f = 4$ latent space of section 3's autoencoder. To fit a CPU budget the model
+# The caption encoder of section 8, over the world's word tokens, feeds a `UNet2DCondition` with
+# cross-attention at the 8x8 and 4x4 levels and in the middle, in the $f = 4$ latent space of section 3's
+# autoencoder. To fit a CPU budget the model
 # learns one-object scenes, whose captions (and their paraphrases: "a big box in green near the
 # bottom") name four things: shape, colour, size and position. Two choices differ from the sweep
 # above. The process uses LDM's own "scaled linear" schedule ($\beta$ from 0.00085 to 0.012, linear

@@ -37,10 +37,10 @@
 # chapter's text transformer, trained there from scratch with its diffusion model, and its shapes
 # evaluator is introduced here.
 #
-# **Notation.** The book's, as in the [notation table](../README.md#notation): $t$ is only ever a diffusion
-# timestep (array index $t$ holds the paper's step $t+1$; formulas are 1-based, as in the papers) and
-# $\sigma$ only a noise level; neither appears in this chapter, so CLIP's learned temperature, `t` in
-# the paper's pseudocode, is $\kappa$ here (section 1).
+# **Notation.** The book's one notation (the README's [table](https://github.com/diffusion-from-the-papers/diffusion-from-the-papers#notation)):
+# $t$ is only ever a diffusion timestep (array index $t$ holds the paper's step $t+1$; formulas are
+# 1-based, as in the papers) and $\sigma$ only a noise level; neither appears in this chapter, so
+# CLIP's learned temperature, `t` in the paper's pseudocode, is $\kappa$ here (section 1).
 #
 # **Run time.** `smoke` about 1 minute, `cpu` (a 2-core laptop) about 10 minutes, `gpu` about 10 minutes.
 # The trained CLIP, the independent "judge" CLIP and the shapes evaluator are cached and reused by other

@@ -38,10 +38,11 @@
 # **Prerequisites.** Chapter 01 (DDPM, $\epsilon$-prediction), chapter 03 (DDIM sampling). Chapter 04
 # (cross-attention) and chapter 05 (the shapes world and its evaluator) help for section 5.
 #
-# **Notation.** The book's, as in the [notation table](../README.md#notation): the array index $t$ runs
-# from 0 to $T-1$ and holds the paper's step $t+1$; formulas are written 1-based, as in the papers;
-# $\sigma$ is only ever a noise level, so $\sqrt{1-\bar\alpha_t}$ is written out and a class's spread in
-# section 2 is $\rho$. The guidance scale is $s$ (section 1 converts the papers' $w$).
+# **Notation.** The book's one notation (the README's [table](https://github.com/diffusion-from-the-papers/diffusion-from-the-papers#notation)):
+# the array index $t$ runs from 0 to $T-1$ and holds the paper's step $t+1$; formulas are written
+# 1-based, as in the papers; $\sigma$ is only ever a noise level, so $\sqrt{1-\bar\alpha_t}$ is
+# written out and a class's spread in section 2 is $\rho$. The guidance scale is $s$ (section 1
+# converts the papers' $w$).
 #
 # **Run time.** `smoke` about 2 minutes, `cpu` (a 2-core laptop) about 35 minutes with training (an estimate
 # from the benchmark's parts: three digit models of about 3.5 minutes and two text-to-image models of about
