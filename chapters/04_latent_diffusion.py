@@ -67,6 +67,7 @@ if IN_COLAB:
                     "git+https://github.com/diffusion-from-the-papers/diffusion-from-the-papers"], check=True)
 
 # %%
+import copy
 import inspect
 import math
 
@@ -172,13 +173,13 @@ assert torch.allclose(z_mc.var(0), q.var, rtol=0.02)
 # **From scratch.** The whole loss in a few lines, from the encoder's raw output: split it into $\mu$
 # and $\log\sigma^2$, draw $z = \mu + \sigma\epsilon$, decode, and add the three terms, each a mean
 # over the batch's pixel values (the KL is summed over a latent's $c\,h\,w$ values, as in its formula,
-# then divided by the image's $3HW$ values).
+# averaged over the batch, then divided by an image's $3HW$ values).
 
 # %%
 def vae_loss_from_scratch(vae, x, beta_kl, generator):
     mu, logvar = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)     # (B, c, h, w) each
     logvar = logvar.clamp(-30.0, 20.0)                                # as LDM's code: exp stays finite
-    eps = torch.randn(mu.shape, generator=generator).to(mu.device)
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device)
     x_hat = vae.decode(mu + torch.exp(0.5 * logvar) * eps)           # D(z), z = mu + sigma eps
     rec = ((x - x_hat) ** 2).mean()                                   # squared error per pixel value
     (gx, gy), (hx, hy) = [(a[..., :, 1:] - a[..., :, :-1], a[..., 1:, :] - a[..., :-1, :]) for a in (x, x_hat)]
@@ -190,11 +191,12 @@ def vae_loss_from_scratch(vae, x, beta_kl, generator):
 # %% [markdown]
 # **Check** against the package's `recipes.latent.vae_loss`, term by term, on a fresh (untrained) $f = 4$
 # autoencoder and the same noise: the loss is the same function of any weights. A large `beta_kl` makes
-# the KL term count in the total.
+# the KL term count in the total. The check runs in float64 on the CPU, so that the two agree to rounding
+# on any machine.
 
 # %%
-vae_chk = AutoencoderKL(VAEConfig.tiny(f=4)).to(profile.device)
-x_chk = examples.images[:4].to(profile.device)
+vae_chk = AutoencoderKL(VAEConfig.tiny(f=4)).double()
+x_chk = examples.images[:4].double()
 with torch.no_grad():
     by_hand = vae_loss_from_scratch(vae_chk, x_chk, 0.5, torch.Generator().manual_seed(0))
     package = recipes.vae_loss(vae_chk, x_chk, 0.5, generator=torch.Generator().manual_seed(0))
@@ -523,19 +525,21 @@ def cross_attention(phi, ctx, W_q, W_k, W_v, W_o, b_o, heads):
 # %% [markdown]
 # **Check.** One of the UNet's cross-attention layers (`attn2`, the package's `Attention` module of
 # `diffusion_core/models/attention.py`) computes exactly this, with its own weights, on random image
-# features and the states of two captions.
+# features and the states of two captions. Both run on a float64 copy of the layer on the CPU: a GPU
+# rounds float32 matrix products to TF32 (the book's setup allows it), which would blur the comparison.
 
 # %%
 name_chk, attn = next(iter(model_t2i.unet.cross_attentions()))
 assert attn.to_q.bias is None and attn.to_k.bias is None and attn.to_v.bias is None   # eq. 3 has none
 g = torch.Generator().manual_seed(4)
-phi = torch.randn(2, 16, attn.query_dim, generator=g).to(profile.device)              # N = 16 positions
+phi = torch.randn(2, 16, attn.query_dim, generator=g, dtype=torch.float64)              # N = 16 positions
+attn64 = copy.deepcopy(attn).double().cpu()
 with torch.no_grad():
-    ctx = model_t2i.encode_text(tok.encode(["a large red circle at the top left",        # tau_theta(y): (2, M, d_tau)
-                                            "a small blue ring in the center"]).to(profile.device))
-    out = attn(phi, ctx)
-    by_hand = cross_attention(phi, ctx, attn.to_q.weight, attn.to_k.weight, attn.to_v.weight,
-                              attn.to_out[0].weight, attn.to_out[0].bias, attn.heads)
+    ctx = model_t2i.encode_text(tok.encode(["a large red circle at the top left",          # tau_theta(y): (2, M, d_tau)
+                                            "a small blue ring in the center"]).to(profile.device)).double().cpu()
+    out = attn64(phi, ctx)
+    by_hand = cross_attention(phi, ctx, attn64.to_q.weight, attn64.to_k.weight, attn64.to_v.weight,
+                              attn64.to_out[0].weight, attn64.to_out[0].bias, attn.heads)
 print(f"{name_chk}: {attn.heads} heads of {attn.dim_head}, output {tuple(out.shape)}; "
       f"max difference from scratch {(out - by_hand).abs().max().item():.1e}")
 torch.testing.assert_close(by_hand, out)
@@ -544,7 +548,8 @@ torch.testing.assert_close(by_hand, out)
 # **In diffusers.** The same parts under the names of the public checkpoints, which the package's
 # classes share so that those checkpoints load: `diffusion_core.interop.from_diffusers(obj)` converts a
 # diffusers model, `interop.load_pretrained(folder)` reads a saved model folder, and
-# `presets.build("sd15-unet")` / `("sd15-vae")` build Stable Diffusion 1.5's shapes (Appendix A runs it).
+# `presets.build("sd15-unet")` and `presets.build("sd15-vae")` build Stable Diffusion 1.5's (Appendix A
+# runs it).
 #
 # | this chapter | `diffusion_core` | diffusers / transformers |
 # |---|---|---|

@@ -126,7 +126,7 @@ def clip_loss_from_scratch(I, T, kappa):
 
 
 # %% [markdown]
-# **Check** against the package's `clip_loss` (`diffusion_core.models.clip`, which `CLIPModel` trains
+# **Check (a)** against the package's `clip_loss` (`diffusion_core.models.clip`, which `CLIPModel` trains
 # with), on random embeddings of different norms:
 
 # %%
