@@ -334,8 +334,8 @@ print(inspect.getsource(claim.decode))
 # cost: against pixel space, $f = 4$ and $8$ reach far lower FID at far higher sampling throughput
 # (samples per second). Tab. 8 lists what each autoencoder keeps: the FID of its own reconstructions.
 #
-# Here every model gets the same UNet (chapter 01's, widths $(w, 2w, 2w)$, attention at the lowest level;
-# only its input and output channels differ), the same batch size and learning rate, and the same
+# Here every model gets the same UNet (chapter 01's, channel widths in the ratio 1 : 2 : 2, attention at
+# the lowest level; only its input and output channels differ), the same batch size and learning rate, and the same
 # **compute**: 100 CPU-seconds at `cpu` (about a minute on two cores), so a model in a smaller space fits
 # more steps into it (`recipes.latent.sweep_steps` first measures each model's compute per step, all four
 # in turn; on a CPU the clock is the process's CPU time, which other programs on the machine barely
@@ -506,19 +506,19 @@ print(f"caption encoder: {sum(p.numel() for p in model_t2i.text_encoder.paramete
 print(f"cross-attention layers: {[name for name, _ in model_t2i.unet.cross_attentions()]}")
 
 # %% [markdown]
-# **From scratch.** Eq. 3 with $h$ heads: project, split the width into $h$ heads of $d$ channels,
-# attend in each head, put the heads side by side and project out with $W_O$ (the transformer block
-# adds the residual around it).
+# **From scratch.** Eq. 3 with several heads: project, split the width into `heads` slices of $d$
+# channels, attend in each slice separately, put the results side by side and project out with $W_O$
+# (the transformer block adds the residual around it).
 
 # %%
 def cross_attention(phi, ctx, W_q, W_k, W_v, W_o, b_o, heads):
     """phi: (B, N, d_phi) image tokens; ctx: (B, M, d_tau) caption states -> (B, N, d_out)."""
     B, N, M = phi.shape[0], phi.shape[1], ctx.shape[1]
-    Q = (phi @ W_q.T).view(B, N, heads, -1).transpose(1, 2)           # (B, h, N, d)
-    K = (ctx @ W_k.T).view(B, M, heads, -1).transpose(1, 2)           # (B, h, M, d)
+    Q = (phi @ W_q.T).view(B, N, heads, -1).transpose(1, 2)           # (B, heads, N, d)
+    K = (ctx @ W_k.T).view(B, M, heads, -1).transpose(1, 2)           # (B, heads, M, d)
     V = (ctx @ W_v.T).view(B, M, heads, -1).transpose(1, 2)
-    A = torch.softmax(Q @ K.transpose(-1, -2) / math.sqrt(Q.shape[-1]), dim=-1)   # (B, h, N, M): rows sum to 1
-    out = (A @ V).transpose(1, 2).reshape(B, N, -1)                   # the h heads side by side
+    A = torch.softmax(Q @ K.transpose(-1, -2) / math.sqrt(Q.shape[-1]), dim=-1)   # (B, heads, N, M): rows sum to 1
+    out = (A @ V).transpose(1, 2).reshape(B, N, -1)                   # the heads side by side
     return out @ W_o.T + b_o
 
 
@@ -555,7 +555,7 @@ torch.testing.assert_close(by_hand, out)
 # |---|---|---|
 # | $\mathcal E$, $\mathcal D$ | `AutoencoderKL`; `vae.encode(x)` is the posterior `DiagonalGaussian`, `vae.decode(z)` the image | `AutoencoderKL`; `vae.encode(x).latent_dist`, `vae.decode(z).sample` |
 # | $1/\hat\sigma$ | `vae.scaling_factor` | `vae.config.scaling_factor` (0.18215 for SD 1.x: `z = scaling_factor * latent_dist.sample()`, decoded as `vae.decode(z / scaling_factor)`) |
-# | $\epsilon_\theta(z_t, t, \tau_\theta(y))$ | `UNet2DCondition(z_t, t, encoder_hidden_states=c)` | `UNet2DConditionModel(sample, timestep, encoder_hidden_states).sample` |
+# | $\epsilon_\theta(z_t, t, \tau_\theta(y))$ | `UNet2DCondition(z_t, t, encoder_hidden_states=context)` | `UNet2DConditionModel(sample, timestep, encoder_hidden_states).sample` |
 # | $\tau_\theta(y)$, $(B, M, d_\tau)$ | `encoder_hidden_states`; here `model.encode_text(ids)`, trained jointly | `encoder_hidden_states`; SD 1.x: transformers' `CLIPTextModel` (CLIP ViT-L/14's text tower), frozen |
 # | $d_\tau$ | `CondUNetConfig.cross_attention_dim` | `unet.config.cross_attention_dim` (768 for SD 1.x) |
 # | eq. 3's layer | `...transformer_blocks.0.attn2` with `to_q`, `to_k`, `to_v`, `to_out.0` | the same names (`attn1` is the self-attention) |
