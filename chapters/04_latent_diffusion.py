@@ -559,6 +559,7 @@ torch.testing.assert_close(by_hand, out)
 # | $\tau_\theta(y)$, $(B, M, d_\tau)$ | `encoder_hidden_states`; here `model.encode_text(ids)`, trained jointly | `encoder_hidden_states`; SD 1.x: transformers' `CLIPTextModel` (CLIP ViT-L/14's text tower), frozen |
 # | $d_\tau$ | `CondUNetConfig.cross_attention_dim` | `unet.config.cross_attention_dim` (768 for SD 1.x) |
 # | eq. 3's layer | `...transformer_blocks.0.attn2` with `to_q`, `to_k`, `to_v`, `to_out.0` | the same names (`attn1` is the self-attention) |
+# | section 9's "scaled linear" schedule | `recipes.latent.latent_diffusion("scaled_linear")`, a `GaussianDiffusion`; `schedulers.diffusion_from_scheduler(scheduler)` converts a diffusers scheduler | a scheduler config with `beta_schedule="scaled_linear"`, `beta_start=0.00085`, `beta_end=0.012` (SD 1.x's) |
 
 # %% [markdown]
 # ## 9. Text-to-image on the shapes world
