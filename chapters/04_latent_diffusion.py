@@ -38,6 +38,15 @@
 #
 # **Prerequisites.** Chapter 01 (DDPM: the forward process, $\epsilon$-prediction) and chapter 03
 # (DDIM, used here for fast sampling). Attention ($\mathrm{softmax}(QK^\top/\sqrt d)V$) helps.
+# Chapters 05 (CLIP, a text encoder) and 06 (classifier-free guidance) come later and are not needed:
+# sections 8 and 9 introduce the little of each that this chapter uses.
+#
+# **Notation.** The book's one notation (the README's [table](https://github.com/diffusion-from-the-papers/diffusion-from-the-papers#notation)):
+# the array index $t$ runs from 0 to $T-1$ and holds the paper's step $t+1$; formulas are written
+# 1-based, as in the papers; $\sigma$ only ever means the standard deviation of a noise (here the
+# encoder's $\sigma(x)$; the paper's $\hat\sigma$ is the spread of the latents). The chapter's two
+# scales have their own names: the latent scale is `scaling_factor` $= 1/\hat\sigma$, the guidance
+# scale of section 9 is $s$.
 #
 # **Run time.** `smoke` about 1 minute, `cpu` (a 2-core laptop) about 20 minutes with training (an estimate from
 # the benchmark's parts: the text-to-image model alone trains about 10), `gpu` about 15 minutes. The autoencoders and the text-to-image model are cached; chapters 06 to 09 reuse them.
@@ -58,6 +67,7 @@ if IN_COLAB:
                     "git+https://github.com/diffusion-from-the-papers/diffusion-from-the-papers"], check=True)
 
 # %%
+import copy
 import inspect
 import math
 
@@ -67,7 +77,7 @@ import torch
 import diffusion_core as dc
 from diffusion_core import viz
 from diffusion_core.experiments import latent as claim
-from diffusion_core.models.vae import DiagonalGaussian, compute_latent_scale
+from diffusion_core.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, compute_latent_scale
 from diffusion_core.recipes import latent as recipes
 from diffusion_core.samplers import ddim_sample
 from diffusion_core.store import load
@@ -159,9 +169,41 @@ assert torch.allclose(z_mc.var(0), q.var, rtol=0.02)
 # the paper's. Even the same number would not mean the same trade-off, since the reconstruction term
 # it is weighed against is a different loss (a squared error is smaller than the L1 error for the same
 # small pixel error). Exercise 5 trains the paper's value.
+#
+# **From scratch.** The whole loss in a few lines, from the encoder's raw output: split it into $\mu$
+# and $\log\sigma^2$, draw $z = \mu + \sigma\epsilon$, decode, and add the three terms, each a mean
+# over the batch's pixel values (the KL is summed over a latent's $c\,h\,w$ values, as in its formula,
+# averaged over the batch, then divided by an image's $3HW$ values).
 
 # %%
-print(inspect.getsource(recipes.vae_loss))
+def vae_loss_from_scratch(vae, x, beta_kl, generator):
+    mu, logvar = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)     # (B, c, h, w) each
+    logvar = logvar.clamp(-30.0, 20.0)                                # as LDM's code: exp stays finite
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device)
+    x_hat = vae.decode(mu + torch.exp(0.5 * logvar) * eps)           # D(z), z = mu + sigma eps
+    rec = ((x - x_hat) ** 2).mean()                                   # squared error per pixel value
+    (gx, gy), (hx, hy) = [(a[..., :, 1:] - a[..., :, :-1], a[..., 1:, :] - a[..., :-1, :]) for a in (x, x_hat)]
+    edge = 0.5 * (((gx - hx) ** 2).mean() + ((gy - hy) ** 2).mean())  # the same on finite differences
+    kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean() / x[0].numel()
+    return {"loss": rec + edge + beta_kl * kl, "rec": rec, "edge": edge, "kl": kl}
+
+
+# %% [markdown]
+# **Check** against the package's `recipes.latent.vae_loss`, term by term, on a fresh (untrained) $f = 4$
+# autoencoder and the same noise: the loss is the same function of any weights. A large `beta_kl` makes
+# the KL term count in the total. The check runs in float64 on the CPU, so that the two agree to rounding
+# on any machine.
+
+# %%
+vae_chk = AutoencoderKL(VAEConfig.tiny(f=4)).double()
+x_chk = examples.images[:4].double()
+with torch.no_grad():
+    by_hand = vae_loss_from_scratch(vae_chk, x_chk, 0.5, torch.Generator().manual_seed(0))
+    package = recipes.vae_loss(vae_chk, x_chk, 0.5, generator=torch.Generator().manual_seed(0))
+for term, value in by_hand.items():
+    print(f"{term:5s} from scratch {value.item():.6f}  vae_loss {package[term].item():.6f}  "
+          f"max difference {(value - package[term]).abs().item():.1e}")
+torch.testing.assert_close(by_hand, {term: package[term] for term in by_hand})
 
 # %% [markdown]
 # ## 3. Training the autoencoders: f = 2, 4, 8
@@ -177,12 +219,12 @@ print(f"{'f':>2s} {'latent':>10s} {'ratio':>6s} {'params':>8s} {'L1':>6s} {'PSNR
       f"{'std(z)':>7s} {'scale':>6s} {'train s':>8s}")
 vae_stats = {}
 for f, stored in vaes.items():
-    s = recipes.vae_statistics(stored.model, held)
-    vae_stats[f] = s
+    st = recipes.vae_statistics(stored.model, held)
+    vae_stats[f] = st
     c, h, w = recipes.latent_shape(f, held.shape[-1])
     print(f"{f:2d} {f'{c}x{h}x{w}':>10s} {held[0].numel() / (c * h * w):5.0f}x "
-          f"{sum(p.numel() for p in stored.model.parameters()):8,d} {s['rec_l1']:6.3f} {s['psnr']:6.1f} "
-          f"{s['kl_per_dim']:7.2f} {s['z_std']:7.3f} {stored.model.scaling_factor:6.3f} "
+          f"{sum(p.numel() for p in stored.model.parameters()):8,d} {st['rec_l1']:6.3f} {st['psnr']:6.1f} "
+          f"{st['kl_per_dim']:7.2f} {st['z_std']:7.3f} {stored.model.scaling_factor:6.3f} "
           f"{stored.metrics['train_seconds']:8.0f}")
 
 # %%
@@ -218,9 +260,9 @@ viz.show(fig)
 kl = claim.kl_weight_effect(profile)
 print(f"{'beta_KL':>8s} {'L1':>6s} {'PSNR':>6s} {'KL/dim':>7s} {'std(z)':>7s} {'std(mu)':>8s} {'mean sigma':>11s}")
 for beta, row in kl["rows"].items():
-    s = row["stats"]
-    print(f"{beta:8.0e} {s['rec_l1']:6.3f} {s['psnr']:6.1f} {s['kl_per_dim']:7.2f} {s['z_std']:7.3f} "
-          f"{s['mu_std']:8.3f} {s['sigma_mean']:11.3f}")
+    st = row["stats"]
+    print(f"{beta:8.0e} {st['rec_l1']:6.3f} {st['psnr']:6.1f} {st['kl_per_dim']:7.2f} {st['z_std']:7.3f} "
+          f"{st['mu_std']:8.3f} {st['sigma_mean']:11.3f}")
 viz.show_images(torch.cat([kl["images"]] + [row["reconstructions"] for row in kl["rows"].values()]), nrow=12,
                 title="x, then reconstructions for each KL weight (rows, small to large)")
 
@@ -292,8 +334,8 @@ print(inspect.getsource(claim.decode))
 # cost: against pixel space, $f = 4$ and $8$ reach far lower FID at far higher sampling throughput
 # (samples per second). Tab. 8 lists what each autoencoder keeps: the FID of its own reconstructions.
 #
-# Here every model gets the same UNet (chapter 01's, widths $(w, 2w, 2w)$, attention at the lowest level;
-# only its input and output channels differ), the same batch size and learning rate, and the same
+# Here every model gets the same UNet (chapter 01's, channel widths in the ratio 1 : 2 : 2, attention at
+# the lowest level; only its input and output channels differ), the same batch size and learning rate, and the same
 # **compute**: 100 CPU-seconds at `cpu` (about a minute on two cores), so a model in a smaller space fits
 # more steps into it (`recipes.latent.sweep_steps` first measures each model's compute per step, all four
 # in turn; on a CPU the clock is the process's CPU time, which other programs on the machine barely
@@ -459,8 +501,15 @@ explore(show_denoising, step=(0, len(traj) - 1, 1, len(traj) - 1))
 # $\mathbb E\,\|\epsilon - \epsilon_\theta(z_t, t, \tau_\theta(y))\|^2$, trained jointly in
 # $\theta$ for the UNet and the caption encoder.
 #
-# **Check.** One of the UNet's cross-attention layers (`attn2`) computes exactly this formula,
-# head by head.
+# **The caption encoder.** $\tau_\theta$ here is a small transformer of the kind CLIP uses for text
+# (chapter 05 trains one contrastively; nothing of that chapter is needed here): each word of the
+# caption is a token id, looked up in a table of learned vectors, plus a learned vector for its
+# position; a few layers of causal self-attention and MLPs mix them, and *all* $M$ output states, one
+# per token, are the keys and values of every cross-attention layer. It starts from random weights and
+# is trained with the UNet by the one loss above: the gradient of the noise-prediction error flows
+# through $W_K$ and $W_V$ into the encoder, so it learns whatever about the caption helps to denoise.
+# That is LDM's own choice for its LAION model (a transformer $\tau_\theta$ optimised jointly, Sec. 3.3
+# and 4.3.1); Stable Diffusion instead keeps a pretrained CLIP text encoder frozen.
 
 # %%
 t2i = load("shapes-ldm-t2i", profile)
@@ -471,31 +520,68 @@ print(f"caption encoder: {sum(p.numel() for p in model_t2i.text_encoder.paramete
       f"{sum(p.numel() for p in model_t2i.unet.parameters()):,} parameters")
 print(f"cross-attention layers: {[name for name, _ in model_t2i.unet.cross_attentions()]}")
 
+# %% [markdown]
+# **From scratch.** Eq. 3 with several heads: project, split the width into `heads` slices of $d$
+# channels, attend in each slice separately, put the results side by side and project out with $W_O$
+# (the transformer block adds the residual around it).
+
 # %%
-# NBVAL_CHECK_OUTPUT
+def cross_attention(phi, ctx, W_q, W_k, W_v, W_o, b_o, heads):
+    """phi: (B, N, d_phi) image tokens; ctx: (B, M, d_tau) caption states -> (B, N, d_out)."""
+    B, N, M = phi.shape[0], phi.shape[1], ctx.shape[1]
+    Q = (phi @ W_q.T).view(B, N, heads, -1).transpose(1, 2)           # (B, heads, N, d)
+    K = (ctx @ W_k.T).view(B, M, heads, -1).transpose(1, 2)           # (B, heads, M, d)
+    V = (ctx @ W_v.T).view(B, M, heads, -1).transpose(1, 2)
+    A = torch.softmax(Q @ K.transpose(-1, -2) / math.sqrt(Q.shape[-1]), dim=-1)   # (B, heads, N, M): rows sum to 1
+    out = (A @ V).transpose(1, 2).reshape(B, N, -1)                   # the heads side by side
+    return out @ W_o.T + b_o
+
+
+# %% [markdown]
+# **Check.** One of the UNet's cross-attention layers (`attn2`, the package's `Attention` module of
+# `diffusion_core/models/attention.py`) computes exactly this, with its own weights, on random image
+# features and the states of two captions. Both run on a float64 copy of the layer on the CPU: a GPU
+# rounds float32 matrix products to TF32 (the book's setup allows it), which would blur the comparison.
+
+# %%
 name_chk, attn = next(iter(model_t2i.unet.cross_attentions()))
+assert attn.to_q.bias is None and attn.to_k.bias is None and attn.to_v.bias is None   # eq. 3 has none
 g = torch.Generator().manual_seed(4)
-phi = torch.randn(2, 16, attn.query_dim, generator=g).to(profile.device)              # N = 16 positions
+phi = torch.randn(2, 16, attn.query_dim, generator=g, dtype=torch.float64)              # N = 16 positions
+attn64 = copy.deepcopy(attn).double().cpu()
 with torch.no_grad():
-    ctx = model_t2i.encode_text(tok.encode(["a large red circle at the top left",        # tau_theta(y): (2, M, d)
-                                            "a small blue ring in the center"]).to(profile.device))
-    out = attn(phi, ctx)
-    Q, K, V = attn.to_q(phi), attn.to_k(ctx), attn.to_v(ctx)
-    heads = []
-    for hd in range(attn.heads):
-        sl = slice(hd * attn.dim_head, (hd + 1) * attn.dim_head)
-        weights = torch.softmax(Q[..., sl] @ K[..., sl].transpose(1, 2) / math.sqrt(attn.dim_head), dim=-1)
-        heads.append(weights @ V[..., sl])
-    by_hand = attn.to_out[0](torch.cat(heads, dim=-1))
-assert torch.allclose(out, by_hand, atol=1e-5), (out - by_hand).abs().max()
+    ctx = model_t2i.encode_text(tok.encode(["a large red circle at the top left",          # tau_theta(y): (2, M, d_tau)
+                                            "a small blue ring in the center"]).to(profile.device)).double().cpu()
+    out = attn64(phi, ctx)
+    by_hand = cross_attention(phi, ctx, attn64.to_q.weight, attn64.to_k.weight, attn64.to_v.weight,
+                              attn64.to_out[0].weight, attn64.to_out[0].bias, attn.heads)
+print(f"{name_chk}: {attn.heads} heads of {attn.dim_head}, output {tuple(out.shape)}; "
+      f"max difference from scratch {(out - by_hand).abs().max().item():.1e}")
+torch.testing.assert_close(by_hand, out)
+
+# %% [markdown]
+# **In diffusers.** The same parts under the names of the public checkpoints, which the package's
+# classes share so that those checkpoints load: `diffusion_core.interop.from_diffusers(obj)` converts a
+# diffusers model, `interop.load_pretrained(folder)` reads a saved model folder, and
+# `presets.build("sd15-unet")` and `presets.build("sd15-vae")` build Stable Diffusion 1.5's (Appendix A
+# runs it).
+#
+# | this chapter | `diffusion_core` | diffusers / transformers |
+# |---|---|---|
+# | $\mathcal E$, $\mathcal D$ | `AutoencoderKL`; `vae.encode(x)` is the posterior `DiagonalGaussian`, `vae.decode(z)` the image | `AutoencoderKL`; `vae.encode(x).latent_dist`, `vae.decode(z).sample` |
+# | $1/\hat\sigma$ | `vae.scaling_factor` | `vae.config.scaling_factor` (0.18215 for SD 1.x: `z = scaling_factor * latent_dist.sample()`, decoded as `vae.decode(z / scaling_factor)`) |
+# | $\epsilon_\theta(z_t, t, \tau_\theta(y))$ | `UNet2DCondition(z_t, t, encoder_hidden_states=context)` | `UNet2DConditionModel(sample, timestep, encoder_hidden_states).sample` |
+# | $\tau_\theta(y)$, $(B, M, d_\tau)$ | `encoder_hidden_states`; here `model.encode_text(ids)`, trained jointly | `encoder_hidden_states`; SD 1.x: transformers' `CLIPTextModel` (CLIP ViT-L/14's text tower), frozen |
+# | $d_\tau$ | `CondUNetConfig.cross_attention_dim` | `unet.config.cross_attention_dim` (768 for SD 1.x) |
+# | eq. 3's layer | `...transformer_blocks.0.attn2` with `to_q`, `to_k`, `to_v`, `to_out.0` | the same names (`attn1` is the self-attention) |
+# | section 9's "scaled linear" schedule | `recipes.latent.latent_diffusion("scaled_linear")`, a `GaussianDiffusion`; `schedulers.diffusion_from_scheduler(scheduler)` converts a diffusers scheduler | a scheduler config with `beta_schedule="scaled_linear"`, `beta_start=0.00085`, `beta_end=0.012` (SD 1.x's) |
 
 # %% [markdown]
 # ## 9. Text-to-image on the shapes world
 #
-# The caption encoder is CLIP's text transformer (chapter 05 trains it contrastively; here it is
-# trained from scratch, jointly with the UNet, as LDM's $\tau_\theta$ was for LAION) over the
-# world's word tokens. It feeds a `UNet2DCondition` with cross-attention at the 8x8 and 4x4 levels
-# and in the middle, in the $f = 4$ latent space of section 3's autoencoder. To fit a CPU budget the model
+# The caption encoder of section 8, over the world's word tokens, feeds a `UNet2DCondition` with
+# cross-attention at the 8x8 and 4x4 levels and in the middle, in the $f = 4$ latent space of section 3's
+# autoencoder. To fit a CPU budget the model
 # learns one-object scenes, whose captions (and their paraphrases: "a big box in green near the
 # bottom") name four things: shape, colour, size and position. Two choices differ from the sweep
 # above. The process uses LDM's own "scaled linear" schedule ($\beta$ from 0.00085 to 0.012, linear
@@ -503,10 +589,23 @@ assert torch.allclose(out, by_hand, atol=1e-5), (out - by_hand).abs().max()
 # schedule, so more of the training steps see noise levels where the caption still matters. And the
 # UNet gets two extra input channels, the x and y coordinate of every latent position (CoordConv):
 # convolutions are translation-equivariant, so without them "top left" can only be inferred from
-# the zero padding at the borders. During training the caption is replaced by the
-# empty caption 10% of the time, so the same network also predicts $\epsilon$ without a caption:
-# that allows classifier-free guidance, $\hat\epsilon = \epsilon_\emptyset + s(\epsilon_y - \epsilon_\emptyset)$,
-# which chapter 06 derives; here we only compare $s = 1$ (the plain conditional model) with $s = 3$.
+# the zero padding at the borders.
+#
+# **A first look at guidance.** During training the caption is replaced by the empty caption 10% of
+# the time, so the same network also predicts the noise without a caption: $\epsilon_\emptyset$, its
+# prediction given the empty caption, beside $\epsilon_y = \epsilon_\theta(z_t, t, \tau_\theta(y))$.
+# Their difference $\epsilon_y - \epsilon_\emptyset$ is what the caption changes in the prediction.
+# *Classifier-free guidance* samples with
+#
+# $$\hat\epsilon = \epsilon_\emptyset + s\,(\epsilon_y - \epsilon_\emptyset)$$
+#
+# in place of $\epsilon_\theta$ at every step: $s = 0$ ignores the caption, $s = 1$ is the plain
+# conditional model, and $s > 1$ goes further in the caption's direction than the model would by
+# itself, which makes samples follow their caption more closely at some cost in variety. Both
+# predictions come from one forward pass of a batch of $2B$, with the empty caption in one half.
+# Chapter 06 derives the rule (Bayes' rule turns it into the gradient of a classifier that is never
+# trained), compares the papers' conventions for the scale, and measures the trade; here we only compare
+# $s = 1$ with $s = 3$.
 
 # %%
 captions = ["a large red circle at the top left", "a small blue square in the center",

@@ -37,8 +37,13 @@
 # chapter's text transformer, trained there from scratch with its diffusion model, and its shapes
 # evaluator is introduced here.
 #
+# **Notation.** The book's one notation (the README's [table](https://github.com/diffusion-from-the-papers/diffusion-from-the-papers#notation)):
+# $t$ is only ever a diffusion timestep (array index $t$ holds the paper's step $t+1$; formulas are
+# 1-based, as in the papers) and $\sigma$ only a noise level; neither appears in this chapter, so
+# CLIP's learned temperature, `t` in the paper's pseudocode, is $\kappa$ here (section 1).
+#
 # **Run time.** `smoke` about 1 minute, `cpu` (a 2-core laptop) about 10 minutes, `gpu` about 10 minutes.
-# The trained CLIP, the independent "judge" CLIP and the shapes evaluator are cached and reused by later
+# The trained CLIP, the independent "judge" CLIP and the shapes evaluator are cached and reused by other
 # chapters (04, 06, 11, 12).
 
 # %% [markdown]
@@ -105,25 +110,45 @@ profile = dc.setup()
 # contrastive task above was about four times more efficient again. Predicting the exact words is a
 # hard task, most of it about phrasing; matching only asks which caption belongs to which image.
 #
-# **Checks.** (a) The package's `clip_loss` is the two cross-entropies written out by hand; (b) with all
-# logits equal (here $e^\kappa \approx 0$) every row and column is a uniform guess among $N$, so the loss is
-# exactly $\log N$, the value a fresh CLIP starts near; (c) for perfectly aligned, orthonormal embeddings
-# $\ell_{ii} = e^\kappa$ and $\ell_{ij} = 0$, so $\mathcal L = \log(1 + (N-1)e^{-e^\kappa})$, which only the
-# temperature keeps from reaching 0; (d) the loss is symmetric in images and texts.
+# **From scratch.** The loss in five lines, the paper's Figure 3 pseudocode in PyTorch: normalise both
+# embeddings, scale their cosine matrix by $e^\kappa$, and average the cross-entropy of the rows (each
+# image picks its caption) and of the columns (each caption picks its image), the right answer always on
+# the diagonal. $-\log$ of a softmax entry is the log-sum-exp of its row (or column) minus the entry.
 
 # %%
-# NBVAL_CHECK_OUTPUT
+def clip_loss_from_scratch(I, T, kappa):
+    """I, T: (N, P) embeddings of N pairs, row i of each is one pair; kappa = log(1/tau)."""
+    I, T = I / I.norm(dim=1, keepdim=True), T / T.norm(dim=1, keepdim=True)   # onto the unit sphere
+    ell = math.exp(kappa) * I @ T.T                                         # (N, N): ell_ij = e^kappa cos(I_i, T_j)
+    image_to_text = (ell.logsumexp(dim=1) - ell.diag()).mean()             # rows: -log softmax at the diagonal
+    text_to_image = (ell.logsumexp(dim=0) - ell.diag()).mean()             # columns
+    return (image_to_text + text_to_image) / 2
+
+
+# %% [markdown]
+# **Check (a)** against the package's `clip_loss` (`diffusion_core.models.clip`, which `CLIPModel` trains
+# with), on random embeddings of different norms:
+
+# %%
 g = torch.Generator().manual_seed(0)
 N_chk, P_chk = 6, 5
 I_chk = torch.randn(N_chk, P_chk, generator=g, dtype=torch.float64)
-T_chk = torch.randn(N_chk, P_chk, generator=g, dtype=torch.float64)
+T_chk = 3 * torch.randn(N_chk, P_chk, generator=g, dtype=torch.float64)
 kappa_chk = math.log(1 / 0.07)
-ell = math.exp(kappa_chk) * (I_chk / I_chk.norm(dim=1, keepdim=True)) @ (T_chk / T_chk.norm(dim=1, keepdim=True)).T
-image_to_text = sum(-(ell[i, i] - torch.logsumexp(ell[i, :], 0)) for i in range(N_chk)) / N_chk
-text_to_image = sum(-(ell[j, j] - torch.logsumexp(ell[:, j], 0)) for j in range(N_chk)) / N_chk
-assert torch.allclose(clip_logits(I_chk, T_chk, kappa_chk), ell, atol=1e-12)
-assert abs(clip_loss(I_chk, T_chk, kappa_chk).item() - ((image_to_text + text_to_image) / 2).item()) < 1e-12
+by_hand, package = clip_loss_from_scratch(I_chk, T_chk, kappa_chk), clip_loss(I_chk, T_chk, kappa_chk)
+print(f"from scratch {by_hand.item():.12f}, clip_loss {package.item():.12f}, "
+      f"max difference {(by_hand - package).abs().item():.1e}")
+torch.testing.assert_close(by_hand, package)
 
+# %% [markdown]
+# **More checks** on `clip_loss`, from the formula: (b) with all logits equal (here $e^\kappa \approx 0$)
+# every row and column is a uniform guess among $N$, so the loss is exactly $\log N$, the value a fresh
+# CLIP starts near; (c) for perfectly aligned, orthonormal embeddings $\ell_{ii} = e^\kappa$ and
+# $\ell_{ij} = 0$, so $\mathcal L = \log(1 + (N-1)e^{-e^\kappa})$, which only the temperature keeps from
+# reaching 0; (d) the loss is symmetric in images and texts.
+
+# %%
+# NBVAL_CHECK_OUTPUT
 # (b) uniform logits: log N
 for n in (2, 8, 64, 512):
     a, b = (torch.randn(n, P_chk, generator=g, dtype=torch.float64) for _ in range(2))
@@ -236,6 +261,20 @@ m = clip.stored.metrics
 print(f"trained {cfg['steps']} steps of {cfg['batch_size']} pairs: loss {m['first_loss']:.2f} "
       f"(log {cfg['batch_size']} = {math.log(cfg['batch_size']):.2f}) -> {m['final_loss']:.3f}; "
       f"learned scale e^kappa = 1/tau = {clip.model.scale.item():.1f} (initial {1 / 0.07:.1f}, clamp 100)")
+
+# %% [markdown]
+# **In transformers.** The package's `CLIPModel` keeps the names of transformers' `CLIPModel`, so OpenAI's
+# checkpoints load into it: `diffusion_core.interop.from_transformers(model)` converts a transformers CLIP
+# (or its `CLIPTextModel`, the text tower Stable Diffusion uses), `interop.load_pretrained(folder)` reads
+# a saved model folder, and `presets.build("clip-vit-l14")` builds ViT-L/14's shapes.
+#
+# | this chapter | `diffusion_core` | transformers |
+# |---|---|---|
+# | the towers and projections | `text_model`, `vision_model`, `text_projection`, `visual_projection` | the same names |
+# | $\kappa = \log(1/\tau)$ | `model.logit_scale`; `model.scale` $= \min(e^\kappa, 100)$ | `model.logit_scale`, initialised at `config.logit_scale_init_value` $= 2.6592 = \log(1/0.07)$; its forward scales by `logit_scale.exp()` unclamped (OpenAI clipped it during training) |
+# | $I_i$, $T_j$ before normalising | `model.encode_image(pixels)`, `model.encode_text(ids)` | `model.get_image_features(...)`, `model.get_text_features(...)` (in transformers 5 an output whose `pooler_output` holds them; a tensor before) |
+# | $\ell$, $\ell^\top$, $\mathcal L$ | `model(ids, pixels, return_loss=True)`: `logits_per_image`, `logits_per_text`, `loss` | the same names |
+# | byte-pair encoding | `CLIPTokenizer.from_default()` (open_clip's vocabulary file), or `pipelines.clip_tokenizer_from_folder(folder)` | `CLIPTokenizer.from_pretrained(...)` |
 
 # %% [markdown]
 # ## 4. What it learned: the similarity matrix

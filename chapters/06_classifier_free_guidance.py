@@ -38,6 +38,12 @@
 # **Prerequisites.** Chapter 01 (DDPM, $\epsilon$-prediction), chapter 03 (DDIM sampling). Chapter 04
 # (cross-attention) and chapter 05 (the shapes world and its evaluator) help for section 5.
 #
+# **Notation.** The book's one notation (the README's [table](https://github.com/diffusion-from-the-papers/diffusion-from-the-papers#notation)):
+# the array index $t$ runs from 0 to $T-1$ and holds the paper's step $t+1$; formulas are written
+# 1-based, as in the papers; $\sigma$ is only ever a noise level, so $\sqrt{1-\bar\alpha_t}$ is
+# written out and a class's spread in section 2 is $\rho$. The guidance scale is $s$ (section 1
+# converts the papers' $w$).
+#
 # **Run time.** `smoke` about 2 minutes, `cpu` (a 2-core laptop) about 35 minutes with training (an estimate
 # from the benchmark's parts: three digit models of about 3.5 minutes and two text-to-image models of about
 # 10; chapter 04's is reused), 5 without, `gpu` about 15 minutes. The trained models are cached and reused by later chapters.
@@ -59,6 +65,7 @@ if IN_COLAB:
                     "git+https://github.com/diffusion-from-the-papers/diffusion-from-the-papers"], check=True)
 
 # %%
+import copy
 import inspect
 import math
 
@@ -272,15 +279,38 @@ explore(show_toy, s=(0.0, 10.0, 0.5, 3.0))
 # for both (Algorithm 1): at every step, each example's condition is replaced by a null token
 # $\varnothing$ with probability $p_\text{uncond}$, and the loss is DDPM's $L_\text{simple}$ as
 # before. The null token is one more class embedding for labels; for captions it is the empty
-# caption (GLIDE). Here is the dropout (its argument checks left out: the last three lines do the
-# work, one uniform draw per example, compared with $p_\text{uncond}$, and a `where` that writes the
-# null condition into the dropped rows) and the digits' training loss:
+# caption (GLIDE).
+#
+# **From scratch.** The dropout is three lines: one uniform draw per example, compared with
+# $p_\text{uncond}$, and a `where` that writes the null condition into the dropped rows (a row is a
+# label, or a whole caption's token ids).
 
 # %%
-drop_source = inspect.getsource(drop_condition)
-print(drop_source.split('    """')[0]
-      + "    ...  # argument checks; b = cond.shape[0], `null` is null_cond broadcast to cond's shape\n"
-      + drop_source[drop_source.index("    gen_device"):])
+def drop_condition_from_scratch(cond, null_cond, p_uncond, generator):
+    drop = torch.rand(cond.shape[0], generator=generator) < p_uncond     # (B,): True with probability p_uncond
+    drop = drop.view(-1, *[1] * (cond.ndim - 1)).to(cond.device)          # one decision per row
+    return torch.where(drop, torch.as_tensor(null_cond).to(cond), cond)
+
+
+# %% [markdown]
+# **Check** against the package's `drop_condition` (`diffusion_core.samplers.guidance`), which also checks
+# its arguments, with the same seeded generator: on digit labels with the null class, and on rows of
+# token ids with a null caption.
+
+# %%
+for cond, null in [(torch.randint(0, 10, (1000,), generator=torch.Generator().manual_seed(0)), recipes.NULL_CLASS),
+                   (torch.randint(4, 30, (64, 12), generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2] + [0] * 10))]:
+    by_hand = drop_condition_from_scratch(cond, null, 0.2, torch.Generator().manual_seed(1))
+    package = drop_condition(cond, null, 0.2, generator=torch.Generator().manual_seed(1))
+    n_dropped = int((by_hand != cond).reshape(len(cond), -1).any(1).sum())
+    print(f"cond {tuple(cond.shape)}: {n_dropped} of {len(cond)} rows dropped (p_uncond = 0.2); "
+          f"max difference from drop_condition {(by_hand - package).abs().max().item()}")
+    torch.testing.assert_close(by_hand, package, rtol=0, atol=0)
+
+# %% [markdown]
+# The digits' training loss, Algorithm 1 with the package's `drop_condition`:
+
+# %%
 print(inspect.getsource(recipes.digits_loss))
 
 # %% [markdown]
@@ -314,29 +344,47 @@ for p, stored in digit_models.items():
 # %% [markdown]
 # Sampling (Algorithm 2) is any sampler with $\tilde\epsilon$ in place of $\epsilon$. We use DDIM
 # (chapter 03) in a few steps. At every step `cfg_eps` computes $\epsilon_u$ and $\epsilon_c$ in *one*
-# forward pass of the batch $[x_t; x_t]$ with conditions $[\varnothing; c]$, then extrapolates; here
-# is its core, and the sampler around it:
+# forward pass of the batch $[x_t; x_t]$ with conditions $[\varnothing; c]$, then extrapolates.
+#
+# **From scratch**, for class labels: stack, one forward, split, combine.
 
 # %%
-cfg_source = inspect.getsource(cfg_eps)
-print("    ..." + cfg_source[cfg_source.index("    # [x_t; x_t]"):])
-print(inspect.getsource(claim.guided_sample))
+def cfg_eps_from_scratch(model, x_t, t, c, null_class, s):
+    x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])              # (2B, C, H, W): [x_t; x_t]
+    c2 = torch.cat([torch.full_like(c, null_class), c])           # [null; c]
+    eps_u, eps_c = model(x2, t2, c2).chunk(2)                     # one forward of batch 2B
+    return eps_u + s * (eps_c - eps_u)                            # = (1 - s) eps_u + s eps_c
+
 
 # %% [markdown]
-# **Check** on the trained UNet: the one batched forward pass gives what two separate passes give.
+# **Check** on the trained digits UNet (section 4's $p_\text{uncond} = 0.1$ model): the package's `cfg_eps`
+# gives what these lines give, and what two separate forward passes give. The check runs on a float64
+# copy of the UNet on the CPU, so that all three agree to rounding on any machine (in float32, and on a
+# GPU in TF32, a convolution's last bits can depend on the batch size).
 
 # %%
-# NBVAL_CHECK_OUTPUT
 unet = main.model.eval()
+unet64 = copy.deepcopy(unet).double().cpu()
 g = torch.Generator().manual_seed(0)
-x_chk = torch.randn(8, 1, 16, 16, generator=g).to(profile.device)
-t_chk = torch.randint(0, 1000, (8,), generator=g).to(profile.device)
-y_chk = torch.arange(8).to(profile.device)
+x_chk = torch.randn(8, 1, 16, 16, generator=g, dtype=torch.float64)
+t_chk = torch.randint(0, 1000, (8,), generator=g)
+y_chk = torch.arange(8)
 null_y = torch.full_like(y_chk, recipes.NULL_CLASS)
 with torch.no_grad():
-    guided = cfg_eps(unet, x_chk, t_chk, y_chk, recipes.NULL_CLASS, 3.0)
-    eps_c, eps_u = unet(x_chk, t_chk, y_chk), unet(x_chk, t_chk, null_y)
-assert torch.allclose(guided, eps_u + 3.0 * (eps_c - eps_u), atol=1e-4), (guided - eps_u - 3 * (eps_c - eps_u)).abs().max()
+    guided = cfg_eps(unet64, x_chk, t_chk, y_chk, recipes.NULL_CLASS, 3.0)
+    by_hand = cfg_eps_from_scratch(unet64, x_chk, t_chk, y_chk, recipes.NULL_CLASS, 3.0)
+    eps_c, eps_u = unet64(x_chk, t_chk, y_chk), unet64(x_chk, t_chk, null_y)
+two_passes = eps_u + 3.0 * (eps_c - eps_u)
+print(f"s = 3: max difference from scratch {(by_hand - guided).abs().max().item():.1e}, "
+      f"two forward passes {(two_passes - guided).abs().max().item():.1e}")
+torch.testing.assert_close(by_hand, guided)
+torch.testing.assert_close(two_passes, guided)
+
+# %% [markdown]
+# The sampler around it: DDIM with `cfg_eps` in place of the model.
+
+# %%
+print(inspect.getsource(claim.guided_sample))
 
 # %% [markdown]
 # Move the slider: the same noise, two of each digit, guided at scale $s$. At $s = 0$ the model
@@ -618,6 +666,19 @@ with profile.autocast():  # as the samplers above run
                                           repeats=profile.pick(smoke=3, cpu=10, gpu=20))
 print(f"one guided step, batch 64: batched {speed['batched_s'] * 1000:.1f} ms, two forwards "
       f"{speed['two_s'] * 1000:.1f} ms (ratio {speed['ratio']:.2f})")
+
+# %% [markdown]
+# **In diffusers.** Stable Diffusion's pipeline (`StableDiffusionPipeline`, and the package's
+# `pipelines.text_to_image`, which samples it from our parts in Appendix A) guides exactly as
+# `cfg_eps` does, with three arguments:
+#
+# | this chapter | `diffusion_core` | diffusers |
+# |---|---|---|
+# | $s$ in $\epsilon_u + s(\epsilon_c - \epsilon_u)$, Ho & Salimans' $w + 1$ | `cfg_eps(..., scale=s)`; `text_to_image(sd, prompt, guidance_scale=s)` | `guidance_scale`, the same number (default 7.5: Ho & Salimans' $w = 6.5$). It guides only when `guidance_scale > 1`; at or below 1 it runs the conditional model alone, so its 0 is not our unconditional $s = 0$ |
+# | one forward of $[\varnothing; c]$ | `cfg_eps` | `torch.cat([negative_prompt_embeds, prompt_embeds])` into the UNet, then `noise_pred.chunk(2)`: the same order |
+# | $\varnothing$ for captions, the empty caption | `null_cond` | the embeddings of the prompt `""` |
+# | $\epsilon(x_t, c_\text{neg})$ in place of $\epsilon_u$ (exercise 4) | `null_cond` $=$ the negative condition; `text_to_image(..., negative_prompt=...)` | `negative_prompt` |
+# | not in this chapter or the package | | `guidance_rescale` $= \phi$ (default 0): $\tilde\epsilon \leftarrow \phi\,\tilde\epsilon\,\mathrm{std}(\epsilon_c)/\mathrm{std}(\tilde\epsilon) + (1 - \phi)\,\tilde\epsilon$, the standard deviations over each sample; Lin et al. (2023, *Common Diffusion Noise Schedules and Sample Steps are Flawed*, Sec. 3.4) propose it against the over-exposed images of a large $s$ |
 
 # %% [markdown]
 # ## Summary
