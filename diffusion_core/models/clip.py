@@ -17,10 +17,10 @@ Training is contrastive. With L2-normalised embeddings, a batch of B pairs gives
 scaled cosine similarities
 
 .. math:: \ell_{ij} = e^{t}\, \frac{I_i \cdot T_j}{\lVert I_i\rVert\,\lVert T_j\rVert},
-   \qquad e^{t} = 1/\tau,
+   \qquad e^{\kappa} = 1/\tau,
 
 and the loss is the symmetric cross-entropy (InfoNCE) that picks the matching pair in each row and each
-column. The temperature tau is learned as ``logit_scale = t = log(1/tau)``, initialised at
+column. The temperature tau is learned as ``logit_scale = kappa = log(1/tau)`` (``t`` in the paper's pseudocode; the book keeps t for the timestep), initialised at
 ``log(1/0.07)`` and clipped so that ``e^t <= 100`` (the paper, section 2.5).
 
 Every module here keeps the parameter names of the public checkpoints (the layout of ``transformers``),
@@ -74,7 +74,7 @@ __all__ = [
     "LOGIT_SCALE_MAX",
 ]
 
-# t = log(1/tau) with tau = 0.07 at initialisation (paper, section 2.5)
+# kappa = log(1/tau) with tau = 0.07 at initialisation (paper, section 2.5)
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 # e^t is clipped at 100, i.e. t <= log(100)
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -665,7 +665,7 @@ def clip_logits(
     r"""The (B_img, B_txt) matrix :math:`\ell_{ij} = e^{t} \cos(I_i, T_j)`.
 
     ``image_embeds`` (B_img, P), ``text_embeds`` (B_txt, P), any norm (they are L2-normalised here);
-    ``logit_scale`` is :math:`t = \log(1/\tau)`, a scalar (not clamped here: :class:`CLIPModel` clamps
+    ``logit_scale`` is :math:`\kappa = \log(1/\tau)`, a scalar (not clamped here: :class:`CLIPModel` clamps
     its own parameter)."""
     if image_embeds.dim() != 2 or text_embeds.dim() != 2:
         raise ValueError(
@@ -676,12 +676,12 @@ def clip_logits(
         raise ValueError(
             f"image_embeds has {image_embeds.shape[1]} features but text_embeds has {text_embeds.shape[1]}"
         )
-    t = _as_scale(logit_scale, image_embeds)
-    if t.numel() != 1:
-        raise ValueError(f"logit_scale must be a scalar, got shape {tuple(t.shape)}")
+    kappa = _as_scale(logit_scale, image_embeds)
+    if kappa.numel() != 1:
+        raise ValueError(f"logit_scale must be a scalar, got shape {tuple(kappa.shape)}")
     I_e = F.normalize(image_embeds, dim=-1)
     T_e = F.normalize(text_embeds, dim=-1)
-    return t.exp() * I_e @ T_e.T  # e^t * <I_i, T_j>
+    return kappa.exp() * I_e @ T_e.T  # e^kappa * <I_i, T_j>
 
 
 def clip_loss(
@@ -716,10 +716,10 @@ def _symmetric_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 class CLIPModel(nn.Module):
-    """Both towers, both projections and the learned temperature ``logit_scale`` (t = log 1/tau).
+    """Both towers, both projections and the learned temperature ``logit_scale`` (kappa = log 1/tau).
 
     ``forward(input_ids, pixel_values)`` -> :class:`CLIPOutput` with ``logits_per_image`` (B_img, B_txt)
-    = ``min(e^t, 100) * cos(I_i, T_j)``. The clamp is applied where the scale is used, so the effective
+    = ``min(e^kappa, 100) * cos(I_i, T_j)``. The clamp is applied where the scale is used, so the effective
     scale never exceeds 100 whatever the optimiser does to the parameter. (Trained checkpoints end at
     the clip, t ~ log 100 = 4.6052; transformers' CLIPModel does not clamp, so logits would differ only
     for a stored t above log 100.)
@@ -751,7 +751,7 @@ class CLIPModel(nn.Module):
 
     @property
     def scale(self) -> torch.Tensor:
-        """The effective scale ``e^t = 1/tau``, clamped at 100."""
+        """The effective scale ``e^kappa = 1/tau``, clamped at 100."""
         return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
 
     def encode_text(
