@@ -322,7 +322,7 @@ print(f"metrics when trained: {ddpm.metrics}")
 
 # %%
 steps = claim.sampling_steps(profile)
-process = claim.sampling_process(claim.diffusion_for(ddpm.config), steps)
+process = claim.sampling_process(ddpm.diffusion, steps)
 g = torch.Generator().manual_seed(0)
 samples, traj = ddpm_sample(ddpm.model.eval(), process, torch.randn(64, 1, 16, 16, generator=g), generator=g,
                             keep_every=max(1, steps // 8))

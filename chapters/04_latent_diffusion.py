@@ -514,7 +514,7 @@ explore(show_denoising, step=(0, len(traj) - 1, 1, len(traj) - 1))
 # %%
 t2i = load("shapes-ldm-t2i", profile)
 model_t2i = t2i.model.eval()
-tok = recipes.tokenizer_for(t2i.config)
+tok = t2i.tokenizer
 print(f"caption encoder: {sum(p.numel() for p in model_t2i.text_encoder.parameters()):,} parameters, "
       f"{t2i.config['context_length']} tokens of width {t2i.config['text_width']}; UNet: "
       f"{sum(p.numel() for p in model_t2i.unet.parameters()):,} parameters")

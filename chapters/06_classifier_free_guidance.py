@@ -426,7 +426,7 @@ n_unet = sum(q.numel() for q in t2i_models[0.1].model.unet.parameters())
 print(f"text encoder {n_text:,} + UNet {n_unet:,} parameters, {sc['steps']} steps of {sc['batch_size']} each")
 for p, m in t2i_models.items():
     print(f"  p_uncond = {p:g}: trained in {m.metrics['train_seconds']} s, final loss {m.metrics['final_loss']}")
-tokenizer = latent_recipes.tokenizer_for(sc)
+tokenizer = t2i_models[0.1].tokenizer
 world = latent_recipes.world_for(profile, text=True, max_objects=sc["max_objects"])
 example = world.sample(2, seed=0).captions[0]
 null_ids = tokenizer.encode([latent_recipes.NULL_CAPTION])[0]

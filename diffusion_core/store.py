@@ -51,6 +51,10 @@ class Recipe:
     build: Callable[[dict[str, Any]], nn.Module]
     train: Callable[[nn.Module, dict[str, Any], Profile], dict[str, Any]]
     description: str = ""
+    #: what it takes to *use* the model, read from its config: its diffusion process
+    #: (``config -> GaussianDiffusion``) and its text tokenizer (``config -> tokenizer``), where it has one
+    process: Callable[[dict[str, Any]], Any] | None = None
+    tokenizer: Callable[[dict[str, Any]], Any] | None = None
 
 
 # name -> Recipe, or "module:attribute" naming one (imported on first use)
@@ -121,6 +125,24 @@ class Stored:
     metrics: dict[str, Any]
     path: Path
     trained_now: bool
+
+    @property
+    def diffusion(self) -> Any:
+        """The diffusion process the model was trained with (its recipe's ``process`` of its config), so
+        a caller need not go back to ``recipes/`` to interpret the config."""
+        return self._from_recipe("process")
+
+    @property
+    def tokenizer(self) -> Any:
+        """The text tokenizer the model reads captions with (its recipe's ``tokenizer`` of its config)."""
+        return self._from_recipe("tokenizer")
+
+    def _from_recipe(self, what: str) -> Any:
+        hook = getattr(recipe(self.name), what)
+        if hook is None:
+            raise AttributeError(f"stored model {self.name!r} has no {'diffusion process' if what == 'process' else what}"
+                                 f" (its recipe defines none)")
+        return hook(self.config)
 
 
 def device_of(obj: nn.Module | Stored) -> torch.device:

@@ -32,7 +32,7 @@ def stub(T: int = 40, variance: str = "fixed_large") -> store.Stored:
             return self.scale * torch.tanh(x + t.reshape(-1, 1, 1, 1).float() / 100)
 
     config = {"schedule": "linear", "T": T, "prediction": "eps", "variance": variance, "resolution": 8}
-    return store.Stored(Toy().eval(), "stub", "smoke", config, {}, Path("stub"), False)
+    return store.Stored(Toy().eval(), "digits-ddpm", "smoke", config, {}, Path("stub"), False)
 
 
 def test_generate_eta_zero_ignores_seed_and_batch_and_ancestral_depends_on_seed():

@@ -583,3 +583,21 @@ def test_every_registered_recipe_name_resolves_to_the_recipe_of_that_name():
     for name in list(store.RECIPES):
         r = store.recipe(name)
         assert isinstance(r, store.Recipe) and r.name == name, name
+
+
+def test_a_stored_model_carries_its_process_and_tokenizer():
+    from diffusion_core.recipes import digits as D
+    from diffusion_core.recipes import latent as L
+    c = D.DIGITS_DDPM.config(dc.profiles.Profile("smoke", torch.device("cpu")))
+    s = store.Stored(nn.Linear(1, 1), "digits-ddpm", "smoke", c, {}, None, False)
+    d = s.diffusion
+    assert d.T == D.diffusion_for(c).T and torch.equal(d.betas, D.diffusion_for(c).betas)
+    with pytest.raises(AttributeError, match="tokenizer"):
+        _ = s.tokenizer
+    c = L.T2I_RECIPES[0.1].config(dc.profiles.Profile("smoke", torch.device("cpu")))
+    t2i = store.Stored(nn.Linear(1, 1), "shapes-ldm-t2i", "smoke", c, {}, None, False)
+    assert t2i.tokenizer.encode(["a red circle"]).tolist() == L.tokenizer_for(c).encode(["a red circle"]).tolist()
+    assert torch.equal(t2i.diffusion.alpha_bar, L.diffusion_for(c).alpha_bar)
+    clip = store.Stored(nn.Linear(1, 1), "shapes-clip", "smoke", {}, {}, None, False)
+    with pytest.raises(AttributeError, match="diffusion process"):
+        _ = clip.diffusion

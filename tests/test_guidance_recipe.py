@@ -148,7 +148,7 @@ def test_sample_digits_runs_the_network_under_the_profile_precision_and_returns_
     monkeypatch.setenv("DIFFUSION_AMP", amp)
     probe = DtypeProbe()
     c = recipes.DIGITS_CFG_P01.config(SMOKE)
-    stored = store.Stored(probe, "probe", "smoke", c, {}, tmp_path, False)
+    stored = store.Stored(probe, "digits-cfg-p0.1", "smoke", c, {}, tmp_path, False)
     x = claim.sample_digits(stored, torch.arange(6) % 10, 3.0, steps=2, profile=SMOKE)
     assert x.dtype == torch.float32 and x.shape == (6, 1, 16, 16) and torch.isfinite(x).all()
     assert set(probe.dtypes) == {torch.bfloat16 if amp == "1" else torch.float32}
@@ -156,7 +156,7 @@ def test_sample_digits_runs_the_network_under_the_profile_precision_and_returns_
 
 def test_sample_digits_refuses_the_null_class_out_of_range_labels_and_bad_scales(tmp_path):
     probe = DtypeProbe()
-    stored = store.Stored(probe, "probe", "smoke", recipes.DIGITS_CFG_P01.config(SMOKE), {}, tmp_path, False)
+    stored = store.Stored(probe, "digits-cfg-p0.1", "smoke", recipes.DIGITS_CFG_P01.config(SMOKE), {}, tmp_path, False)
     # label 10 is the null class: before, silently unconditional samples
     for labels in (torch.tensor([0, 10]), torch.tensor([-1, 3]), torch.tensor([11])):
         with pytest.raises(ValueError, match=r"labels must lie in 0\.\.9 \(class 10 is the null class\)"):

@@ -85,7 +85,7 @@ def stub(variance: str = "fixed_large", schedule: str = "linear", T: int = 40, c
             return eps if out_channels == 1 else torch.cat([eps, torch.zeros_like(eps)], dim=1)
 
     config = {"schedule": schedule, "T": T, "prediction": "eps", "variance": variance, "resolution": 8}
-    return store.Stored(Toy().eval(), "stub", "smoke", config, {}, Path("stub"), False)
+    return store.Stored(Toy().eval(), "digits-ddpm", "smoke", config, {}, Path("stub"), False)
 
 
 def test_respaced_process_swaps_the_variance_and_keeps_alpha_bar_on_k_steps():

@@ -99,7 +99,7 @@ def generate(stored: Stored, x_T: torch.Tensor, steps: int, eta: float | str, se
     variance beta_t on the same subsequence (all T steps when ``steps = T``). The network runs under
     the profile's autocast (bf16 where the machine has it); the noise z comes from ``seed``."""
     profile = profile or current()
-    diffusion = diffusion_for(stored.config)
+    diffusion = stored.diffusion
     tau = space_timesteps(diffusion.T, steps, "uniform")
     g = torch.Generator(device=x_T.device).manual_seed(seed + 1)
     model = stored.model.eval()
@@ -205,7 +205,7 @@ def reconstruction_error(stored: Stored, x0: torch.Tensor, steps: Sequence[int],
     steps (no clipping, so the two are inverse up to discretisation): per S, the mean squared error
     per dimension (pixels in [-1, 1]), the latents and the reconstructions. In float32 (no autocast):
     the error measured is the ODE's discretisation, not bf16 rounding."""
-    diffusion = diffusion_for(stored.config)
+    diffusion = stored.diffusion
     model = stored.model.eval()
     x0 = x0.to(device_of(stored))
     out = {}

@@ -17,7 +17,6 @@ from ..evaluate.digits import DigitEvaluator, digit_evaluator
 from ..process.gaussian import GaussianDiffusion
 from ..process.likelihood import bound_bpd
 from ..profiles import Profile, current
-from ..recipes.digits import diffusion_for
 from ..samplers.ancestral import ddpm_sample
 from ..store import Stored, load
 
@@ -50,7 +49,7 @@ def sample_digits(stored: Stored, n: int, steps: int, seed: int = 0, batch: int 
     profile = profile or current()
     model = stored.model.eval()
     dev = next(model.parameters()).device
-    process = sampling_process(diffusion_for(stored.config), steps)
+    process = sampling_process(stored.diffusion, steps)
     R = stored.config["resolution"]
     g = torch.Generator(device=dev).manual_seed(seed)
     out = []
@@ -79,7 +78,7 @@ def heldout_bound(stored: Stored, profile: Profile, diffusion: GaussianDiffusion
     s = nll_settings(profile)
     x, _ = digits("heldout", stored.config["resolution"])
     x = x[: s["images"]].to(next(stored.model.parameters()).device)
-    diffusion = diffusion_for(stored.config) if diffusion is None else diffusion
+    diffusion = stored.diffusion if diffusion is None else diffusion
     return bound_bpd(stored.model.eval(), diffusion, x, s["exact"], s["strata"], seed)
 
 

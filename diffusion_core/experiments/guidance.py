@@ -35,7 +35,6 @@ from ..process.gaussian import GaussianDiffusion
 from ..process.thresholding import ThresholdLike, resolve_threshold
 from ..profiles import Profile, current
 from ..recipes import latent as latent_recipes
-from ..recipes.digits import diffusion_for
 from ..recipes.guidance import DIGIT_P_UNCONDS, digits_recipe_name
 from ..samplers.ddim import ddim_sample
 from ..samplers.guidance import cfg_eps, check_scale
@@ -146,7 +145,7 @@ def sample_digits(stored: Stored, labels: torch.Tensor, scale: float, steps: int
     g = torch.Generator(device=dev).manual_seed(seed)
     x_T = torch.randn(len(labels), 1, R, R, generator=g, device=dev)
     null = torch.tensor(stored.config["null_class"], device=dev)
-    diffusion = diffusion_for(stored.config)
+    diffusion = stored.diffusion
     out = []
     for i in range(0, len(labels), batch):
         y = labels[i:i + batch].to(dev)

@@ -39,7 +39,6 @@ from ..process.gaussian import GaussianDiffusion
 from ..process.respacing import space_timesteps
 from ..process.schedules import cosine_betas, linear_betas
 from ..profiles import Profile, current
-from ..recipes.digits import diffusion_for
 from ..samplers.ancestral import ddpm_sample
 from ..store import Stored, device_of, load
 from .ddpm import heldout_bound, mean_stderr, nll_settings
@@ -173,7 +172,7 @@ def _outputs_at(stored: Stored, diffusion: GaussianDiffusion, x0: torch.Tensor, 
 def bound_terms(stored: Stored, x0: torch.Tensor, ts: Sequence[int], seed: int = 0) -> torch.Tensor:
     """L_t for each t in ``ts`` (bits/dim), averaged over the images x0: (len(ts),) float64. The bound
     is the sum over all T of these (plus L_T), so their size says which steps the likelihood cares about."""
-    diffusion = diffusion_for(stored.config)
+    diffusion = stored.diffusion
     x0 = x0.to(device_of(stored))
     return torch.stack([diffusion.vb_terms_bpd(out, x0, xt, t).mean().double().cpu()
                         for t, xt, out in _outputs_at(stored, diffusion, x0, ts, seed)])
@@ -184,7 +183,7 @@ def learned_interpolation(stored: Stored, x0: torch.Tensor, ts: Sequence[int], s
     """Where the learned variance sits between its bounds: the mean over images and pixels of
     v' = (v + 1) / 2 in log Sigma = v' log beta_t + (1 - v') log beta_tilde_t, for each t: (len(ts),).
     0 is beta_tilde_t (fixed small), 1 is beta_t (fixed large)."""
-    diffusion = diffusion_for(stored.config)
+    diffusion = stored.diffusion
     if diffusion.variance != "learned_range":
         raise ValueError(f"{stored.name} has no learned variance")
     x0 = x0.to(device_of(stored))
@@ -211,7 +210,7 @@ def respaced(stored: Stored, variance: str, K: int) -> GaussianDiffusion:
     """The process of a stored model with its variance set to ``variance`` (fixed_small, fixed_large
     or learned_range), restricted to K evenly spaced timesteps (Improved DDPM Sec. 4):
     alpha_bar is kept on those steps and beta_k = 1 - alpha_bar_{s_k} / alpha_bar_{s_{k-1}}."""
-    base = diffusion_for(stored.config)
+    base = stored.diffusion
     if (variance == "learned_range") != (base.variance == "learned_range"):
         raise ValueError(f"{stored.name} was trained with {base.variance} variance; it cannot be sampled with {variance}")
     process = GaussianDiffusion(base.betas, base.prediction, variance)
@@ -309,7 +308,7 @@ def skip_prefix(profile: Profile, fractions: Sequence[float] = (0.0, 0.1, 0.2, 0
     alpha_bar: dict[str, dict[float, float]] = {}
     for schedule, name in SCHEDULE_MODELS.items():
         stored = load(name, profile)
-        base = diffusion_for(stored.config)
+        base = stored.diffusion
         tau = space_timesteps(base.T, K, "uniform")
         fd[schedule], alpha_bar[schedule] = {}, {}
         for f in fractions:
@@ -329,7 +328,7 @@ def heldout_bpd(stored: Stored, profile: Profile, variance: str | None = None, s
     """:func:`~diffusion_core.process.likelihood.bound_bpd` of a stored model on the held-out digits,
     exactly as chapter 01 scores it (``ddpm.heldout_bound``, ``nll_settings``), with its reverse
     variance set to ``variance`` (default: as trained)."""
-    base = diffusion_for(stored.config)
+    base = stored.diffusion
     diffusion = base if variance is None else GaussianDiffusion(base.betas, base.prediction, variance)
     if (diffusion.variance == "learned_range") != (base.variance == "learned_range"):
         raise ValueError(f"{stored.name} was trained with {base.variance} variance; it has no {variance} bound")

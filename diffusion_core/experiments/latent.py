@@ -132,7 +132,7 @@ def evaluate_factor(f: int, profile: Profile, evaluator: ShapesEvaluator, seed: 
     n, steps, res = fd_sample_count(profile), sampling_steps(profile), stored.config["resolution"]
     start = time.perf_counter()
     samples = generate(stored.model, vae, f, res, n, steps, seed=seed, progress=progress, profile=profile,
-                       process=R.diffusion_for(stored.config))
+                       process=stored.diffusion)
     sample_seconds = time.perf_counter() - start
     held = R.heldout_images(profile, n)
     recon = held if vae is None else reconstruct(vae, held)
@@ -174,7 +174,7 @@ def encode_captions(stored: Stored, captions: list[str]) -> tuple[torch.Tensor, 
     """The text-to-image model's caption states ``tau_theta(y)``: (B, N, d) for ``captions`` and
     (1, N, d) for the null caption (``cfg_eps`` broadcasts it), computed once, not at every step."""
     model = stored.model.eval()
-    tok = R.tokenizer_for(stored.config)
+    tok = stored.tokenizer
     dev = device_of(model)
     return (model.encode_text(tok.encode(list(captions)).to(dev)),
             model.encode_text(tok.encode([R.NULL_CAPTION]).to(dev)))
@@ -204,7 +204,7 @@ def generate_from_captions(stored: Stored, vae: AutoencoderKL, captions: list[st
             return cfg_eps(lambda xx, tt, cc: model(xx, tt, context=cc).float(), x, t, ctx, null, scale)
 
         with profile.autocast():
-            z0 = ddim_sample(eps, R.diffusion_for(c), x_T, steps, eta=0.0, clip_denoised=False,
+            z0 = ddim_sample(eps, stored.diffusion, x_T, steps, eta=0.0, clip_denoised=False,
                              progress=progress).float()
         out.append(decode(vae, z0.cpu()))
     return torch.cat(out)

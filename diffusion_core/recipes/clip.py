@@ -210,10 +210,11 @@ def _train(model: CLIPModel, c: dict[str, Any], p: Profile) -> dict[str, Any]:
 
 SHAPES_CLIP = Recipe("shapes-clip", 1, _config(seed=0, data_seed=0), _build, _train,
                      "CLIP on the shapes world: a small CNN image encoder and a word-level text "
-                     "transformer, symmetric InfoNCE with a learned temperature, training split only")
+                     "transformer, symmetric InfoNCE with a learned temperature, training split only",
+                     tokenizer=tokenizer_for)
 SHAPES_CLIP_JUDGE = Recipe("shapes-clip-judge", 1, _config(seed=1, data_seed=77), _build, _train,
                            "the same CLIP recipe with another seed and other scenes: the independent "
-                           "judge of text-image alignment for later chapters")
+                           "judge of text-image alignment for later chapters", tokenizer=tokenizer_for)
 
 
 @dataclass

@@ -81,6 +81,8 @@ def _train(model: UNet2D, c: dict[str, Any], p: Profile) -> dict[str, Any]:
 
 
 DIGITS_DDPM = register(Recipe("digits-ddpm", 3, _config("simple"), _build, _train,
-                              "DDPM on 16x16 digits: linear schedule, T=1000, eps-prediction, L_simple"))
+                              "DDPM on 16x16 digits: linear schedule, T=1000, eps-prediction, L_simple",
+                              process=diffusion_for))
 DIGITS_DDPM_VLB = register(Recipe("digits-ddpm-vlb", 4, _config("vlb"), _build, _train,
-                                  "the same UNet and budget trained on the true variational bound L_vlb"))
+                                  "the same UNet and budget trained on the true variational bound L_vlb",
+                                  process=diffusion_for))

@@ -211,7 +211,8 @@ SHAPES_GLIDE = register(Recipe(
     "shapes-glide", 1, _glide_config, build_glide, train_glide,
     "GLIDE on one-object shapes scenes in pixels (16x16 cpu, 32x32 gpu): a caption transformer trained jointly with "
     "an AdaGN UNet whose every attention layer takes the text tokens as added keys/values and whose time embedding "
-    "takes the final token; cosine schedule, learned variance (L_hybrid), captions dropped with p=0.1"))
+    "takes the final token; cosine schedule, learned variance (L_hybrid), captions dropped with p=0.1",
+    process=diffusion_for, tokenizer=tokenizer_for))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,7 +391,7 @@ def train_inpaint(model: GLIDETextUNet, c: dict[str, Any], p: Profile) -> dict[s
 SHAPES_GLIDE_INPAINT = register(Recipe(
     "shapes-glide-inpaint", 1, _inpaint_config, build_inpaint, train_inpaint,
     "shapes-glide fine-tuned for inpainting: 4 more input channels (the known pixels and the mask), zero-initialised, "
-    "random rectangles erased"))
+    "random rectangles erased", process=diffusion_for, tokenizer=tokenizer_for))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def _digits_train(model: UNet2D, c: dict[str, Any], p: Profile) -> dict[str, Any
 def _digits_recipe(p_uncond: float) -> Recipe:
     return register(Recipe(digits_recipe_name(p_uncond), 2, _digits_config(p_uncond), _digits_build, _digits_train,
                            f"class-conditional DDPM on 16x16 digits with condition dropout p_uncond={p_uncond:g} "
-                           f"(class {NULL_CLASS} = null) for classifier-free guidance"))
+                           f"(class {NULL_CLASS} = null) for classifier-free guidance", process=diffusion_for))
 
 
 DIGITS_CFG_P01 = _digits_recipe(0.1)

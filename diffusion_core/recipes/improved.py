@@ -47,7 +47,8 @@ def budget(config: dict[str, Any]) -> dict[str, Any]:
 # version 2: trained in bf16 on CPUs with native bf16 (digits-ddpm v2's training loop, cpu_amp=True)
 DIGITS_IDDPM_HYBRID = register(Recipe(
     "digits-iddpm-hybrid", 2, _config("digits-iddpm-hybrid"), DIGITS_DDPM.build, DIGITS_DDPM.train,
-    "Improved DDPM on 16x16 digits: cosine schedule, learned variance (range), L_hybrid; digits-ddpm's budget"))
+    "Improved DDPM on 16x16 digits: cosine schedule, learned variance (range), L_hybrid; digits-ddpm's budget",
+    process=DIGITS_DDPM.process))
 DIGITS_IDDPM_HYBRID_LINEAR = register(Recipe(
     "digits-iddpm-hybrid-linear", 2, _config("digits-iddpm-hybrid-linear"), DIGITS_DDPM.build, DIGITS_DDPM.train,
-    "linear schedule, learned variance (range), L_hybrid; digits-ddpm's budget"))
+    "linear schedule, learned variance (range), L_hybrid; digits-ddpm's budget", process=DIGITS_DDPM.process))

@@ -519,7 +519,7 @@ def _train_ldm(model: UNet2D, c: dict[str, Any], p: Profile) -> dict[str, Any]:
 LDM_RECIPES = {
     f: register(Recipe(f"shapes-ldm-f{f}", 1, _ldm_config(f), build_ldm, _train_ldm,
                        "pixel diffusion on shapes" if f == 1 else
-                       f"unconditional diffusion in the f={f} latent space of shapes-vae-f{f}"))
+                       f"unconditional diffusion in the f={f} latent space of shapes-vae-f{f}", process=diffusion_for))
     for f in FACTORS
 }
 SHAPES_LDM_F1, SHAPES_LDM_F2, SHAPES_LDM_F4, SHAPES_LDM_F8 = (LDM_RECIPES[f] for f in FACTORS)
@@ -543,7 +543,7 @@ def _ldm_steps_config(f: int):
 LDM_STEPS_RECIPES = {
     f: register(Recipe(f"shapes-ldm-f{f}-steps", 1, _ldm_steps_config(f), build_ldm, _train_ldm,
                        f"shapes-ldm-f{f} trained for a fixed number of steps (equal steps across f) instead of "
-                       "an equal compute budget"))
+                       "an equal compute budget", process=diffusion_for))
     for f in FACTORS
 }
 SHAPES_LDM_F1_STEPS, SHAPES_LDM_F2_STEPS, SHAPES_LDM_F4_STEPS, SHAPES_LDM_F8_STEPS = (
@@ -681,7 +681,7 @@ def _t2i_recipe(p_uncond: float) -> Recipe:
         t2i_recipe_name(p_uncond), 3, lambda p: _t2i_config(p, p_uncond), build_t2i, _train_t2i,
         "text-to-image diffusion in the f=4 latent space of shapes-vae-f4 (one-object scenes, LDM's scaled-linear "
         "schedule, coordinate channels): a caption transformer trained jointly with a cross-attention UNet; "
-        f"captions dropped to the empty caption with p={p_uncond:g}"))
+        f"captions dropped to the empty caption with p={p_uncond:g}", process=diffusion_for, tokenizer=tokenizer_for))
 
 
 T2I_RECIPES = {p: _t2i_recipe(p) for p in T2I_P_UNCONDS}
