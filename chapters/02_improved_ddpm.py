@@ -211,10 +211,10 @@ for t_chk in (1, 10, 100, 500, 999):
 # %% [markdown]
 # **Extremes in what sense.** For data that are not Gaussian, $\tilde\beta_t$ and $\beta_t$ do not bound
 # $\operatorname{Var}(x_{t-1} \mid x_t)$ at every $x_t$. Given $x_0$, $x_{t-1}$ is the posterior
-# $\mathcal N(c_t x_0 + c'_t x_t, \tilde\beta_t I)$ with $c_t = \sqrt{\bar\alpha_{t-1}}\,\beta_t/(1-\bar\alpha_t)$
+# $\mathcal N(\tilde c_t x_0 + \tilde c'_t x_t, \tilde\beta_t I)$ with $\tilde c_t = \sqrt{\bar\alpha_{t-1}}\,\beta_t/(1-\bar\alpha_t)$
 # (chapter 01), so by the law of total variance
 #
-# $$\operatorname{Var}(x_{t-1} \mid x_t) = \tilde\beta_t + c_t^2\operatorname{Var}(x_0 \mid x_t).$$
+# $$\operatorname{Var}(x_{t-1} \mid x_t) = \tilde\beta_t + \tilde c_t^2\operatorname{Var}(x_0 \mid x_t).$$
 #
 # Take pixels that are $-1$ or $+1$ with equal probability. At $x_t = 0$ both are equally likely,
 # $\operatorname{Var}(x_0 \mid x_t) = 1$, and at small $t$ the reverse variance there is about 2,500 times
@@ -223,7 +223,7 @@ for t_chk in (1, 10, 100, 500, 999):
 # what a fixed variance is). $\mathbb E_{x_t}\operatorname{Var}(x_0 \mid x_t)$ is at most the error of the
 # best *linear* estimate of $x_0$ from $x_t$, $v_0(1-\bar\alpha_t)/(\bar\alpha_t v_0 + 1 - \bar\alpha_t)$ for
 # per-pixel data variance $v_0$, which is at most $1 - \bar\alpha_t$ when $v_0 \le 1$; and $\tilde\beta_t +
-# c_t^2(1-\bar\alpha_t) = \beta_t$. So for any data whose pixels have variance at most 1 (images in
+# \tilde c_t^2(1-\bar\alpha_t) = \beta_t$. So for any data whose pixels have variance at most 1 (images in
 # $[-1, 1]$ do), the averaged reverse variance lies in $[\tilde\beta_t, \beta_t]$: that is the sense in
 # which Ho et al. (Sec. 3.2) call the two fixed choices extremes. (Bao et al.'s Analytic-DPM, ICLR 2022,
 # computes that optimal variance from the model itself.)
