@@ -290,9 +290,10 @@ assert abs((eq3 - eq5).mean()) < 4 * se["diff"], (eq3.mean(), eq5.mean(), se)
 #
 # So $L_\text{simple}$ is denoising score matching (Vincent 2011): its minimiser, $\mathbb E[\epsilon \mid x_t]$, is
 # $-\sqrt{1-\bar\alpha_t}\,\nabla_{x_t}\log q(x_t)$, the score of the noised *data* distribution, and
-# $-\epsilon_\theta/\sqrt{1-\bar\alpha_t}$ is a learned score. Algorithm 2 then takes a step along that score plus
-# fresh noise, which is why the paper (Sec. 3.2) likens it to annealed Langevin dynamics. Chapter 06 builds
-# classifier-free guidance on this reading.
+# $-\epsilon_\theta/\sqrt{1-\bar\alpha_t}$ is a learned score. Algorithm 2's mean is
+# $(x_t + \beta_t\cdot\text{score})/\sqrt{\alpha_t}$, a step of size $\beta_t$ along that score, and fresh noise is
+# added: this is why the paper (Sec. 3.2) says sampling resembles Langevin dynamics with $\epsilon_\theta$ as a
+# learned gradient of the data density. Chapter 06 builds classifier-free guidance on this reading.
 #
 # **Checks.** (a) the KL formula against a Monte Carlo estimate; (b) a fixed-variance $L_{t-1}$ equals
 # the weighted squared error above; (c) the decoder's 256 bin probabilities sum to one; (d) $\epsilon =
