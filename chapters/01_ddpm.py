@@ -74,7 +74,8 @@ profile = dc.setup()
 # %% [markdown]
 # ## Notation
 #
-# One notation for the whole book; later chapters point back to this box.
+# One notation for the whole book (the README's [table](https://github.com/diffusion-from-the-papers/diffusion-from-the-papers#notation)
+# holds it too); later chapters point back to this box.
 #
 # - **Steps.** Formulas are written 1-based, as in the papers: $x_0$ is the data, $x_1, \dots, x_T$ are
 #   ever noisier, and $x_T$ is almost $\mathcal N(0, I)$. The code counts from 0: **array index $t$ holds
