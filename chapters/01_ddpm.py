@@ -52,6 +52,8 @@ if IN_COLAB:
                     "git+https://github.com/diffusion-from-the-papers/diffusion-from-the-papers"], check=True)
 
 # %%
+import copy
+import inspect
 import math
 
 import matplotlib.pyplot as plt
@@ -70,16 +72,38 @@ from diffusion_core.widgets import explore
 profile = dc.setup()
 
 # %% [markdown]
+# ## Notation
+#
+# One notation for the whole book (the README's [table](https://github.com/diffusion-from-the-papers/diffusion-from-the-papers#notation)
+# holds it too); later chapters point back to this box.
+#
+# - **Steps.** Formulas are written 1-based, as in the papers: $x_0$ is the data, $x_1, \dots, x_T$ are
+#   ever noisier, and $x_T$ is almost $\mathcal N(0, I)$. The code counts from 0: **array index $t$ holds
+#   the paper's step $t+1$**. So `diffusion.alpha_bar[t]` is the paper's $\bar\alpha_{t+1}$ and
+#   `alpha_bar[T-1]` is $\bar\alpha_T$; the data has no index (it is what `q_sample` starts from). A $t$ in a
+#   formula is the paper's step; a `t` in code, on a slider or on a plot is an array index.
+# - **The bound.** The term the package computes at index $t$ (`vb_terms_bpd`) is the paper's $L_t$:
+#   index 0 holds the decoder $L_0 = -\log p_\theta(x_0 \mid x_1)$, index $t \ge 1$ the KL term $L_t$ between
+#   $q(x_t \mid x_{t+1}, x_0)$ and $p_\theta(x_t \mid x_{t+1})$. $L_T$ (`prior_bpd`) has no index.
+# - **Symbols.** $\beta_t$, $\alpha_t = 1 - \beta_t$, $\bar\alpha_t = \prod_{i=1}^{t} \alpha_i$ (`betas`,
+#   `alphas`, `alpha_bar`); $\epsilon \sim \mathcal N(0, I)$ is the noise in $x_t$, $\epsilon_\theta$ the
+#   network's guess of it, $\hat x_0$ its guess of $x_0$. Images lie in $[-1, 1]$, batches are `(B, C, H, W)`.
+# - **$\sigma$ is only ever a noise level.** $\sigma_t$ is the standard deviation of the fresh noise that one
+#   reverse step adds, $x_{t-1} = \mu_\theta(x_t, t) + \sigma_t z$ with $z \sim \mathcal N(0, I)$ (DDPM's
+#   fixed $\sigma_t^2$ here, DDIM's $\sigma_t(\eta)$ in chapter 03). $\bar\sigma_t = \sqrt{1-\bar\alpha_t}/\sqrt{\bar\alpha_t}$
+#   is the noise level of the rescaled $x_t/\sqrt{\bar\alpha_t} = x_0 + \bar\sigma_t\epsilon$: the $\sigma$ in
+#   which Karras et al. (EDM, 2022) write every sampler (chapter 03).
+
+# %% [markdown]
 # ## 1. The forward process
 #
 # DDPM fixes a Markov chain that adds a little Gaussian noise at each of T steps:
 #
 # $$q(x_t \mid x_{t-1}) = \mathcal N\big(x_t;\ \sqrt{1-\beta_t}\, x_{t-1},\ \beta_t I\big),$$
 #
-# with $\beta_t$ rising linearly from $10^{-4}$ to $0.02$ over $T = 1000$ steps. (The book counts
-# $t = 0, \dots, T-1$; the paper counts $1, \dots, T$.) Writing $\alpha_t = 1 - \beta_t$ and
-# $\bar\alpha_t = \prod_{s \le t} \alpha_s$, a sum of independent Gaussians is Gaussian, so any step
-# can be reached in one shot (eq. 4):
+# with $\beta_t$ rising linearly from $10^{-4}$ to $0.02$ over $T = 1000$ steps. Writing $\alpha_t = 1 -
+# \beta_t$ and $\bar\alpha_t = \prod_{i=1}^{t} \alpha_i$, a sum of independent Gaussians is Gaussian, so any
+# step can be reached in one shot (eq. 4):
 #
 # $$q(x_t \mid x_0) = \mathcal N\big(x_t;\ \sqrt{\bar\alpha_t}\, x_0,\ (1 - \bar\alpha_t) I\big),
 # \qquad x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1-\bar\alpha_t}\, \epsilon.$$
@@ -90,7 +114,7 @@ profile = dc.setup()
 
 # %%
 diffusion = GaussianDiffusion(linear_betas(1000), prediction="eps", variance="fixed_large")
-print(f"T = {diffusion.T}, alpha_bar at t = 0, 499, 999: "
+print(f"T = {diffusion.T}, alpha_bar[0], [499], [999] (the paper's steps 1, 500, 1000): "
       f"{diffusion.alpha_bar[0]:.5f}, {diffusion.alpha_bar[499]:.5f}, {diffusion.alpha_bar[999]:.2e}")
 viz.show(viz.plot_schedules({"linear (DDPM)": diffusion.alpha_bar}))
 
@@ -192,12 +216,63 @@ assert torch.allclose(p_b.mean, mu_eq11, atol=1e-9)
 # %% [markdown]
 # ## 4. The bound, and L_simple
 #
-# Training maximises the evidence lower bound; its negative splits into one term per step (eq. 5):
+# The model is $p_\theta(x_{0:T}) = p(x_T)\prod_{t=1}^{T} p_\theta(x_{t-1} \mid x_t)$ with $p(x_T) = \mathcal N(0, I)$,
+# and the forward chain is $q(x_{1:T} \mid x_0) = \prod_{t=1}^{T} q(x_t \mid x_{t-1})$. By Jensen's inequality the
+# negative log-likelihood is bounded by (eq. 3)
 #
-# $$L_\text{vlb} = \underbrace{D_\text{KL}(q(x_T\mid x_0)\,\|\,p(x_T))}_{L_T}
+# $$-\log p_\theta(x_0) \le \mathbb E_q\Big[-\log\frac{p_\theta(x_{0:T})}{q(x_{1:T}\mid x_0)}\Big] = L_\text{vlb}.$$
+#
+# **Why it splits into one KL per step (eq. 5).** The forward chain is Markov, so for $t > 1$,
+# $q(x_t \mid x_{t-1}) = q(x_t \mid x_{t-1}, x_0)$, and Bayes' rule turns each factor around:
+# $q(x_t \mid x_{t-1}) = q(x_{t-1} \mid x_t, x_0)\,q(x_t \mid x_0)/q(x_{t-1} \mid x_0)$. Over $t = 2, \dots, T$ the
+# ratios $q(x_t \mid x_0)/q(x_{t-1} \mid x_0)$ telescope to $q(x_T \mid x_0)/q(x_1 \mid x_0)$, and the remaining
+# factor $q(x_1 \mid x_0)$ cancels the denominator:
+#
+# $$q(x_{1:T}\mid x_0) = q(x_T\mid x_0)\prod_{t>1} q(x_{t-1}\mid x_t, x_0),\qquad
+# L_\text{vlb} = \mathbb E_q\Big[\log\frac{q(x_T\mid x_0)}{p(x_T)} + \sum_{t>1}\log\frac{q(x_{t-1}\mid x_t, x_0)}{p_\theta(x_{t-1}\mid x_t)}
+# - \log p_\theta(x_0\mid x_1)\Big].$$
+#
+# Taking each log-ratio's expectation over its numerator's variable first (given $x_t$ and $x_0$) makes it a
+# KL divergence between two Gaussians:
+#
+# $$L_\text{vlb} = \mathbb E_q\Big[\underbrace{D_\text{KL}(q(x_T\mid x_0)\,\|\,p(x_T))}_{L_T}
 # + \sum_{t>1} \underbrace{D_\text{KL}(q(x_{t-1}\mid x_t,x_0)\,\|\,p_\theta(x_{t-1}\mid x_t))}_{L_{t-1}}
-# \ \underbrace{-\log p_\theta(x_0\mid x_1)}_{L_0}.$$
+# \ \underbrace{-\log p_\theta(x_0\mid x_1)}_{L_0}\Big].$$
 #
+# The two forms have the same mean. What eq. 5 buys: every term is a KL between two known Gaussians, a
+# closed-form function of $x_t$ and $x_0$ alone, so training can draw one $t$ and one $x_t \sim q(x_t \mid x_0)$
+# in a single shot (eq. 4) instead of running the whole chain.
+#
+# **Check** on a 1-D chain with $T = 4$ and an arbitrary Gaussian model ($\epsilon_\theta(x_t, t) = 0.5\,x_t$, a
+# continuous Gaussian decoder): the Monte Carlo averages of eq. 3 and eq. 5 over the same chains agree. The
+# KL terms come from the package's `vb_terms_bpd` at indices $1..T-1$, the paper's $L_1..L_{T-1}$, as the
+# notation box says.
+
+# %%
+d4 = GaussianDiffusion([0.1, 0.2, 0.4, 0.6], variance="fixed_large")   # T = 4
+x0_1d = torch.full((200_000, 1), 0.4, dtype=torch.float64)
+g = torch.Generator().manual_seed(5)
+xs = [x0_1d]                                      # x_0, x_1, ..., x_T: one forward chain per row
+for i in range(d4.T):                             # array index i makes the paper's step i + 1
+    xs.append(d4.alphas[i].sqrt() * xs[-1] + d4.betas[i].sqrt() * torch.randn(x0_1d.shape, generator=g, dtype=torch.float64))
+idx = [torch.full((len(x0_1d),), i) for i in range(d4.T)]
+p4 = [d4.p_mean_variance(0.5 * xs[i + 1], xs[i + 1], idx[i], clip_denoised=False) for i in range(d4.T)]  # p(x_i | x_{i+1})
+
+
+def log_normal(x, mean, var):
+    return (-0.5 * (math.log(2 * math.pi) + torch.log(var) + (x - mean) ** 2 / var)).sum(1)
+
+
+one = torch.ones_like(x0_1d)
+eq3 = (-log_normal(xs[-1], 0 * one, one) - sum(log_normal(xs[i], p4[i].mean, p4[i].variance) for i in range(d4.T))
+       + sum(log_normal(xs[i + 1], d4.alphas[i].sqrt() * xs[i], d4.betas[i] * one) for i in range(d4.T)))
+eq5 = (d4.prior_bpd(x0_1d) + sum(d4.vb_terms_bpd(0.5 * xs[i + 1], x0_1d, xs[i + 1], idx[i]) for i in range(1, d4.T))
+       ) * math.log(2) - log_normal(x0_1d, p4[0].mean, p4[0].variance)      # bits -> nats; L_T + L_1..L_3 + L_0
+se = {name: v.std().item() / len(v) ** 0.5 for name, v in (("eq3", eq3), ("eq5", eq5), ("diff", eq3 - eq5))}
+print(f"eq. 3: {eq3.mean():.4f} ± {se['eq3']:.4f} nats;  eq. 5: {eq5.mean():.4f} ± {se['eq5']:.4f} nats")
+assert abs((eq3 - eq5).mean()) < 4 * se["diff"], (eq3.mean(), eq5.mean(), se)
+
+# %% [markdown]
 # Every $L_{t-1}$ is a KL between Gaussians. With the variance fixed to $\sigma_t^2$, it is a weighted
 # squared error on the noise (eq. 12):
 #
@@ -208,8 +283,22 @@ assert torch.allclose(p_b.mean, mu_eq11, atol=1e-9)
 # harder, noisier steps. $L_0$ is the discretised Gaussian decoder: the Gaussian's mass on each pixel's
 # 8-bit bin (eq. 13).
 #
+# **What $\epsilon$ is: a scaled score.** Differentiate $\log q(x_t \mid x_0) = -\|x_t - \sqrt{\bar\alpha_t}x_0\|^2/(2(1-\bar\alpha_t)) + C$
+# at $x_t = \sqrt{\bar\alpha_t}x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon$:
+#
+# $$\nabla_{x_t}\log q(x_t \mid x_0) = -\frac{\epsilon}{\sqrt{1-\bar\alpha_t}},\qquad
+# \epsilon = -\sqrt{1-\bar\alpha_t}\,\nabla_{x_t}\log q(x_t \mid x_0).$$
+#
+# So $L_\text{simple}$ is denoising score matching (Vincent 2011): its minimiser, $\mathbb E[\epsilon \mid x_t]$, is
+# $-\sqrt{1-\bar\alpha_t}\,\nabla_{x_t}\log q(x_t)$, the score of the noised *data* distribution, and
+# $-\epsilon_\theta/\sqrt{1-\bar\alpha_t}$ is a learned score. Algorithm 2's mean is
+# $(x_t + \beta_t\cdot\text{score})/\sqrt{\alpha_t}$, a step of size $\beta_t$ along that score, and fresh noise is
+# added: this is why the paper (Sec. 3.2) says sampling resembles Langevin dynamics with $\epsilon_\theta$ as a
+# learned gradient of the data density. Chapter 06 builds classifier-free guidance on this reading.
+#
 # **Checks.** (a) the KL formula against a Monte Carlo estimate; (b) a fixed-variance $L_{t-1}$ equals
-# the weighted squared error above; (c) the decoder's 256 bin probabilities sum to one.
+# the weighted squared error above; (c) the decoder's 256 bin probabilities sum to one; (d) $\epsilon =
+# -\sqrt{1-\bar\alpha_t}\,\nabla_{x_t}\log q(x_t \mid x_0)$, by autograd.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -243,16 +332,39 @@ for mu, log_s in [(0.0, -3.0), (0.95, -4.0), (-1.0, -1.0), (0.3, 1.0)]:
     probs = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mu), torch.full_like(levels, log_s)).exp()
     assert abs(probs.sum().item() - 1.0) < 1e-6, (mu, log_s, probs.sum().item())
 
+# (d) eps = -sqrt(1 - alpha_bar_t) grad log q(x_t | x_0), at the x_t of (b)
+mean_q, var_q, _ = diffusion.q_mean_variance(x0_b, t_b)
+xt_g = xt_b.clone().requires_grad_(True)
+(score,) = torch.autograd.grad((-((xt_g - mean_q) ** 2) / (2 * var_q)).sum(), xt_g)
+assert torch.allclose(-diffusion.at(diffusion.sqrt_one_minus_alpha_bar, t_b, xt_b) * score, eps_true, atol=1e-10)
+
 # %% [markdown]
-# The two training procedures of the paper, as the package writes them (`GaussianDiffusion.training_losses`):
-# Algorithm 1 draws $t$, $\epsilon$, forms $x_t$ with the closed form and regresses $\epsilon$;
-# sampling (Algorithm 2, `ddpm_sample`) walks back from $x_T \sim \mathcal N(0, I)$ with
-# $x_{t-1} = \mu_\theta(x_t, t) + \sigma_t z$. Here is the sampler in full:
+# **Algorithm 1, from scratch.** Training repeats one step: take a batch $x_0$, draw $t \sim
+# \text{Uniform}\{1, \dots, T\}$ and $\epsilon \sim \mathcal N(0, I)$, and descend the gradient of
+# $\|\epsilon - \epsilon_\theta(\sqrt{\bar\alpha_t}x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon, t)\|^2$. Here is the loss in five
+# lines (with array indices, per the notation box), checked against `GaussianDiffusion.training_losses`, the
+# package's version that the rest of the book calls (it also serves the $x_0$ and $v$ targets, learned
+# variances and the bound of chapter 02). Both draw $t$ and then $\epsilon$ from the same seeded generator,
+# so they see the same timesteps and the same noise; any function of $(x_t, t)$ will do as the network.
 
 # %%
-import inspect
+def algorithm_1_loss(model, x0, generator):
+    t = torch.randint(0, diffusion.T, (x0.shape[0],), generator=generator)        # t ~ Uniform (array index)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)                 # eps ~ N(0, I)
+    ab = diffusion.alpha_bar[t].to(x0.dtype).reshape(-1, *[1] * (x0.ndim - 1))      # alpha_bar_t, broadcast
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps                                       # eq. 4
+    return ((eps - model(xt, t)) ** 2).flatten(1).mean(1)                             # eq. 14, one per example
 
-print(inspect.getsource(ddpm_sample))
+
+def any_net(x, t):
+    return torch.tanh(1.5 * x.flip(1) + t[:, None] / 700)
+
+
+x0_chk = toy2d("moons", 256, seed=1).double()
+ours = algorithm_1_loss(any_net, x0_chk, torch.Generator().manual_seed(7))
+package = diffusion.training_losses(any_net, x0_chk, generator=torch.Generator().manual_seed(7))["loss"]
+torch.testing.assert_close(ours, package, rtol=1e-12, atol=1e-12)
+print(f"Algorithm 1 from scratch vs training_losses, {len(ours)} examples: max |difference| {(ours - package).abs().max():.1e}")
 
 # %% [markdown]
 # ## 5. A 2-D toy, trained and sampled
@@ -281,6 +393,45 @@ toy_result = train(
 )
 print(f"trained {len(toy_result.losses)} steps in {toy_result.seconds:.1f} s, "
       f"final loss {sum(toy_result.losses[-100:]) / 100:.3f}")
+
+# %% [markdown]
+# **Algorithm 2, from scratch.** Start from $x_T \sim \mathcal N(0, I)$; for $t = T, \dots, 1$ set
+# $x_{t-1} = \frac{1}{\sqrt{\alpha_t}}\big(x_t - \frac{\beta_t}{\sqrt{1-\bar\alpha_t}}\epsilon_\theta(x_t, t)\big) + \sigma_t z$
+# with fresh $z \sim \mathcal N(0, I)$, and $z = 0$ at the last step; here $\sigma_t^2 = \beta_t$ (`fixed_large`).
+# Checked against the package's `ddpm_sample` on the trained toy, in float64, from the same $x_T$ and
+# the same generator: both draw one $z$ per step in the same order, so the noise is identical.
+# (`ddpm_sample` computes the mean as $\tilde\mu_t(x_t, \hat x_0)$, equal to eq. 11 by section 3's check. The
+# toy is not an image, so `clip_denoised=False`; for images the package clips $\hat x_0$ to $[-1, 1]$.)
+
+# %%
+@torch.no_grad()
+def algorithm_2(model, x_T, generator):
+    x = x_T
+    for t in range(diffusion.T - 1, -1, -1):                          # array index t: the paper's step t + 1
+        a, ab = diffusion.alphas[t], diffusion.alpha_bar[t]
+        eps = model(x, torch.full((x.shape[0],), t))
+        mean = (x - (1 - a) / (1 - ab).sqrt() * eps) / a.sqrt()      # eq. 11
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype) if t > 0 else torch.zeros_like(x)
+        x = mean + diffusion.betas[t].sqrt() * z                      # sigma_t^2 = beta_t
+    return x
+
+
+toy64 = copy.deepcopy(toy_result.best).double()
+x_T_chk = torch.randn(500, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+ours = algorithm_2(toy64, x_T_chk, torch.Generator().manual_seed(9))
+package = ddpm_sample(toy64, diffusion, x_T_chk, generator=torch.Generator().manual_seed(9), clip_denoised=False,
+                      progress=False)
+torch.testing.assert_close(ours, package, rtol=1e-8, atol=1e-8)   # two equal formulas, rounded differently
+print(f"Algorithm 2 from scratch vs ddpm_sample, {len(ours)} points, 1000 steps: max |difference| "
+      f"{(ours - package).abs().max():.1e}")
+
+# %% [markdown]
+# The package's sampler, which the rest of the book calls, is the same loop; it also runs respaced
+# processes (chapter 02), learned variances, clipping and the $x_0$ and $v$ targets, and reads each step's
+# coefficients once. From here on the chapter uses it:
+
+# %%
+print(inspect.getsource(ddpm_sample))
 
 # %%
 toy_x, toy_traj = ddpm_sample(toy_result.best, diffusion, torch.randn(1500, 2, generator=torch.Generator().manual_seed(3)),
@@ -318,17 +469,39 @@ print(f"metrics when trained: {ddpm.metrics}")
 # %% [markdown]
 # Sampling: on a GPU, all 1000 steps of Algorithm 2. On a laptop CPU we walk back through 100
 # evenly spaced steps of the same chain (the respaced process of chapter 02: the same $\bar\alpha$ at
-# the kept steps, new betas between them). The strip shows one sample being denoised.
+# the kept steps, new betas between them). The strip shows one sample being denoised, each frame
+# labelled with the training timestep (array index) whose noise level it has.
 
 # %%
 steps = claim.sampling_steps(profile)
 process = claim.sampling_process(ddpm.diffusion, steps)
 g = torch.Generator().manual_seed(0)
+k = max(1, steps // 8)
 samples, traj = ddpm_sample(ddpm.model.eval(), process, torch.randn(64, 1, 16, 16, generator=g), generator=g,
-                            keep_every=max(1, steps // 8))
+                            keep_every=k)
 viz.show_images(samples, nrow=16, title=f"DDPM samples ({steps} ancestral steps)")
-kept_ts = [steps - 1 - i * max(1, steps // 8) for i in range(len(traj))]
-viz.show(viz.denoising_strip([frame[0] for frame in traj], [max(t, 0) for t in kept_ts], title="x_t, left to right"))
+# frames: x_T, then the state after each step t with t % k == 0, which sits at index t - 1; after t = 0, the sample
+kept_ts = [int(process.timestep_map[-1])] + [int(process.timestep_map[t - 1]) for t in range(steps - 1, 0, -1) if t % k == 0]
+strip = viz.denoising_strip([frame[0] for frame in traj], kept_ts + [0], title="x_t, left to right")
+strip.axes[0].set_xticklabels([f"t={t}" for t in kept_ts] + ["sample"], fontsize="small")
+viz.show(strip)
+
+# %% [markdown]
+# **In diffusers.** The same objects under Hugging Face diffusers' names. Its timesteps are the same array
+# indices, $0..T-1$. `diffusion_core.interop.from_diffusers` converts a `DDPMScheduler` (to an object holding
+# the equivalent `GaussianDiffusion` as `.diffusion`, whose `.sample` reproduces diffusers' loop step for
+# step) and a `UNet2DModel` (to our `UNet2D`, the same weights).
+#
+# | this book | diffusers |
+# |---|---|
+# | `GaussianDiffusion(linear_betas(1000), prediction="eps", variance="fixed_large")` | `DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="epsilon", variance_type="fixed_large")` |
+# | `variance="fixed_small"` ($\sigma_t^2 = \tilde\beta_t$) | `variance_type="fixed_small"` (diffusers' default) |
+# | `diffusion.alpha_bar` | `scheduler.alphas_cumprod` (float32) |
+# | `diffusion.q_sample(x0, t, eps)` | `scheduler.add_noise(x0, eps, t)` |
+# | `training_losses(model, x0)` (Algorithm 1) | no library function: the training scripts compute `F.mse_loss(model(x_t, t).sample, noise)` |
+# | `ddpm_sample(model, diffusion, x_T)` (Algorithm 2) | `for t in scheduler.timesteps: x = scheduler.step(model(x, t).sample, t, x).prev_sample`, or `DDPMPipeline` |
+# | `clip_denoised=True` | `clip_sample=True` |
+# | `UNet2D(UNetConfig.ddpm_cifar10())` | `UNet2DModel`, checkpoint `google/ddpm-cifar10-32` |
 
 # %% [markdown]
 # ## 7. The claim in miniature: L_simple against the true bound

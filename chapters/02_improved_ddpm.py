@@ -35,6 +35,9 @@
 # **Prerequisites.** Chapter 01 (the forward process, the posterior $q(x_{t-1} \mid x_t, x_0)$, the
 # bound and $L_\text{simple}$). Its digit model `digits-ddpm` is reused here.
 #
+# **Notation.** As in chapter 01's notation box: formulas are 1-based as in the papers, array index $t$
+# holds the paper's step $t+1$, and $\sigma$ is only ever a noise level.
+#
 # **Run time.** `smoke` about 2 minutes; `cpu` (a 2-core laptop) about 9 minutes with the models in
 # the store, plus about 8 the first time, when this chapter's two models are trained (then cached);
 # `gpu` about 10 minutes.
@@ -67,7 +70,7 @@ from diffusion_core import store, viz
 from diffusion_core.data import digits
 from diffusion_core.evaluate.digits import digit_evaluator
 from diffusion_core.experiments import improved as claim
-from diffusion_core.process import GaussianDiffusion, linear_betas
+from diffusion_core.process import GaussianDiffusion, discretized_gaussian_log_likelihood, linear_betas
 from diffusion_core.process.importance import ImportanceSampler
 from diffusion_core.process.respacing import space_timesteps
 from diffusion_core.recipes.improved import budget
@@ -92,8 +95,8 @@ profile = dc.setup()
 # crosses $-7$ ($\bar\alpha_t \approx 10^{-3}$, where a 16x16 digit is gone) at $t \approx 825$ and spends
 # the rest of its steps below it. The cell prints the fraction of such steps for each schedule. The small offset
 # $s = 0.008$ keeps $\beta$ from being vanishingly small near $t = 0$, and the clip at $0.999$ avoids the
-# singularity at $t = T$ where $\bar\alpha = 0$. (The book counts $t = 0, \dots, T-1$, so its
-# $\bar\alpha$ at index $t$ is the paper's $\bar\alpha_{t+1} = f((t+1)/T)/f(0)$.)
+# singularity at $t = T$ where $\bar\alpha = 0$. (As chapter 01's notation box says, the array index $t$
+# holds the paper's step $t+1$: `alpha_bar[t]` is $f((t+1)/T)/f(0)$.)
 
 # %%
 T = 1000
@@ -208,10 +211,10 @@ for t_chk in (1, 10, 100, 500, 999):
 # %% [markdown]
 # **Extremes in what sense.** For data that are not Gaussian, $\tilde\beta_t$ and $\beta_t$ do not bound
 # $\operatorname{Var}(x_{t-1} \mid x_t)$ at every $x_t$. Given $x_0$, $x_{t-1}$ is the posterior
-# $\mathcal N(c_t x_0 + c'_t x_t, \tilde\beta_t I)$ with $c_t = \sqrt{\bar\alpha_{t-1}}\,\beta_t/(1-\bar\alpha_t)$
+# $\mathcal N(\tilde c_t x_0 + \tilde c'_t x_t, \tilde\beta_t I)$ with $\tilde c_t = \sqrt{\bar\alpha_{t-1}}\,\beta_t/(1-\bar\alpha_t)$
 # (chapter 01), so by the law of total variance
 #
-# $$\operatorname{Var}(x_{t-1} \mid x_t) = \tilde\beta_t + c_t^2\operatorname{Var}(x_0 \mid x_t).$$
+# $$\operatorname{Var}(x_{t-1} \mid x_t) = \tilde\beta_t + \tilde c_t^2\operatorname{Var}(x_0 \mid x_t).$$
 #
 # Take pixels that are $-1$ or $+1$ with equal probability. At $x_t = 0$ both are equally likely,
 # $\operatorname{Var}(x_0 \mid x_t) = 1$, and at small $t$ the reverse variance there is about 2,500 times
@@ -220,7 +223,7 @@ for t_chk in (1, 10, 100, 500, 999):
 # what a fixed variance is). $\mathbb E_{x_t}\operatorname{Var}(x_0 \mid x_t)$ is at most the error of the
 # best *linear* estimate of $x_0$ from $x_t$, $v_0(1-\bar\alpha_t)/(\bar\alpha_t v_0 + 1 - \bar\alpha_t)$ for
 # per-pixel data variance $v_0$, which is at most $1 - \bar\alpha_t$ when $v_0 \le 1$; and $\tilde\beta_t +
-# c_t^2(1-\bar\alpha_t) = \beta_t$. So for any data whose pixels have variance at most 1 (images in
+# \tilde c_t^2(1-\bar\alpha_t) = \beta_t$. So for any data whose pixels have variance at most 1 (images in
 # $[-1, 1]$ do), the averaged reverse variance lies in $[\tilde\beta_t, \beta_t]$: that is the sense in
 # which Ho et al. (Sec. 3.2) call the two fixed choices extremes. (Bao et al.'s Analytic-DPM, ICLR 2022,
 # computes that optimal variance from the model itself.)
@@ -285,7 +288,9 @@ viz.show(fig)
 # standard deviation is a small fraction of the uniform one's. That last part holds by construction
 # here: with exact, deterministic terms, $p_t \propto L_t$ is the zero-variance choice. In training each
 # $L_t$ is itself a noisy one-sample estimate, so the gain is smaller than the printed numbers
-# suggest (exercise 1 measures it).
+# suggest (exercise 1 measures it). Last, with a *noisy* history (twelve values per term, of which the
+# sampler keeps the last ten), $p_t$ is eq. 18 written out: $\sqrt{\text{mean of the last ten } L_t^2}$,
+# normalised, then mixed with the uniform floor.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -304,6 +309,12 @@ assert sd_importance < 0.05 * sd_uniform
 t_draw, w_draw = sampler.sample(100_000, torch.Generator().manual_seed(0))
 assert torch.allclose(w_draw.double(), 1 / (T * p_t[t_draw]), rtol=1e-6)           # w = 1 / (T p_t)
 assert abs((w_draw.double() * T * L_all[t_draw]).mean() / total - 1) < 0.01          # E_p[w T L_t] = sum_t L_t
+noisy = ImportanceSampler(T)
+history = L_all[:, None] * torch.exp(torch.randn(T, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+for j in range(12):
+    noisy.update(torch.arange(T), history[:, j])
+rms = history[:, 2:].square().mean(1).sqrt()                                           # sqrt(E[L_t^2]), last ten
+assert torch.allclose(noisy.probs(), (1 - u_mix) * rms / rms.sum() + u_mix / T, rtol=1e-12)   # eq. 18
 
 # %%
 print(f"the bound's sum over t: {total:.3f} bits/dim; one-sample standard deviation: uniform t {sd_uniform:.2f}, "
@@ -348,6 +359,17 @@ assert torch.allclose(learned.p_mean_variance(out, xt_chk, t_chk, clip_denoised=
                       fixed.p_mean_variance(eps_chk, xt_chk, t_chk, clip_denoised=False).mean)
 
 # %% [markdown]
+# **Eq. 15, from scratch**, for a random $v_\text{raw}$ per pixel, against the package's variance:
+
+# %%
+v_raw = torch.rand(xt_chk.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+v = (v_raw + 1) / 2
+sigma2 = torch.exp(v * beta_t.log() + (1 - v) * tilde_t.log())                      # eq. 15
+package = learned.p_mean_variance(torch.cat([eps_chk, v_raw], 1), xt_chk, t_chk, clip_denoised=False).variance
+torch.testing.assert_close(sigma2, package, rtol=1e-12, atol=0)
+print(f"eq. 15 from scratch vs p_mean_variance: max relative difference {((sigma2 - package) / package).abs().max():.1e}")
+
+# %% [markdown]
 # **The hybrid loss.** $L_\text{simple}$ does not see $\Sigma_\theta$ at all, so the variance must be
 # trained by the bound. Training on $L_\text{vlb}$ alone is hard (its one-sample estimate is very noisy,
 # as the importance-sampling check showed), so the paper adds a little of it to $L_\text{simple}$ (Sec. 3.1):
@@ -386,21 +408,57 @@ assert torch.equal(grads["loss"][:, :1], grads["mse"][:, :1])                   
 assert torch.allclose(grads["loss"][:, 1:], 1e-3 * grads["vb"][:, 1:])                  # lambda = 0.001
 
 # %% [markdown]
+# **$L_\text{hybrid}$, from scratch.** The loss written out: eq. 15's variance; the mean (eq. 11 of chapter
+# 01) with $\epsilon_\theta$ detached, which is the stop-gradient; the KL to the posterior, or at index 0
+# the discretised decoder (chapter 01's `discretized_gaussian_log_likelihood`); and $\lambda T L_t$ added
+# to $L_\text{simple}$. One detail the formulas hide: at index 0, $\tilde\beta = 0$ has no logarithm, so its
+# log is taken from index 1, as in the paper's released code. Checked against `training_losses(...,
+# loss="hybrid")` in value and in gradient, on the free output above in float64, at the same $t$ and $\epsilon$.
+
+# %%
+def hybrid_loss(out, x0, t, eps, d=learned, lam=1e-3):
+    def at(arr, i=t):                                   # arr[i], shaped to broadcast over (B, C, H, W)
+        return arr[i].to(x0.dtype).reshape(-1, 1, 1, 1)
+    beta, alpha, ab, ab_prev = at(d.betas), at(d.alphas), at(d.alpha_bar), at(d.alpha_bar_prev)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps                                            # eq. 4
+    eps_hat, v = out[:, :1], (out[:, 1:] + 1) / 2
+    l_simple = ((eps - eps_hat) ** 2).mean((1, 2, 3))
+    log_tilde = at(d.posterior_variance, torch.where(t == 0, 1, t)).log()                  # index 0: index 1's
+    log_var = v * beta.log() + (1 - v) * log_tilde                                         # eq. 15
+    mean = (xt - beta / (1 - ab).sqrt() * eps_hat.detach()) / alpha.sqrt()                # stop-gradient on the mean
+    mu_tilde = ab_prev.sqrt() * beta / (1 - ab) * x0 + alpha.sqrt() * (1 - ab_prev) / (1 - ab) * xt
+    kl = 0.5 * (log_var - log_tilde + (log_tilde - log_var).exp() + (mu_tilde - mean) ** 2 / log_var.exp() - 1)
+    decoder = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)               # L_0
+    l_t = torch.where(t == 0, decoder.mean((1, 2, 3)), kl.mean((1, 2, 3))) / math.log(2)  # bits per dimension
+    return l_simple + lam * d.T * l_t
+
+
+out64 = free_output.detach().double().requires_grad_(True)
+ours = hybrid_loss(out64, x0_chk.double(), t_loss, eps_true.double())
+package = learned.training_losses(lambda x, t: out64, x0_chk.double(), t=t_loss, eps=eps_true.double(), loss="hybrid")["loss"]
+(grad_ours,), (grad_package,) = (torch.autograd.grad(value.sum(), out64) for value in (ours, package))
+torch.testing.assert_close(ours, package, rtol=1e-10, atol=1e-12)
+torch.testing.assert_close(grad_ours, grad_package, rtol=1e-10, atol=1e-12)
+print(f"L_hybrid from scratch vs training_losses: max |difference| {(ours - package).abs().max():.1e} "
+      f"(values {ours.min():.3f} to {ours.max():.3f}), of the gradients {(grad_ours - grad_package).abs().max():.1e}")
+
+# %% [markdown]
 # ## 3. Respacing: sampling in K steps
 #
 # A model trained with $T = 1000$ steps can be sampled in $K < T$ steps (Sec. 4). Keep $K$ evenly
-# spaced timesteps $S = \{s_0 < \dots < s_{K-1}\}$ (rounded, ending at $T-1$), keep $\bar\alpha$ on
-# them, and define the betas of the shorter process by
+# spaced steps $\tau_1 < \dots < \tau_K = T$ of the training chain (rounded), keep $\bar\alpha$ on them, and
+# define the betas of the shorter process by
 #
-# $$\beta'_k = 1 - \frac{\bar\alpha_{s_k}}{\bar\alpha_{s_{k-1}}},\qquad \tilde\beta'_k =
-# \frac{1 - \bar\alpha_{s_{k-1}}}{1 - \bar\alpha_{s_k}}\beta'_k .$$
+# $$\beta'_k = 1 - \frac{\bar\alpha_{\tau_k}}{\bar\alpha_{\tau_{k-1}}},\qquad \tilde\beta'_k =
+# \frac{1 - \bar\alpha_{\tau_{k-1}}}{1 - \bar\alpha_{\tau_k}}\beta'_k,\qquad k = 1, \dots, K,\quad \bar\alpha_{\tau_0} = 1.$$
 #
-# The network is called with the original $s_k$. Its $\epsilon$-prediction is still right (it only
+# (The subsequence is $\tau$, as in DDIM (chapter 03); $s$ stays the cosine offset.) The network is called
+# with the original $\tau_k$. Its $\epsilon$-prediction is still right (it only
 # depends on $x_t$ and $\bar\alpha_t$), and a learned variance still works: $v$ interpolates between the
 # new, much larger $\beta'_k$ and $\tilde\beta'_k$, so it rescales itself to the shorter process. A
 # fixed variance has to pick one end, and with few steps the two ends are far apart. In the package
 # (argument checks left out), `respace` is these three lines, and `space_timesteps(T, K, "uniform")`
-# rounds `linspace(0, T - 1, K)`:
+# rounds `linspace(0, T - 1, K)`, the $\tau_k$ as array indices:
 
 # %%
 respace_source = inspect.getsource(GaussianDiffusion.respace)
@@ -408,8 +466,9 @@ print(respace_source.split('        """')[0] + "        ...  # checks; ts: the k
       + respace_source[respace_source.index("        ab = self.alpha_bar[ts]"):])
 
 # %% [markdown]
-# **Check:** the respaced process has the same $\bar\alpha$ on the kept steps, calls the network with
-# the original timesteps, and its learned variance sits between its own $\tilde\beta'$ and $\beta'$.
+# **Check:** the kept steps are `linspace(0, T - 1, K)` rounded; the respaced process has the same
+# $\bar\alpha$ on them, the betas $\beta'_k$ and $\tilde\beta'_k$ above, calls the network with the original
+# timesteps, and its learned variance sits between its own $\tilde\beta'$ and $\beta'$.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -425,7 +484,22 @@ for row, k in zip(var_mid, (5, 9)):
     assert short.posterior_variance[k] < row.mean() < short.betas[k]
 ab_kept = learned.alpha_bar[kept]
 assert torch.allclose(short.betas[1:], 1 - ab_kept[1:] / ab_kept[:-1], rtol=1e-12)    # beta'_k
+assert torch.allclose(short.posterior_variance[1:], (1 - ab_kept[:-1]) / (1 - ab_kept[1:]) * short.betas[1:], rtol=1e-12)
+assert torch.equal(kept, torch.from_numpy(np.linspace(0, T - 1, 10).round()).long())    # the tau_k
 assert bool((short.betas[1:] > 5 * learned.betas[kept[1:]]).all())     # the short process takes big steps
+
+# %% [markdown]
+# **In diffusers.** `diffusion_core.interop.from_diffusers(DDPMScheduler(...))` converts a scheduler; its
+# `.process(K)` is the respaced process that diffusers runs in $K$ steps (`diffusion_core/schedulers.py`
+# lists every difference in detail).
+#
+# | this book | diffusers `DDPMScheduler` |
+# |---|---|
+# | `GaussianDiffusion.from_schedule("cosine")` (eq. 17, clipped at 0.999) | `beta_schedule="squaredcos_cap_v2"` |
+# | `variance="learned_range"`: the network outputs $[\epsilon_\theta, v_\text{raw}]$, $2C$ channels | `variance_type="learned_range"`: `step` splits the output the same way |
+# | `diffusion.respace(space_timesteps(T, K, "uniform"))`, then `ddpm_sample` | `scheduler.set_timesteps(K)` with `timestep_spacing="linspace"`; `step` then uses the respaced $\beta'$ |
+# | `space_timesteps` kinds `"leading"`, `"trailing"` | `timestep_spacing="leading"` (its default), `"trailing"` |
+# | `loss="hybrid"`, `ImportanceSampler` | nothing: diffusers' schedulers sample and add noise, they define no loss |
 
 # %% [markdown]
 # ## 4. Three models at one budget

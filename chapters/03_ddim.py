@@ -35,6 +35,11 @@
 # **Prerequisites.** Chapter 01 (the forward process, the posterior, $L_\text{simple}$); chapter 02's
 # respacing helps. The digit model `digits-ddpm` of chapter 01 is reused as it is.
 #
+# **Notation.** As in chapter 01's notation box: formulas are 1-based as in the papers, array index $t$
+# holds the paper's step $t+1$, $\sigma_t$ is the noise one reverse step adds and $\bar\sigma_t$ the noise
+# level of $x_t/\sqrt{\bar\alpha_t}$. This chapter writes the number of sampling steps $S$, as the DDIM paper
+# does (chapter 02's $K$).
+#
 # **Run time.** `smoke` about 2 minutes, `cpu` (a 2-core laptop) about 14 minutes (plus about 5 to
 # train `digits-ddpm` if chapter 01 has not run), `gpu` about 10 minutes.
 
@@ -67,6 +72,7 @@ from diffusion_core.experiments import ddim as claim
 from diffusion_core.process import GaussianDiffusion, linear_betas
 from diffusion_core.process.respacing import space_timesteps
 from diffusion_core.samplers import ddim_sample, ddim_sigma, ddim_step, ddpm_sample, lerp, slerp
+from diffusion_core.samplers.ddim import x0_eps_from_prediction
 from diffusion_core.widgets import explore
 
 profile = dc.setup()
@@ -86,7 +92,7 @@ profile = dc.setup()
 #
 # (The paper writes $\alpha_t$ for the book's $\bar\alpha_t$. The formulas follow the paper's 1-based
 # steps, $t = 1, \dots, T$, with $x_T$ the pure-noise end; the book's arrays hold the paper's step $t$ at
-# index $t - 1$, as chapter 02 explains, and the code below indexes them that way.)
+# index $t - 1$, as chapter 01's notation box says, and the code below indexes them that way.)
 #
 # **Why the marginals survive** (their Lemma 1), by induction from $t = T$ down: if
 # $x_t = \sqrt{\bar\alpha_t}x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon$ with $\epsilon \sim \mathcal N(0, I)$,
@@ -196,12 +202,13 @@ for sigma_rule in ("eta=0.5", "half of the room"):
 # - $\eta = 1$: $\sigma_t^2$ is the posterior variance $\tilde\beta_t$ of the (respaced) process, and the
 #   step is DDPM's ancestral step with the fixed-small variance;
 # - $\eta = 0$: no noise at all: $x_T$ alone decides the sample. Written with $\bar x = x/\sqrt{\bar\alpha}$
-#   and $\gamma = \sqrt{(1-\bar\alpha)/\bar\alpha}$ the step is $\bar x_{t-1} = \bar x_t + (\gamma_{t-1} -
-#   \gamma_t)\,\epsilon_\theta$: Euler's method for the ODE $d\bar x = \epsilon_\theta\, d\gamma$ (eq. 14).
+#   and its noise level $\bar\sigma = \sqrt{1-\bar\alpha}/\sqrt{\bar\alpha}$ (so $\bar x_t = x_0 + \bar\sigma_t\epsilon$)
+#   the step is $\bar x_{t-1} = \bar x_t + (\bar\sigma_{t-1} - \bar\sigma_t)\,\epsilon_\theta$: Euler's method for
+#   the ODE $d\bar x = \epsilon_\theta\, d\bar\sigma$ (eq. 14).
 #   Euler's method with large steps is still accurate when the path is smooth, which is why few steps
 #   suffice, and an ODE can be run backwards, which is how images are encoded. (This ODE is a
-#   discretisation of the probability-flow ODE of Song et al. 2021, DDIM Sec. 4.3; $\gamma$ is the noise
-#   level $\sigma$ in which Karras et al.'s EDM writes every sampler.)
+#   discretisation of the probability-flow ODE of Song et al. 2021, DDIM Sec. 4.3; $\bar\sigma$ is the noise
+#   level $\sigma$ in which Karras et al.'s EDM writes every sampler: the end of this section.)
 #
 # Here is one step as the package writes it, and the full sampler is `ddim_sample` (printed below).
 #
@@ -210,7 +217,8 @@ for sigma_rule in ("eta=0.5", "half of the room"):
 # different random generators give the identical sample; (c) so, with all $T = 1000$ steps, DDIM with
 # $\eta = 1$ *is* DDPM's ancestral sampler (`ddpm_sample`, chapter 01) with the fixed-small variance
 # $\tilde\beta_t$: the same network and the same noise give the same trajectory (section 4 uses this to
-# compute that cell of the table once); (d) the $\eta = 0$ step is the Euler step above.
+# compute that cell of the table once). The $\eta = 0$ step is checked against the Euler step at the end
+# of the section.
 
 # %%
 print(inspect.getsource(ddim_step))
@@ -245,17 +253,103 @@ assert base.variance == "fixed_small"
 ddpm_small = ddpm_sample(toy_eps, base, x_T_64, generator=torch.Generator().manual_seed(5), progress=False)
 assert torch.allclose(ddim_eta1, ddpm_small, atol=1e-9), (ddim_eta1 - ddpm_small).abs().max()
 
-# (d) eta = 0: x_{t-1} / sqrt(alpha_bar_{t-1}) = x_t / sqrt(alpha_bar_t) + (gamma_{t-1} - gamma_t) eps_theta
-for t in (1, 100, 999):
-    a_t, a_prev = ab_all[t].item(), ab_prev_all[t].item()
-    xt_v, eps_theta = torch.randn(2, 3, 1, 4, 4, generator=g_chk, dtype=torch.float64)
-    x0_hat = (xt_v - math.sqrt(1 - a_t) * eps_theta) / math.sqrt(a_t)
-    gamma_t, gamma_prev = math.sqrt((1 - a_t) / a_t), math.sqrt((1 - a_prev) / a_prev)
-    euler = math.sqrt(a_prev) * (xt_v / math.sqrt(a_t) + (gamma_prev - gamma_t) * eps_theta)
-    assert torch.allclose(ddim_step(x0_hat, eps_theta, a_prev), euler, atol=1e-10), t
-
 # %%
 print(inspect.getsource(ddim_sample))
+
+# %% [markdown]
+# **The sampler, from scratch.** Eq. 9, 16 and 12 over an evenly spaced subsequence, checked against
+# `ddim_sample` with $\eta = 0.5$ in 10 steps, from the same $x_T$ and generator (both draw one $z$ per
+# step, in the same order). Here `clip_denoised=False`; by default the package also clips $\hat x_0$ to
+# $[-1, 1]$ and re-derives $\epsilon_\theta$ from it.
+
+# %%
+def ddim_from_scratch(eps_model, x_T, S, eta, generator):
+    tau = space_timesteps(base.T, S, "uniform")                          # the subsequence, array indices
+    ab = base.alpha_bar[tau].tolist()
+    x = x_T
+    for i in range(S - 1, -1, -1):
+        a_t, a_prev = ab[i], (ab[i - 1] if i > 0 else 1.0)              # the last step lands on alpha_bar = 1
+        eps = eps_model(x, tau[i].expand(x.shape[0]))
+        x0_hat = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)                                  # eq. 9
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)          # eq. 16
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = math.sqrt(a_prev) * x0_hat + math.sqrt(1 - a_prev - sigma**2) * eps + sigma * z       # eq. 12
+    return x
+
+
+ours = ddim_from_scratch(toy_eps, x_T_64, 10, 0.5, torch.Generator().manual_seed(6))
+package = ddim_sample(toy_eps, base, x_T_64, 10, eta=0.5, generator=torch.Generator().manual_seed(6),
+                      clip_denoised=False, progress=False)
+torch.testing.assert_close(ours, package, rtol=1e-12, atol=1e-12)
+print(f"DDIM from scratch vs ddim_sample (eta = 0.5, 10 steps): max |difference| {(ours - package).abs().max():.1e}")
+
+# %% [markdown]
+# ### One noise level for every sampler
+#
+# Karras et al. (EDM, 2022, Sec. 2 and Table 1) write every diffusion process as $x_t = s_t\,(x_0 +
+# \sigma_t\epsilon)$, a scale times data plus noise of level $\sigma$, and every deterministic sampler as a
+# solver of one ODE in $\sigma$. For DDPM's process $s_t = \sqrt{\bar\alpha_t}$, and their $\sigma$ is the
+# book's $\bar\sigma_t = \sqrt{1-\bar\alpha_t}/\sqrt{\bar\alpha_t}$ (the bar keeps it apart from DDIM's $\sigma_t$,
+# the noise one step adds). In the rescaled variable $\bar x = x/\sqrt{\bar\alpha} = x_0 + \bar\sigma\epsilon$
+# the network is a denoiser $D(\bar x; \bar\sigma) = \hat x_0$, and the probability-flow ODE (EDM's eqs. 1
+# and 3 with $s = 1$) is
+#
+# $$\frac{d\bar x}{d\bar\sigma} = \frac{\bar x - D(\bar x; \bar\sigma)}{\bar\sigma} = \hat\epsilon .$$
+#
+# What the network outputs, in these terms (the package's `x0_eps_from_prediction`):
+#
+# | `prediction` | the network's target | $\hat x_0 = D(\bar x_t; \bar\sigma_t)$ | $\hat\epsilon$ |
+# |---|---|---|---|
+# | `"eps"` (DDPM) | $\epsilon$ | $\bar x_t - \bar\sigma_t\,\hat\epsilon$ | the output |
+# | `"x0"` | $x_0$ | the output | $(\bar x_t - \hat x_0)/\bar\sigma_t$ |
+# | `"v"` (Salimans & Ho 2022) | $\sqrt{\bar\alpha_t}\,\epsilon - \sqrt{1-\bar\alpha_t}\,x_0$ | $\sqrt{\bar\alpha_t}\,x_t - \sqrt{1-\bar\alpha_t}\cdot$output | $\sqrt{1-\bar\alpha_t}\,x_t + \sqrt{\bar\alpha_t}\cdot$output |
+#
+# And one step from $\bar\sigma_t$ down to $\bar\sigma_{t-1}$: eq. 12 divided by $\sqrt{\bar\alpha_{t-1}}$.
+#
+# | sampler | $\sigma_t$ (the fresh noise, in $x$) | the step in $\bar x$ |
+# |---|---|---|
+# | DDIM, $\eta = 0$ | 0 | $\bar x_{t-1} = \bar x_t + (\bar\sigma_{t-1} - \bar\sigma_t)\,\hat\epsilon$: one Euler step of the ODE |
+# | DDIM, $\eta$ | $\sigma_t(\eta)$, eq. 16 | $\bar x_{t-1} = \hat x_0 + \sqrt{\bar\sigma_{t-1}^2 - \sigma_t^2/\bar\alpha_{t-1}}\;\hat\epsilon + (\sigma_t/\sqrt{\bar\alpha_{t-1}})\,z$ |
+# | DDPM, fixed small | $\sqrt{\tilde\beta_t}$ | DDIM with $\eta = 1$ (check (a)) |
+# | DDPM, fixed large | $\sqrt{\beta_t}$ | DDIM $\eta = 1$'s mean plus noise of standard deviation $\sqrt{\beta_t/\bar\alpha_{t-1}}$ |
+#
+# In the DDIM rows the noise level lands on $\bar\sigma_{t-1}$ exactly (were $\hat x_0$ and $\hat\epsilon$ the
+# true $x_0$ and $\epsilon$), whatever $\eta$; the fixed-large step overshoots it, to
+# $\sqrt{\bar\sigma_{t-1}^2 + (\beta_t - \tilde\beta_t)/\bar\alpha_{t-1}}$, so it is not a member of the family.
+# (On a subsequence, $\beta_t$ and $\tilde\beta_t$ are the respaced ones.)
+#
+# **Check** on random $x_t$ and network outputs: for each parameterisation, the package's $(\hat x_0,
+# \hat\epsilon)$ satisfy $\hat x_0 = \bar x_t - \bar\sigma_t\hat\epsilon$; and the package's $\eta = 0$ step,
+# divided by $\sqrt{\bar\alpha_{t-1}}$, is the Euler step of the ODE written with the denoiser,
+# $\bar x_t + (\bar\sigma_{t-1} - \bar\sigma_t)(\bar x_t - D)/\bar\sigma_t$.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for t in (1, 100, 999):
+    a_t, a_prev = ab_all[t].item(), ab_prev_all[t].item()
+    sig_t, sig_prev = math.sqrt((1 - a_t) / a_t), math.sqrt((1 - a_prev) / a_prev)    # sigma-bar: EDM's sigma
+    xt_v, out = torch.randn(2, 3, 1, 4, 4, generator=g_chk, dtype=torch.float64)
+    x_bar = xt_v / math.sqrt(a_t)
+    for prediction in ("eps", "x0", "v"):                                              # the first table
+        x0_hat, eps_hat = x0_eps_from_prediction(out, xt_v, prediction, a_t)
+        assert torch.allclose(x0_hat, x_bar - sig_t * eps_hat, atol=1e-9), (t, prediction)
+    euler = x_bar + (sig_prev - sig_t) * (x_bar - x0_hat) / sig_t                      # d x/d sigma = (x - D) / sigma
+    assert torch.allclose(ddim_step(x0_hat, eps_hat, a_prev) / math.sqrt(a_prev), euler, atol=1e-9), t
+
+# %% [markdown]
+# **In diffusers.** `diffusion_core.interop.from_diffusers(DDIMScheduler(...))` converts a scheduler to an
+# object whose `.sample(model, x_T, steps, eta)` reproduces diffusers' loop step for step, including a rule
+# of its own: `DDIMScheduler` always steps from $t$ to $t - \lfloor T/S \rfloor$, whatever the spacing.
+#
+# | this book | diffusers |
+# |---|---|
+# | `ddim_sample(model, diffusion, x_T, S, eta=eta)` | `DDIMScheduler`: `scheduler.set_timesteps(S)`, then `x = scheduler.step(eps, t, x, eta=eta).prev_sample` for each `t` |
+# | `spacing="uniform"`, `"leading"`, `"trailing"` | `timestep_spacing="linspace"`, `"leading"` (its default), `"trailing"` |
+# | the last step lands on $\bar\alpha = 1$, i.e. on $\hat x_0$ | `set_alpha_to_one=True` (`False`: on `alphas_cumprod[0]`) |
+# | `clip_denoised=True`, $\hat\epsilon$ re-derived from the clipped $\hat x_0$ | `clip_sample=True` with `use_clipped_model_output=True` (by default it keeps the network's $\hat\epsilon$) |
+# | `prediction="x0"`, `"v"` | `prediction_type="sample"`, `"v_prediction"` |
+# | `ddim_invert` | `DDIMInverseScheduler` |
+# | $\bar\sigma_t$, and the $\eta = 0$ step in $\bar x$ | `EulerDiscreteScheduler`: its `sigmas` are $\bar\sigma_t$, its samples $\bar x$; with the same timesteps its `step` is DDIM's $\eta = 0$ step |
 
 # %% [markdown]
 # ## 3. Chapter 01's model, sampled with DDIM
@@ -439,9 +533,9 @@ assert abs(ratio_s.mean().item() - 1) < 0.01 and abs(ratio_l.mean().item() * mat
 assert torch.allclose(slerp(z0, z1, 0.0), z0) and torch.allclose(slerp(z0, z1, 1.0), z1)
 
 # %%
-alphas = torch.linspace(0, 1, 9)
+weights = torch.linspace(0, 1, 9)                 # the interpolation weights
 ends = claim.noise(ddpm, 2, seed=4).cpu()
-paths = {"slerp": slerp(ends[:1], ends[1:], alphas), "lerp": lerp(ends[:1], ends[1:], alphas)}
+paths = {"slerp": slerp(ends[:1], ends[1:], weights), "lerp": lerp(ends[:1], ends[1:], weights)}
 fig, axes = plt.subplots(2, 1, figsize=(9, 3), layout="constrained")
 for ax, (name, z) in zip(axes, paths.items()):
     images = claim.generate(ddpm, z.to(x_T64.device), 50, 0.0, seed=0)

@@ -4,7 +4,8 @@ Chapter 01 (DDPM, Ho et al. 2020) defines the process; chapter 02 (Improved DDPM
 variances and L_hybrid; chapter 03 (DDIM) reuses the same quantities. Every derived quantity is
 computed once, in float64, and looked up per timestep with :meth:`GaussianDiffusion.at`.
 
-Notation: t in 0..T-1; x0 is data in [-1, 1]; xt ~ q(x_t | x_0); eps ~ N(0, I).
+Notation: t in 0..T-1; x0 is data in [-1, 1]; xt ~ q(x_t | x_0); eps ~ N(0, I). The array index t
+holds the paper's step t + 1 (chapter 01's notation box); the formulas below are the paper's, 1-based.
 
     q(x_t | x_0)          = N( sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I )                  (DDPM eq. 4)
     q(x_{t-1} | x_t, x_0) = N( mu_tilde_t(x_t, x_0), beta_tilde_t I )                         (DDPM eq. 6-7)

@@ -1,7 +1,10 @@
 """Ancestral sampling, DDPM Algorithm 2 (chapter 01).
 
     x_T ~ N(0, I)
-    for t = T-1, ..., 0:   x_{t-1} = mu_theta(x_t, t) + sigma_t z,   z ~ N(0, I) (z = 0 at the last step)
+    for t = T-1, ..., 0:   x <- mu_theta(x, t) + sigma_t z,   z ~ N(0, I) (z = 0 at the last step)
+
+t is the array index, which holds the paper's step t + 1 (chapter 01's notation box): the loop is the
+paper's x_{t-1} = mu_theta(x_t, t) + sigma_t z for t = T, ..., 1, and its last step gives x_0.
 
 With a respaced process (``diffusion.respace(...)``, chapter 02) the same loop runs in K steps.
 """
