@@ -182,14 +182,14 @@ explore(explore_schedules, T=(100, 4000, 100, 1000), s=(0.0, 0.05, 0.002, 0.008)
 # are the true reverse variance $\operatorname{Var}(x_{t-1} \mid x_t)$ for two extreme kinds of data:
 # $\tilde\beta_t$ if the data were a single point $x_0$, $\beta_t$ if the data were $\mathcal N(0, I)$.
 #
-# *Why:* take Gaussian data, $x_0 \sim \mathcal N(m, v_0 I)$ (variance $v_0$ per pixel). Then $x_{t-1}$ and
+# *Why:* take Gaussian data, $x_0 \sim \mathcal N(m, V_0 I)$ (variance $V_0$ per pixel). Then $x_{t-1}$ and
 # $x_t = \sqrt{\alpha_t}\,x_{t-1} + \sqrt{\beta_t}\,\epsilon$ are jointly Gaussian, with $V_{t-1} =
-# \operatorname{Var}(x_{t-1}) = \bar\alpha_{t-1}v_0 + 1 - \bar\alpha_{t-1}$, $\operatorname{Cov}(x_{t-1}, x_t) =
+# \operatorname{Var}(x_{t-1}) = \bar\alpha_{t-1}V_0 + 1 - \bar\alpha_{t-1}$, $\operatorname{Cov}(x_{t-1}, x_t) =
 # \sqrt{\alpha_t}\,V_{t-1}$ and $V_t = \alpha_t V_{t-1} + \beta_t$, and conditioning a Gaussian gives
 #
 # $$\operatorname{Var}(x_{t-1} \mid x_t) = V_{t-1} - \frac{\alpha_t V_{t-1}^2}{V_t} = \frac{\beta_t V_{t-1}}{\alpha_t V_{t-1} + \beta_t},$$
 #
-# which rises with $v_0$ from $\tilde\beta_t$ at $v_0 = 0$ to $\beta_t$ at $v_0 = 1$.
+# which rises with $V_0$ from $\tilde\beta_t$ at $V_0 = 0$ to $\beta_t$ at $V_0 = 1$.
 #
 # **Check** the formula at both ends and that it rises in between, at early, middle and late $t$.
 
@@ -221,8 +221,8 @@ for t_chk in (1, 10, 100, 500, 999):
 # $\beta_t$: $x_t$ sits between two modes and $x_{t-1}$ can fall towards either. What holds is a
 # statement about the *average* over $x_t$, the best variance that does not depend on $x_t$ (which is
 # what a fixed variance is). $\mathbb E_{x_t}\operatorname{Var}(x_0 \mid x_t)$ is at most the error of the
-# best *linear* estimate of $x_0$ from $x_t$, $v_0(1-\bar\alpha_t)/(\bar\alpha_t v_0 + 1 - \bar\alpha_t)$ for
-# per-pixel data variance $v_0$, which is at most $1 - \bar\alpha_t$ when $v_0 \le 1$; and $\tilde\beta_t +
+# best *linear* estimate of $x_0$ from $x_t$, $V_0(1-\bar\alpha_t)/(\bar\alpha_t V_0 + 1 - \bar\alpha_t)$ for
+# per-pixel data variance $V_0$, which is at most $1 - \bar\alpha_t$ when $V_0 \le 1$; and $\tilde\beta_t +
 # \tilde c_t^2(1-\bar\alpha_t) = \beta_t$. So for any data whose pixels have variance at most 1 (images in
 # $[-1, 1]$ do), the averaged reverse variance lies in $[\tilde\beta_t, \beta_t]$: that is the sense in
 # which Ho et al. (Sec. 3.2) call the two fixed choices extremes. (Bao et al.'s Analytic-DPM, ICLR 2022,
@@ -803,7 +803,7 @@ assert 2.0e4 < last_step["cosine"][2] < 2.1e4
 #    linear schedule at small $K$, and why?
 # 4. In the explorer, find the $s$ at which $\sqrt{\beta_0}$ equals one pixel bin $2/255$. What happens
 #    to the first term of the bound (the decoder $L_0$) if $s$ is much larger?
-# 5. In the reverse-variance check, let $v_0$ exceed 1. Where does $\operatorname{Var}(x_{t-1} \mid x_t)$ go?
+# 5. In the reverse-variance check, let $V_0$ exceed 1. Where does $\operatorname{Var}(x_{t-1} \mid x_t)$ go?
 #    Pixels in $[-1, 1]$ have variance at most 1, yet the $\pm 1$ check shows $\operatorname{Var}(x_{t-1} \mid x_t)$
 #    above $\beta_t$ at some $x_t$: why does the *averaged* variance still stay below $\beta_t$ (hint: the
 #    best linear estimate of $x_0$ from $x_t$), and which of the two is the one a fixed $\sigma_t^2$ should match?

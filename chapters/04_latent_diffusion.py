@@ -680,7 +680,7 @@ print(f"\n{t2i_result['n']} captions, {t2i_result['sampling_steps']} DDIM steps;
 #   samplers are unchanged.
 # - The KL-regularised autoencoder outputs a diagonal Gaussian; a tiny KL weight keeps the latent
 #   space tame without costing reconstruction quality; a large one blurs it.
-# - Latents are rescaled to unit variance ($s = 1/\hat\sigma$) so that the noise schedule means
+# - Latents are rescaled to unit variance (`scaling_factor` $= 1/\hat\sigma$) so that the noise schedule means
 #   what it was designed to mean.
 # - For the same training compute here, a latent space with moderate downsampling ($f = 4$) gives far
 #   better samples than pixel space, because each step is far cheaper and the model takes many more
