@@ -1,5 +1,6 @@
 """CLIP (chapter 05): shapes, the causal mask, pooling, the temperature and the contrastive loss."""
 
+import dataclasses
 import math
 
 import pytest
@@ -187,6 +188,37 @@ def test_vision_model_shapes(vision_cfg):
     assert out.image_embeds.shape == (2, 32)
     assert len(out.hidden_states) == vision_cfg.num_hidden_layers + 1
     torch.testing.assert_close(out.pooled, model.vision_model.post_layernorm(out.last_hidden_state[:, 0]))
+
+
+@pytest.mark.parametrize("tower", ["text", "vision"])
+def test_a_model_with_projection_is_its_tower_model_plus_the_projection(tower, text_cfg, vision_cfg):
+    """The *WithProjection models share their tower model's code: the same seeded tower weights, the
+    same outputs, plus the projection of the pooled output; without a projection_dim, an error before
+    anything is built."""
+    from diffusion_core.models import clip
+
+    cfg = text_cfg if tower == "text" else vision_cfg
+    plain_cls, proj_cls = ((CLIPTextModel, CLIPTextModelWithProjection) if tower == "text"
+                           else (CLIPVisionModel, CLIPVisionModelWithProjection))
+    torch.manual_seed(0)
+    plain = plain_cls(cfg)
+    torch.manual_seed(0)
+    proj = proj_cls(cfg)
+    name, embeds = ("text_projection", "text_embeds") if tower == "text" else ("visual_projection", "image_embeds")
+    assert list(proj.state_dict()) == list(plain.state_dict()) + [f"{name}.weight"]
+    assert all(torch.equal(v, proj.state_dict()[k]) for k, v in plain.state_dict().items())
+    x = ids_with_eos() if tower == "text" else torch.randn(2, 3, 16, 16)
+    a, b = plain(x), proj(x)
+    assert torch.equal(a.pooled, b.pooled) and getattr(a, embeds) is None
+    torch.testing.assert_close(getattr(b, embeds), getattr(proj, name)(b.pooled))
+    with pytest.raises(ValueError, match=f"{proj_cls.__name__} needs {type(cfg).__name__}.projection_dim"):
+        proj_cls(dataclasses.replace(cfg, projection_dim=None))
+    # the converters keep their public names (interop's registries resolve them by name)
+    for fn_name in ("text_model", "text_model_with_projection", "vision_model", "vision_model_with_projection",
+                    "clip_model"):
+        for suffix in ("_from_transformers", "_from_transformers_config"):
+            fn = getattr(clip, fn_name + suffix)
+            assert fn.__name__ == fn_name + suffix and fn.__doc__
 
 
 def test_vision_model_rejects_wrong_image_size(vision_cfg):

@@ -42,6 +42,7 @@ from ..recipes.digits import diffusion_for
 from ..samplers.ancestral import ddpm_sample
 from ..samplers.ddim import ddim_invert, ddim_sample
 from ..store import Stored, device_of, load
+from . import generation
 
 MODEL = "digits-ddpm"
 ETAS = (0.0, 0.5, 1.0)
@@ -101,20 +102,17 @@ def generate(stored: Stored, x_T: torch.Tensor, steps: int, eta: float | str, se
     profile = profile or current()
     diffusion = stored.diffusion
     tau = space_timesteps(diffusion.T, steps, "uniform")
-    g = torch.Generator(device=x_T.device).manual_seed(seed + 1)
+    g = torch.Generator(device=x_T.device).manual_seed(seed + 1)  # the sampling noise, apart from x_T's
     model = stored.model.eval()
-    out = []
-    for i in range(0, x_T.shape[0], batch):
-        x = x_T[i:i + batch]
-        with profile.autocast():
-            if eta == ANCESTRAL:
-                large = diffusion_for({**stored.config, "variance": "fixed_large"})
-                process = large if steps >= large.T else large.respace(tau)
-                y = ddpm_sample(model, process, x, generator=g, progress=progress)
-            else:
-                y = ddim_sample(model, diffusion, x, eta=float(eta), timesteps=tau, generator=g, progress=progress)
-        out.append(y.float().cpu())
-    return torch.cat(out)
+
+    def sample(x: torch.Tensor, _: Any) -> torch.Tensor:
+        if eta == ANCESTRAL:
+            large = diffusion_for({**stored.config, "variance": "fixed_large"})
+            process = large if steps >= large.T else large.respace(tau)
+            return ddpm_sample(model, process, x, generator=g, progress=progress)
+        return ddim_sample(model, diffusion, x, eta=float(eta), timesteps=tau, generator=g, progress=progress)
+
+    return generation.generate(sample, x_T, batch=batch, profile=profile)
 
 
 def fd_table(profile: Profile, seed: int = 0, progress: bool = True, evaluator: DigitEvaluator | None = None

@@ -19,6 +19,7 @@ from ..process.likelihood import bound_bpd
 from ..profiles import Profile, current
 from ..samplers.ancestral import ddpm_sample
 from ..store import Stored, load
+from . import generation
 
 PAPER = {"l_simple": {"fid": 3.17, "nll_bpd": 3.75}, "l_vlb": {"fid": 13.51, "nll_bpd": 3.70}}
 
@@ -51,13 +52,9 @@ def sample_digits(stored: Stored, n: int, steps: int, seed: int = 0, batch: int 
     dev = next(model.parameters()).device
     process = sampling_process(stored.diffusion, steps)
     R = stored.config["resolution"]
-    g = torch.Generator(device=dev).manual_seed(seed)
-    out = []
-    for i in range(0, n, batch):
-        x_T = torch.randn(min(batch, n - i), 1, R, R, generator=g, device=dev)
-        with profile.autocast():
-            out.append(ddpm_sample(model, process, x_T, generator=g, progress=progress).float().cpu())
-    return torch.cat(out)
+    g = torch.Generator(device=dev).manual_seed(seed)  # x_T per batch, then that batch's sampling noise
+    return generation.generate(lambda x_T, _: ddpm_sample(model, process, x_T, generator=g, progress=progress),
+                               generation.gaussian(g, (1, R, R), dev), batch=batch, n=n, profile=profile)
 
 
 def nll_settings(profile: Profile) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from ..recipes.guidance import DIGIT_P_UNCONDS, digits_recipe_name
 from ..samplers.ddim import ddim_sample
 from ..samplers.guidance import cfg_eps, check_scale
 from ..store import Stored, device_of, load
+from . import generation
 
 SCALES = (0.0, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
 
@@ -142,18 +143,16 @@ def sample_digits(stored: Stored, labels: torch.Tensor, scale: float, steps: int
     model = stored.model.eval()
     dev = device_of(model)
     R = stored.config["resolution"]
-    g = torch.Generator(device=dev).manual_seed(seed)
-    x_T = torch.randn(len(labels), 1, R, R, generator=g, device=dev)
+    x_T = generation.gaussian(torch.Generator(device=dev).manual_seed(seed), (1, R, R), dev)(len(labels))
     null = torch.tensor(stored.config["null_class"], device=dev)
     diffusion = stored.diffusion
-    out = []
-    for i in range(0, len(labels), batch):
-        y = labels[i:i + batch].to(dev)
-        with profile.autocast():
-            x0 = guided_sample(_float_out(model), diffusion, x_T[i:i + batch], y, null, scale, steps, clip_denoised=True,
-                               progress=progress)
-        out.append(x0.float().cpu())
-    return torch.cat(out)
+
+    def sample(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return guided_sample(_float_out(model), diffusion, x, y, null, scale, steps, clip_denoised=True,
+                             progress=progress)
+
+    return generation.generate(sample, x_T, batch=batch, profile=profile,
+                               condition=lambda i, j: labels[i:j].to(dev))
 
 
 # --------------------------------------------------------------------------------------------------

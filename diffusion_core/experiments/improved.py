@@ -41,6 +41,7 @@ from ..process.schedules import cosine_betas, linear_betas
 from ..profiles import Profile, current
 from ..samplers.ancestral import ddpm_sample
 from ..store import Stored, device_of, load
+from . import generation
 from .ddpm import heldout_bound, mean_stderr, nll_settings
 
 #: the three ways of sampling compared over K: variance -> the stored model that is sampled
@@ -227,13 +228,10 @@ def ancestral(stored: Stored, process: GaussianDiffusion, n: int, seed: int = 0,
     profile = profile or current()
     model, dev = stored.model.eval(), device_of(stored)
     R = stored.config["resolution"]
-    g = torch.Generator(device=dev).manual_seed(seed)
-    x_T = torch.randn(n, 1, R, R, generator=g, device=dev)
-    out = []
-    for i in range(0, n, batch):
-        with profile.autocast():
-            out.append(ddpm_sample(model, process, x_T[i:i + batch], generator=g, progress=progress).float().cpu())
-    return torch.cat(out)
+    g = torch.Generator(device=dev).manual_seed(seed)  # all of x_T first, then the sampling noise
+    x_T = generation.gaussian(g, (1, R, R), dev)(n)
+    return generation.generate(lambda x, _: ddpm_sample(model, process, x, generator=g, progress=progress),
+                               x_T, batch=batch, profile=profile)
 
 
 def sample(stored: Stored, variance: str, K: int, n: int, seed: int = 0, batch: int = 500,

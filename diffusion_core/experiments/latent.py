@@ -30,6 +30,7 @@ from ..recipes import latent as R
 from ..samplers.ddim import ddim_sample
 from ..samplers.guidance import cfg_eps, check_scale
 from ..store import Stored, device_of, load
+from . import generation
 
 PAPER = {
     # Fig. 6 (class-conditional ImageNet, FID and IS over 2M training steps, same steps and parameters
@@ -86,17 +87,13 @@ def generate(model: torch.nn.Module, vae: AutoencoderKL | None, f: int, resoluti
     profile = profile or current()
     process = process or R.latent_diffusion()
     model.eval()
-    dev = device_of(model)
-    shape = R.latent_shape(f, resolution)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, n, batch):
-        x_T = torch.randn(min(batch, n - i), *shape, generator=g).to(dev)
-        with profile.autocast():
-            x0 = ddim_sample(model, process, x_T, steps, eta=0.0, clip_denoised=(f == 1),
-                             progress=progress, model_kwargs=model_kwargs).float()
-        out.append(decode(vae, x0.cpu()))
-    return torch.cat(out)
+    x_T = generation.gaussian(torch.Generator().manual_seed(seed), R.latent_shape(f, resolution), device_of(model))
+
+    def sample(x: torch.Tensor, _: Any) -> torch.Tensor:
+        return ddim_sample(model, process, x, steps, eta=0.0, clip_denoised=(f == 1), progress=progress,
+                           model_kwargs=model_kwargs)
+
+    return generation.generate(sample, x_T, batch=batch, n=n, profile=profile, decode=lambda x0: decode(vae, x0))
 
 
 @torch.no_grad()
@@ -191,23 +188,22 @@ def generate_from_captions(stored: Stored, vae: AutoencoderKL, captions: list[st
     scale = check_scale(scale)
     model = stored.model.eval()
     c = stored.config
-    dev = device_of(model)
-    shape = R.latent_shape(c["f"], c["resolution"])
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, len(captions), batch):
-        ctx, null = encode_captions(stored, captions[i:i + batch])
-        x_T = torch.randn(len(ctx), *shape, generator=g).to(dev)
+    x_T = generation.gaussian(torch.Generator().manual_seed(seed), R.latent_shape(c["f"], c["resolution"]),
+                              device_of(model))
 
-        def eps(x, t, ctx=ctx, null=null):
+    def sample(x: torch.Tensor, states: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ctx, null = states
+
+        def eps(x, t):
             # the network may run in bf16; the guided combination is done in float32
             return cfg_eps(lambda xx, tt, cc: model(xx, tt, context=cc).float(), x, t, ctx, null, scale)
 
-        with profile.autocast():
-            z0 = ddim_sample(eps, stored.diffusion, x_T, steps, eta=0.0, clip_denoised=False,
-                             progress=progress).float()
-        out.append(decode(vae, z0.cpu()))
-    return torch.cat(out)
+        return ddim_sample(eps, stored.diffusion, x, steps, eta=0.0, clip_denoised=False, progress=progress)
+
+    # each batch's caption states in float32 (outside autocast), before its x_T
+    return generation.generate(sample, x_T, batch=batch, n=len(captions), profile=profile,
+                               condition=lambda i, j: encode_captions(stored, captions[i:j]),
+                               decode=lambda z0: decode(vae, z0))
 
 
 def _per_attribute(evaluator: ShapesEvaluator, images: torch.Tensor, scenes) -> dict[str, float]:

@@ -40,7 +40,7 @@ are simply ``0..N-1``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -152,36 +152,18 @@ class CLIPTextConfig:
         """The text encoder of openai/clip-vit-large-patch14 (Stable Diffusion 1.5's text encoder):
         width 768, 12 layers, 12 heads, context 77, quick-GELU; its public config has the legacy
         ``eos_token_id == 2``, hence ``pooling="argmax"``."""
-        return cls(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            eos_token_id=2,
-            pooling="argmax",
-            projection_dim=768,
-        )
+        return cls(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=2,
+                   pooling="argmax", projection_dim=768)
 
     @classmethod
     def tiny(cls, **overrides: object) -> CLIPTextConfig:
         """A small text encoder for tests and the shapes-world chapter. Override any field, e.g.
         ``vocab_size=tokenizer.vocab_size``; ``eos_token_id=2`` is :class:`WordTokenizer`'s ``<end>``
         (pooling is by ``"eos"`` here, not the legacy argmax rule)."""
-        base = cls(
-            vocab_size=64,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            hidden_act="quick_gelu",
-            eos_token_id=2,
-            pooling="eos",
-            projection_dim=32,
-        )
+        base = cls(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=16, hidden_act="quick_gelu", eos_token_id=2, pooling="eos",
+                   projection_dim=32)
         return replace(base, **overrides)
 
 
@@ -220,30 +202,14 @@ class CLIPVisionConfig:
     def vit_l14(cls) -> CLIPVisionConfig:
         """The image encoder of openai/clip-vit-large-patch14: 224 px, 14 px patches (16 x 16 = 256 of
         them), width 1024, 24 layers, 16 heads, projected to 768."""
-        return cls(
-            image_size=224,
-            patch_size=14,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-        )
+        return cls(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                   num_attention_heads=16, hidden_act="quick_gelu", projection_dim=768)
 
     @classmethod
     def tiny(cls, **overrides: object) -> CLIPVisionConfig:
         """A small ViT for tests and the shapes-world chapter: 32 px images, 4 px patches (64 tokens)."""
-        base = cls(
-            image_size=32,
-            patch_size=4,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            hidden_act="quick_gelu",
-            projection_dim=32,
-        )
+        base = cls(image_size=32, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, hidden_act="quick_gelu", projection_dim=32)
         return replace(base, **overrides)
 
 
@@ -504,6 +470,28 @@ class CLIPTextTransformer(nn.Module):
         )
 
 
+class _WithProjection:
+    """What a ``*WithProjection`` model adds to its tower's model (:class:`CLIPTextModel`,
+    :class:`CLIPVisionModel`): the bias-free projection D -> P named ``_proj_attr`` (the checkpoints'
+    ``text_projection`` / ``visual_projection``), initialised with std ``D^-1/2`` after the tower, and its
+    output ``W pooled`` in the output field ``_embeds_attr`` (``text_embeds`` / ``image_embeds``)."""
+
+    _proj_attr: str
+    _embeds_attr: str
+
+    def __init__(self, config: CLIPTextConfig | CLIPVisionConfig):
+        if config.projection_dim is None:  # before the tower is built
+            raise ValueError(f"{type(self).__name__} needs {type(config).__name__}.projection_dim")
+        super().__init__(config)
+        proj = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        nn.init.normal_(proj.weight, std=config.hidden_size**-0.5)
+        setattr(self, self._proj_attr, proj)
+
+    def _project(self, out: CLIPTextOutput | CLIPVisionOutput) -> CLIPTextOutput | CLIPVisionOutput:
+        setattr(out, self._embeds_attr, getattr(self, self._proj_attr)(out.pooled))
+        return out
+
+
 class CLIPTextModel(nn.Module):
     """The text encoder alone (Stable Diffusion's ``text_encoder``). (B, N) ids -> :class:`CLIPTextOutput`
     with ``last_hidden_state`` (B, N, D) and ``pooled`` (B, D)."""
@@ -513,15 +501,13 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> CLIPTextOutput:
-        return self.text_model(
-            input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
-        )
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> CLIPTextOutput:
+        out = self.text_model(input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+        return self._project(out)
+
+    def _project(self, out: CLIPTextOutput) -> CLIPTextOutput:
+        return out  # no projection (CLIPTextModelWithProjection adds text_embeds)
 
     def conditioning(self, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
         """The (B, N, D) states a diffusion UNet cross-attends to. ``clip_skip=0``: ``last_hidden_state``;
@@ -536,30 +522,11 @@ class CLIPTextModel(nn.Module):
         return self.text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
 
 
-class CLIPTextModelWithProjection(nn.Module):
+class CLIPTextModelWithProjection(_WithProjection, CLIPTextModel):
     """The text encoder and ``text_projection`` (D -> P, no bias): ``text_embeds`` (B, P) =
     ``W_t pooled``."""
 
-    def __init__(self, config: CLIPTextConfig):
-        super().__init__()
-        if config.projection_dim is None:
-            raise ValueError("CLIPTextModelWithProjection needs CLIPTextConfig.projection_dim")
-        self.config = config
-        self.text_model = CLIPTextTransformer(config)
-        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
-        nn.init.normal_(self.text_projection.weight, std=config.hidden_size**-0.5)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> CLIPTextOutput:
-        out = self.text_model(
-            input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
-        )
-        out.text_embeds = self.text_projection(out.pooled)
-        return out
+    _proj_attr, _embeds_attr = "text_projection", "text_embeds"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -629,26 +596,17 @@ class CLIPVisionModel(nn.Module):
         self.vision_model = CLIPVisionTransformer(config)
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> CLIPVisionOutput:
-        return self.vision_model(pixel_values, output_hidden_states=output_hidden_states)
+        return self._project(self.vision_model(pixel_values, output_hidden_states=output_hidden_states))
+
+    def _project(self, out: CLIPVisionOutput) -> CLIPVisionOutput:
+        return out  # no projection (CLIPVisionModelWithProjection adds image_embeds)
 
 
-class CLIPVisionModelWithProjection(nn.Module):
+class CLIPVisionModelWithProjection(_WithProjection, CLIPVisionModel):
     """The image encoder and ``visual_projection`` (D -> P, no bias): ``image_embeds`` (B, P) =
     ``W_i pooled`` (IP-Adapter's image prompt)."""
 
-    def __init__(self, config: CLIPVisionConfig):
-        super().__init__()
-        if config.projection_dim is None:
-            raise ValueError("CLIPVisionModelWithProjection needs CLIPVisionConfig.projection_dim")
-        self.config = config
-        self.vision_model = CLIPVisionTransformer(config)
-        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
-        nn.init.normal_(self.visual_projection.weight, std=config.hidden_size**-0.5)
-
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> CLIPVisionOutput:
-        out = self.vision_model(pixel_values, output_hidden_states=output_hidden_states)
-        out.image_embeds = self.visual_projection(out.pooled)
-        return out
+    _proj_attr, _embeds_attr = "visual_projection", "image_embeds"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -842,47 +800,70 @@ def _sub_config(c: Mapping[str, Any], name: str) -> dict[str, Any]:
     return dict(sub)
 
 
+def _config_kwargs(c: Mapping[str, Any], keys: tuple[str, ...], projection_dim: int | None) -> dict[str, Any]:
+    """The fields ``keys`` a transformers config dict sets (a missing or None key keeps our default,
+    which is transformers' default) and ``projection_dim`` (given, else the dict's own, else 512)."""
+    kw = {k: c[k] for k in keys if c.get(k) is not None}
+    kw["projection_dim"] = projection_dim if projection_dim is not None else c.get("projection_dim", 512)
+    return kw
+
+
 def text_config_from_transformers(c: Mapping[str, Any], projection_dim: int | None = None) -> CLIPTextConfig:
     """Our :class:`CLIPTextConfig` from a transformers ``CLIPTextConfig`` as a dict (``config.to_dict()``
     or a ``config.json``). A key the file leaves out takes transformers' default, which is this
     dataclass's default. ``projection_dim``: the CLIPModel's shared size (default: the dict's own)."""
-    c = dict(c)
-    kw = {k: c[k] for k in _TEXT_KEYS if c.get(k) is not None}
+    kw = _config_kwargs(c, _TEXT_KEYS, projection_dim)
+    # transformers' rule: the legacy eos_token_id == 2 means "argmax of the ids"
     eos = int(kw.get("eos_token_id", CLIPTextConfig.eos_token_id))
-    return CLIPTextConfig(
-        **kw,
-        # transformers' rule: the legacy eos_token_id == 2 means "argmax of the ids"
-        pooling="argmax" if eos == 2 else "eos",
-        projection_dim=projection_dim if projection_dim is not None else c.get("projection_dim", 512),
-    )
+    return CLIPTextConfig(**kw, pooling="argmax" if eos == 2 else "eos")
 
 
 def vision_config_from_transformers(c: Mapping[str, Any], projection_dim: int | None = None) -> CLIPVisionConfig:
     """Our :class:`CLIPVisionConfig` from a transformers ``CLIPVisionConfig`` as a dict (defaults as above)."""
-    c = dict(c)
-    kw = {k: c[k] for k in _VISION_KEYS if c.get(k) is not None}
-    return CLIPVisionConfig(**kw, projection_dim=projection_dim if projection_dim is not None
-                            else c.get("projection_dim", 512))
+    return CLIPVisionConfig(**_config_kwargs(c, _VISION_KEYS, projection_dim))
 
 
-def text_model_from_transformers_config(c: Mapping[str, Any]) -> CLIPTextModel:
-    """An (untrained) :class:`CLIPTextModel` for a transformers ``CLIPTextModel`` config dict."""
-    return CLIPTextModel(text_config_from_transformers(c))
+def _tower_from_config(model_class: type[nn.Module], config_from: Callable[[Mapping[str, Any]], Any], name: str
+                       ) -> Callable[[Mapping[str, Any]], nn.Module]:
+    """``name(c)``: an (untrained) ``model_class`` for a transformers config dict of the class of that name."""
+
+    def from_config(c: Mapping[str, Any]) -> nn.Module:
+        return model_class(config_from(c))
+
+    from_config.__name__ = from_config.__qualname__ = name
+    from_config.__doc__ = (f"An (untrained) :class:`{model_class.__name__}` for a transformers "
+                           f"``{model_class.__name__}`` config dict.")
+    return from_config
 
 
-def text_model_with_projection_from_transformers_config(c: Mapping[str, Any]) -> CLIPTextModelWithProjection:
-    """An (untrained) :class:`CLIPTextModelWithProjection` for a transformers config dict."""
-    return CLIPTextModelWithProjection(text_config_from_transformers(c))
+def _from_transformers(from_config: Callable[[Mapping[str, Any]], nn.Module], transformers_class: str
+                       ) -> Callable[[nn.Module], nn.Module]:
+    """The converter ``from_config`` minus ``_config``: transformers ``transformers_class`` -> our model
+    (``from_config`` of its config) with the same weights, dtype, device and train/eval mode."""
+
+    def convert(obj: nn.Module) -> nn.Module:
+        ours = from_config(obj.config.to_dict())
+        load_clip_state_dict(ours, obj.state_dict(), what=f"transformers {type(obj).__name__}")
+        param = next(obj.parameters(), None)
+        if param is not None:
+            ours.to(dtype=param.dtype, device=param.device)
+        return ours.train(obj.training)
+
+    convert.__name__ = convert.__qualname__ = from_config.__name__.removesuffix("_config")
+    convert.__doc__ = f"transformers ``{transformers_class}`` -> :class:`{transformers_class}` with the same weights."
+    return convert
 
 
-def vision_model_from_transformers_config(c: Mapping[str, Any]) -> CLIPVisionModel:
-    """An (untrained) :class:`CLIPVisionModel` for a transformers ``CLIPVisionModel`` config dict."""
-    return CLIPVisionModel(vision_config_from_transformers(c))
-
-
-def vision_model_with_projection_from_transformers_config(c: Mapping[str, Any]) -> CLIPVisionModelWithProjection:
-    """An (untrained) :class:`CLIPVisionModelWithProjection` for a transformers config dict."""
-    return CLIPVisionModelWithProjection(vision_config_from_transformers(c))
+# transformers config dict -> our untrained model (interop.FROM_CONFIG), one per class
+text_model_from_transformers_config = _tower_from_config(
+    CLIPTextModel, text_config_from_transformers, "text_model_from_transformers_config")
+text_model_with_projection_from_transformers_config = _tower_from_config(
+    CLIPTextModelWithProjection, text_config_from_transformers, "text_model_with_projection_from_transformers_config")
+vision_model_from_transformers_config = _tower_from_config(
+    CLIPVisionModel, vision_config_from_transformers, "vision_model_from_transformers_config")
+vision_model_with_projection_from_transformers_config = _tower_from_config(
+    CLIPVisionModelWithProjection, vision_config_from_transformers,
+    "vision_model_with_projection_from_transformers_config")
 
 
 def clip_model_from_transformers_config(c: Mapping[str, Any]) -> CLIPModel:
@@ -893,34 +874,11 @@ def clip_model_from_transformers_config(c: Mapping[str, Any]) -> CLIPModel:
                      vision_config_from_transformers(_sub_config(c, "vision_config"), P))
 
 
-def _finish(ours: nn.Module, theirs: nn.Module) -> nn.Module:
-    load_clip_state_dict(ours, theirs.state_dict(), what=f"transformers {type(theirs).__name__}")
-    param = next(theirs.parameters(), None)
-    if param is not None:
-        ours.to(dtype=param.dtype, device=param.device)
-    return ours.train(theirs.training)
-
-
-def text_model_from_transformers(obj: nn.Module) -> CLIPTextModel:
-    """transformers ``CLIPTextModel`` -> :class:`CLIPTextModel` with the same weights."""
-    return _finish(text_model_from_transformers_config(obj.config.to_dict()), obj)
-
-
-def text_model_with_projection_from_transformers(obj: nn.Module) -> CLIPTextModelWithProjection:
-    """transformers ``CLIPTextModelWithProjection`` -> :class:`CLIPTextModelWithProjection`."""
-    return _finish(text_model_with_projection_from_transformers_config(obj.config.to_dict()), obj)
-
-
-def vision_model_from_transformers(obj: nn.Module) -> CLIPVisionModel:
-    """transformers ``CLIPVisionModel`` -> :class:`CLIPVisionModel`."""
-    return _finish(vision_model_from_transformers_config(obj.config.to_dict()), obj)
-
-
-def vision_model_with_projection_from_transformers(obj: nn.Module) -> CLIPVisionModelWithProjection:
-    """transformers ``CLIPVisionModelWithProjection`` -> :class:`CLIPVisionModelWithProjection`."""
-    return _finish(vision_model_with_projection_from_transformers_config(obj.config.to_dict()), obj)
-
-
-def clip_model_from_transformers(obj: nn.Module) -> CLIPModel:
-    """transformers ``CLIPModel`` -> :class:`CLIPModel` (both towers, projections, ``logit_scale``)."""
-    return _finish(clip_model_from_transformers_config(obj.config.to_dict()), obj)
+# a transformers object -> our model with its weights (interop.TRANSFORMERS), one per class
+text_model_from_transformers = _from_transformers(text_model_from_transformers_config, "CLIPTextModel")
+text_model_with_projection_from_transformers = _from_transformers(
+    text_model_with_projection_from_transformers_config, "CLIPTextModelWithProjection")
+vision_model_from_transformers = _from_transformers(vision_model_from_transformers_config, "CLIPVisionModel")
+vision_model_with_projection_from_transformers = _from_transformers(
+    vision_model_with_projection_from_transformers_config, "CLIPVisionModelWithProjection")
+clip_model_from_transformers = _from_transformers(clip_model_from_transformers_config, "CLIPModel")

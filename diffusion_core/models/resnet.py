@@ -29,6 +29,17 @@ def _check_groups(name: str, channels: int, groups: int) -> None:
         raise ValueError(f"{name}: {channels} channels are not divisible into {groups} groups for GroupNorm")
 
 
+def check_block_channels(who: str, block_out_channels: tuple[int, ...], norm_num_groups: int) -> None:
+    """A UNet's or autoencoder's block widths: all positive, and each divisible by ``norm_num_groups``
+    (every block's GroupNorm splits its channels into that many groups); a ValueError naming ``who``."""
+    if any(int(c) < 1 for c in block_out_channels):
+        raise ValueError(f"{who}: block_out_channels must all be positive, got {block_out_channels}")
+    bad = [c for c in block_out_channels if c % norm_num_groups]
+    if bad:
+        raise ValueError(f"{who}: block_out_channels {block_out_channels} are not all divisible by "
+                         f"norm_num_groups={norm_num_groups} ({bad[0]} is not)")
+
+
 def _check_input(name: str, x: torch.Tensor, channels: int) -> None:
     if x.ndim != 4 or x.shape[1] != channels:
         raise ValueError(f"{name} expects (B, {channels}, H, W), got {tuple(x.shape)}")

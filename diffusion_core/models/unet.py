@@ -26,7 +26,6 @@ state dict loads with no renaming: :func:`from_diffusers_unet2d` converts a diff
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,8 @@ from torch import nn
 
 from .attention import Attention
 from .embeddings import TimestepEmbedding, Timesteps
-from .resnet import ResnetBlock2D
-from .unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D, run_up_path
+from .resnet import ResnetBlock2D, check_block_channels
+from .unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D, check_efficient_options, run_up_path
 
 DOWN_BLOCK_TYPES = {"DownBlock2D": False, "AttnDownBlock2D": True}  # name -> has attention
 UP_BLOCK_TYPES = {"UpBlock2D": False, "AttnUpBlock2D": True}
@@ -176,23 +175,11 @@ class UNetConfig:
                                  f"are {levels} blocks")
         if min(self.layers) < 1:
             raise ValueError(f"UNetConfig: layers_per_block must be positive, got {self.layers_per_block}")
-        if isinstance(self.skip_scale, bool) or not isinstance(self.skip_scale, (int, float)) \
-                or not math.isfinite(self.skip_scale) or self.skip_scale <= 0:
-            raise ValueError(f"UNetConfig: skip_scale must be a positive number (Imagen: 1/sqrt(2)), "
-                             f"got {self.skip_scale!r}")
-        if not isinstance(self.downsample_first, bool):
-            raise ValueError(f"UNetConfig: downsample_first must be a bool, got {self.downsample_first!r}")
+        check_efficient_options("UNetConfig", self.skip_scale, self.downsample_first)
         for name in ("attention_head_dim", "attn_norm_num_groups"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"UNetConfig: {name} must be positive (or None), got {getattr(self, name)}")
-        if any(int(ch) < 1 for ch in self.block_out_channels):
-            raise ValueError(f"UNetConfig: block_out_channels must all be positive, got {self.block_out_channels}")
-        for ch in self.block_out_channels:
-            if ch % self.norm_num_groups != 0:
-                raise ValueError(
-                    f"UNetConfig: block_out_channels {self.block_out_channels}: {ch} channels are not "
-                    f"divisible by norm_num_groups={self.norm_num_groups}"
-                )
+        check_block_channels("UNetConfig", self.block_out_channels, self.norm_num_groups)
         mid_groups = self.mid_attn_groups
         if mid_groups is not None and self.block_out_channels[-1] % mid_groups != 0:
             raise ValueError(

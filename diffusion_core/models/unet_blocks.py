@@ -50,6 +50,7 @@ blocks (chapter 13), both off by default, so every diffusers checkpoint builds a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,6 +62,17 @@ from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 ResnetFactory = Callable[..., ResnetBlock2D]      # (in_channels, out_channels, scale=None, **resample) -> block
 AttentionFactory = Callable[[int], nn.Module]     # channels -> attention layer
+
+
+def check_efficient_options(who: str, skip_scale: float, downsample_first: bool) -> None:
+    """The Efficient U-Net options of a UNet config (``UpBlock2D(skip_scale)``,
+    ``DownBlock2D(downsample_first)``): a positive finite number and a bool; a ValueError naming ``who``."""
+    if isinstance(skip_scale, bool) or not isinstance(skip_scale, (int, float)) \
+            or not math.isfinite(skip_scale) or skip_scale <= 0:
+        raise ValueError(f"{who}: skip_scale must be a positive number (Imagen: 1/sqrt(2) = "
+                         f"{2 ** -0.5:.4f}), got {skip_scale!r}")
+    if not isinstance(downsample_first, bool):
+        raise ValueError(f"{who}: downsample_first must be a bool, got {downsample_first!r}")
 
 
 def _attend(attn: nn.Module, h: torch.Tensor, cross: bool, ctx: torch.Tensor | None,

@@ -37,7 +37,6 @@ Parameter names follow diffusers' ``UNet2DConditionModel`` so its checkpoints lo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,9 +46,9 @@ from torch import nn
 
 from .attention import Attention
 from .embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps
-from .resnet import ResnetBlock2D, activation
+from .resnet import ResnetBlock2D, activation, check_block_channels
 from .transformer import Transformer2DModel, check_context
-from .unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D, run_up_path
+from .unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D, check_efficient_options, run_up_path
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D", "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D", "ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D")
@@ -63,31 +62,23 @@ ADDITION_EMBED_TYPES = (None, "text")
 ENCODER_HID_DIM_TYPES = (None, "text_proj")
 
 
-def _per_block_bool(value: bool | Sequence[bool], n: int, name: str) -> tuple[bool, ...]:
-    if isinstance(value, bool):
+def _per_block(value: Any, n: int, name: str, one: tuple[type, ...] = (int,),
+               item: Callable[[Any], Any] = int) -> tuple[Any, ...]:
+    """A config value given once (an instance of ``one``) or per block: ``n`` values, each ``item(v)``."""
+    if isinstance(value, one):
         return (value,) * n
-    value = tuple(bool(v) for v in value)
+    value = tuple(item(v) for v in value)
     if len(value) != n:
         raise ValueError(f"CondUNetConfig: {name} has {len(value)} entries but there are {n} blocks")
     return value
+
+
+def _per_block_bool(value: bool | Sequence[bool], n: int, name: str) -> tuple[bool, ...]:
+    return _per_block(value, n, name, (bool,), bool)
 
 
 def _per_block_opt(value: int | None | Sequence[int | None], n: int, name: str) -> tuple[int | None, ...]:
-    if value is None or isinstance(value, int):
-        return (value,) * n
-    value = tuple(None if v is None else int(v) for v in value)
-    if len(value) != n:
-        raise ValueError(f"CondUNetConfig: {name} has {len(value)} entries but there are {n} blocks")
-    return value
-
-
-def _per_block(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
-    value = tuple(int(v) for v in value)
-    if len(value) != n:
-        raise ValueError(f"CondUNetConfig: {name} has {len(value)} entries but there are {n} blocks")
-    return value
+    return _per_block(value, n, name, (int, type(None)), lambda v: None if v is None else int(v))
 
 
 @dataclass
@@ -283,14 +274,7 @@ class CondUNetConfig:
         for name in ("in_channels", "out_channels", "norm_num_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CondUNetConfig: {name} must be positive, got {getattr(self, name)}")
-        if min(self.block_out_channels) < 1:
-            raise ValueError(f"CondUNetConfig: block_out_channels must all be positive, got {self.block_out_channels}")
-        for c in self.block_out_channels:
-            if c % self.norm_num_groups:
-                raise ValueError(
-                    f"CondUNetConfig: block_out_channels {self.block_out_channels} are not all divisible by "
-                    f"norm_num_groups={self.norm_num_groups}"
-                )
+        check_block_channels("CondUNetConfig", self.block_out_channels, self.norm_num_groups)
         heads = _per_block(self.num_attention_heads, n, "num_attention_heads")
         if uses_cross and min(heads) < 1:
             raise ValueError(f"CondUNetConfig: num_attention_heads must be positive, got {self.num_attention_heads}")
@@ -300,12 +284,7 @@ class CondUNetConfig:
         if min(_per_block(self.layers_per_block, n, "layers_per_block")) < 1:
             raise ValueError(f"CondUNetConfig: layers_per_block must all be positive, got {self.layers_per_block}")
         _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
-        if isinstance(self.skip_scale, bool) or not isinstance(self.skip_scale, (int, float)) \
-                or not math.isfinite(self.skip_scale) or self.skip_scale <= 0:
-            raise ValueError(f"CondUNetConfig: skip_scale must be a positive number (Imagen: 1/sqrt(2) = "
-                             f"{2 ** -0.5:.4f}), got {self.skip_scale!r}")
-        if not isinstance(self.downsample_first, bool):
-            raise ValueError(f"CondUNetConfig: downsample_first must be a bool, got {self.downsample_first!r}")
+        check_efficient_options("CondUNetConfig", self.skip_scale, self.downsample_first)
 
     def _check_pixel_family(self, n: int) -> None:
         """The options of the GLIDE / unCLIP / IF family: each a ValueError naming the field."""

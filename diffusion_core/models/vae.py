@@ -29,7 +29,7 @@ from torch import nn
 
 from ..distributed import batch_randn
 from .attention import Attention
-from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from .resnet import Downsample2D, ResnetBlock2D, Upsample2D, check_block_channels
 
 
 @dataclass
@@ -84,14 +84,7 @@ class VAEConfig:
         for name in ("in_channels", "out_channels", "latent_channels", "norm_num_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"VAEConfig: {name} must be positive, got {getattr(self, name)}")
-        if min(self.block_out_channels) < 1:
-            raise ValueError(f"VAEConfig: block_out_channels must all be positive, got {self.block_out_channels}")
-        for c in self.block_out_channels:
-            if c % self.norm_num_groups:
-                raise ValueError(
-                    f"VAEConfig: block_out_channels {self.block_out_channels} are not all divisible by "
-                    f"norm_num_groups={self.norm_num_groups}"
-                )
+        check_block_channels("VAEConfig", self.block_out_channels, self.norm_num_groups)
         if self.layers_per_block < 1:
             raise ValueError(f"VAEConfig: layers_per_block must be >= 1, got {self.layers_per_block}")
 
