@@ -343,3 +343,10 @@ def test_gaussian_draws_on_the_generators_device_in_the_sizes_asked():
     g = torch.Generator().manual_seed(0)
     assert torch.equal(a, torch.randn(4, 2, 3, generator=g)) and torch.equal(b, torch.randn(1, 2, 3, generator=g))
     assert not torch.equal(torch.cat([a, b]), torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0)))
+
+
+def test_generate_refuses_a_batch_that_is_not_a_positive_int():
+    from diffusion_core.experiments.generation import generate
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="batch"):
+            generate(lambda x, c: x, torch.zeros(3, 1), batch=bad)

@@ -51,6 +51,8 @@ def generate(sample: Sampler, x_T: torch.Tensor | Callable[[int], torch.Tensor],
     slice (``n`` defaults to its length) or a function ``draw(k)`` called once per batch (``n``
     required)."""
     profile = profile or current()
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"generate: batch must be a positive int, got {batch!r}")
     if callable(x_T):
         if n is None:
             raise TypeError("generate: n is required when x_T is drawn per batch")
