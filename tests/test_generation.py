@@ -13,7 +13,6 @@ from torch import nn
 
 from diffusion_core import store
 from diffusion_core.experiments import ddim, ddpm, generation, guidance, improved, latent
-from diffusion_core.experiments.guidance import _float_out, guided_sample
 from diffusion_core.process.respacing import space_timesteps
 from diffusion_core.profiles import Profile, current
 from diffusion_core.recipes import guidance as G
@@ -21,7 +20,8 @@ from diffusion_core.recipes import latent as R
 from diffusion_core.recipes.digits import diffusion_for
 from diffusion_core.samplers.ancestral import ddpm_sample
 from diffusion_core.samplers.ddim import ddim_sample
-from diffusion_core.samplers.guidance import cfg_eps, check_scale
+from diffusion_core.samplers.guidance import cfg_eps, check_scale, guided_sample
+from diffusion_core.samplers.guidance import float_output as _float_out
 from diffusion_core.store import device_of
 
 CPU = Profile("cpu", torch.device("cpu"))

@@ -31,13 +31,10 @@ import torch
 
 from ..evaluate.digits import DigitEvaluator, digit_evaluator
 from ..evaluate.frechet import feature_stats, frechet_distance_from_stats
-from ..process.gaussian import GaussianDiffusion
-from ..process.thresholding import ThresholdLike, resolve_threshold
 from ..profiles import Profile, current
 from ..recipes import latent as latent_recipes
 from ..recipes.guidance import DIGIT_P_UNCONDS, digits_recipe_name
-from ..samplers.ddim import ddim_sample
-from ..samplers.guidance import cfg_eps, check_scale
+from ..samplers.guidance import cfg_eps, check_scale, float_output, guided_sample  # noqa: F401 (chapter 06 prints guided_sample)
 from ..store import Stored, device_of, load
 from . import generation
 
@@ -95,36 +92,6 @@ def shapes_sample_count(profile: Profile) -> int:
 # --------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def guided_sample(model_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], diffusion: GaussianDiffusion,
-                  x_T: torch.Tensor, cond: Any, null_cond: Any, scale: float, steps: int, eta: float = 0.0,
-                  generator: torch.Generator | None = None, progress: bool = False, *,
-                  clip_denoised: bool | None = None, threshold: ThresholdLike = None) -> torch.Tensor:
-    """DDIM from ``x_T`` with the guided noise prediction eps_u + s (eps_c - eps_u) at every step
-    (``cfg_eps``: one batched forward of [null; cond]). ``clip_denoised`` is the data's choice, with no
-    default: True clips each x0 estimate to [-1, 1] (images), False leaves it (a 2-D toy spread to +-2);
-    or ``threshold`` instead ("none", "static", "dynamic": Imagen's dynamic thresholding, chapter 13)."""
-    x0_fn = resolve_threshold(threshold, clip_denoised)  # neither given: an error, the choice is the caller's
-
-    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return cfg_eps(model_fn, x, t, cond, null_cond, scale)
-
-    return ddim_sample(eps_fn, diffusion, x_T, steps, eta, generator=generator, progress=progress,
-                       threshold=x0_fn or "none")
-
-
-
-def _float_out(model_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``model_fn`` with its output cast to float32: under bf16 autocast the network runs in bf16,
-    and the guided combination eps_u + s (eps_c - eps_u), which multiplies a difference by s, is
-    then done in float32 rather than rounded to bf16 once more."""
-
-    def fn(*args: Any) -> torch.Tensor:
-        return model_fn(*args).float()
-
-    return fn
-
-
-@torch.no_grad()
 def sample_digits(stored: Stored, labels: torch.Tensor, scale: float, steps: int, seed: int = 0,
                   batch: int = 500, progress: bool = False, profile: Profile | None = None) -> torch.Tensor:
     """Digits (N, 1, R, R) of the requested ``labels`` (N,) from a stored class-conditional model,
@@ -148,7 +115,7 @@ def sample_digits(stored: Stored, labels: torch.Tensor, scale: float, steps: int
     diffusion = stored.diffusion
 
     def sample(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return guided_sample(_float_out(model), diffusion, x, y, null, scale, steps, clip_denoised=True,
+        return guided_sample(float_output(model), diffusion, x, y, null, scale, steps, clip_denoised=True,
                              progress=progress)
 
     return generation.generate(sample, x_T, batch=batch, profile=profile,

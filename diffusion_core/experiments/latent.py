@@ -28,7 +28,7 @@ from ..process.gaussian import GaussianDiffusion
 from ..profiles import Profile, current
 from ..recipes import latent as R
 from ..samplers.ddim import ddim_sample
-from ..samplers.guidance import cfg_eps, check_scale
+from ..samplers.guidance import check_scale, float_output, guided_sample
 from ..store import Stored, device_of, load
 from . import generation
 
@@ -193,12 +193,9 @@ def generate_from_captions(stored: Stored, vae: AutoencoderKL, captions: list[st
 
     def sample(x: torch.Tensor, states: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         ctx, null = states
-
-        def eps(x, t):
-            # the network may run in bf16; the guided combination is done in float32
-            return cfg_eps(lambda xx, tt, cc: model(xx, tt, context=cc).float(), x, t, ctx, null, scale)
-
-        return ddim_sample(eps, stored.diffusion, x, steps, eta=0.0, clip_denoised=False, progress=progress)
+        # the network may run in bf16; the guided combination is done in float32 (float_output)
+        return guided_sample(float_output(lambda xx, tt, cc: model(xx, tt, context=cc)), stored.diffusion, x, ctx, null,
+                             scale, steps, clip_denoised=False, progress=progress)
 
     # each batch's caption states in float32 (outside autocast), before its x_T
     return generation.generate(sample, x_T, batch=batch, n=len(captions), profile=profile,

@@ -24,6 +24,9 @@ from typing import Any
 import torch
 
 from ..distributed import batch_rand
+from ..process.gaussian import GaussianDiffusion
+from ..process.thresholding import ThresholdLike, resolve_threshold
+from .ddim import ddim_sample
 
 Cond = Any  # a tensor (B, ...), or a dict / tuple / list of them (passed to model_fn as one object)
 
@@ -195,3 +198,33 @@ def drop_condition(
     drop = batch_rand((b,), generator=generator, device=gen_device).to(cond.device) < p_uncond
     drop = drop.reshape(b, *([1] * (cond.ndim - 1)))
     return torch.where(drop, null, cond)
+
+
+@torch.no_grad()
+def guided_sample(model_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], diffusion: GaussianDiffusion,
+                  x_T: torch.Tensor, cond: Any, null_cond: Any, scale: float, steps: int, eta: float = 0.0,
+                  generator: torch.Generator | None = None, progress: bool = False, *,
+                  clip_denoised: bool | None = None, threshold: ThresholdLike = None) -> torch.Tensor:
+    """DDIM from ``x_T`` with the guided noise prediction eps_u + s (eps_c - eps_u) at every step
+    (``cfg_eps``: one batched forward of [null; cond]). ``clip_denoised`` is the data's choice, with no
+    default: True clips each x0 estimate to [-1, 1] (images), False leaves it (a 2-D toy spread to +-2);
+    or ``threshold`` instead ("none", "static", "dynamic": Imagen's dynamic thresholding, chapter 13)."""
+    x0_fn = resolve_threshold(threshold, clip_denoised)  # neither given: an error, the choice is the caller's
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return cfg_eps(model_fn, x, t, cond, null_cond, scale)
+
+    return ddim_sample(eps_fn, diffusion, x_T, steps, eta, generator=generator, progress=progress,
+                       threshold=x0_fn or "none")
+
+
+
+def float_output(model_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``model_fn`` with its output cast to float32: under bf16 autocast the network runs in bf16,
+    and the guided combination eps_u + s (eps_c - eps_u), which multiplies a difference by s, is
+    then done in float32 rather than rounded to bf16 once more."""
+
+    def fn(*args: Any) -> torch.Tensor:
+        return model_fn(*args).float()
+
+    return fn
