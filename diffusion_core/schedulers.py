@@ -57,10 +57,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .process.gaussian import GaussianDiffusion, randn_like
+from .process.parameterization import learned_log_variance, x0_eps_from_prediction
 from .process.respacing import space_timesteps
 from .process.schedules import ScheduleError
 from .process.thresholding import Threshold
-from .samplers.ddim import check_eta, ddim_sigma, ddim_step, x0_eps_from_prediction
+from .samplers.ddim import check_eta, ddim_sigma, ddim_step
 
 PREDICTION_FROM_DIFFUSERS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 VARIANCE_FROM_DIFFUSERS = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
@@ -221,8 +222,7 @@ class DDPMEquivalent(DiffusersEquivalent):
                 z = noise(step, x)
                 if self.variance_type == "learned_range":
                     # log Sigma = v' log beta_t + (1 - v') log beta_tilde_t, v' = (v + 1) / 2  (Improved DDPM eq. 15)
-                    frac = (v + 1.0) / 2.0
-                    x = x + torch.exp(0.5 * (frac * log_large[i] + (1.0 - frac) * log_small[i])) * z
+                    x = x + torch.exp(0.5 * learned_log_variance(v, log_large[i], log_small[i])) * z
                 else:
                     log_var = log_large[i] if self.variance_type == "fixed_large" else log_small[i]
                     x = x + math.exp(0.5 * log_var) * z

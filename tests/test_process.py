@@ -252,3 +252,21 @@ def test_the_bound_refuses_data_outside_minus_one_one_and_bad_strata():
     with pytest.raises(ValueError, match="hybrid_lambda"):  # before: a NaN loss
         learned.training_losses(lambda x, t: torch.zeros(2, 2, 4, 4), x01, loss="hybrid", hybrid_lambda=float("nan"))
     assert torch.isfinite(bound_bpd(model, d, x01 * 2 - 1, exact=1, strata=4)["total"]).all()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_the_process_and_the_samplers_read_a_prediction_the_same_way(prediction):
+    # GaussianDiffusion.predict_x0_eps (per-sample t, from the process's tables) and
+    # process.parameterization.x0_eps_from_prediction (one step, alpha_bar a number) are one conversion
+    from diffusion_core.process.parameterization import learned_log_variance, x0_eps_from_prediction
+    d = GaussianDiffusion(linear_betas(50), prediction=prediction)
+    g = torch.Generator().manual_seed(0)
+    xt, pred = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    for step in (0, 17, 49):
+        a, b = d.predict_x0_eps(pred, xt, torch.full((3,), step))
+        c, e = x0_eps_from_prediction(pred, xt, prediction, float(d.alpha_bar[step]))
+        assert torch.allclose(a, c, rtol=1e-5, atol=1e-6) and torch.allclose(b, e, rtol=1e-5, atol=1e-6)
+    # eq. 15 at its ends: v = 1 gives beta_t, v = -1 gives beta_tilde_t
+    v = torch.tensor([1.0, -1.0, 0.0])
+    out = learned_log_variance(v, math.log(0.02), math.log(0.01))
+    assert out.tolist() == pytest.approx([math.log(0.02), math.log(0.01), 0.5 * (math.log(0.02) + math.log(0.01))])

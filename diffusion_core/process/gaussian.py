@@ -26,6 +26,7 @@ import torch
 
 from ..distributed import batch_randint, batch_randn
 from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl, to_bits_per_dim
+from .parameterization import learned_log_variance
 from .schedules import check_betas, make_betas
 from .thresholding import ThresholdLike, resolve_threshold
 
@@ -268,8 +269,7 @@ class GaussianDiffusion:
             log_var = self.at(self.log_large_variance, t, xt).expand_as(xt)
         else:
             # log Sigma = v' log beta_t + (1 - v') log beta_tilde_t,  v' = (v + 1) / 2   (Improved DDPM eq. 15)
-            frac = (v + 1.0) / 2.0
-            log_var = frac * self.at(self.log_betas, t, xt) + (1.0 - frac) * self.at(self.posterior_log_variance_clipped, t, xt)
+            log_var = learned_log_variance(v, self.at(self.log_betas, t, xt), self.at(self.posterior_log_variance_clipped, t, xt))
         x0, eps = self.predict_x0_eps(pred, xt, t)
         if x0_fn is not None:
             x0 = x0_fn(x0)

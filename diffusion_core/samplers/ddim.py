@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..process.gaussian import GaussianDiffusion, randn_like
+from ..process.parameterization import x0_eps_from_prediction  # noqa: F401 (re-exported: samplers.ddim is where chapter 03 reads it)
 from ..process.respacing import space_timesteps
 from ..process.thresholding import ThresholdLike, resolve_threshold
 
@@ -51,24 +52,6 @@ def ddim_sigma(alpha_bar_t: float, alpha_bar_prev: float, eta: float) -> float:
     (DDIM eq. 16). Zero when eta = 0, and zero on a last step that lands on alpha_bar_{t-1} = 1."""
     check_eta(eta)
     return eta * math.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)) * math.sqrt(1.0 - alpha_bar_t / alpha_bar_prev)
-
-
-def x0_eps_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, prediction: str, alpha_bar_t: float
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0_hat, eps_hat) implied by a network output at a step whose alpha_bar_t is a number.
-
-    eps:  x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t)
-    x0:   eps_hat = (x_t - sqrt(alpha_bar_t) x0_hat) / sqrt(1 - alpha_bar_t)
-    v:    x0_hat = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v,  eps_hat = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v
-    """
-    a, b = math.sqrt(alpha_bar_t), math.sqrt(1.0 - alpha_bar_t)
-    if prediction == "eps":
-        return (x_t - b * pred) / a, pred
-    if prediction == "x0":
-        return pred, (x_t - a * pred) / b
-    if prediction == "v":
-        return a * x_t - b * pred, b * x_t + a * pred
-    raise ValueError(f"unknown prediction {prediction!r}; expected 'eps', 'x0' or 'v'")
 
 
 def ddim_step(x0_hat: torch.Tensor, eps_hat: torch.Tensor, alpha_bar_prev: float, sigma: float = 0.0,
