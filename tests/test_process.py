@@ -270,3 +270,13 @@ def test_the_process_and_the_samplers_read_a_prediction_the_same_way(prediction)
     v = torch.tensor([1.0, -1.0, 0.0])
     out = learned_log_variance(v, math.log(0.02), math.log(0.01))
     assert out.tolist() == pytest.approx([math.log(0.02), math.log(0.01), 0.5 * (math.log(0.02) + math.log(0.01))])
+
+
+def test_chapter_01_respaces_as_the_other_chapters_do():
+    from diffusion_core.experiments import ddpm as ch01
+    from diffusion_core.process.respacing import space_timesteps
+    d = GaussianDiffusion(linear_betas(1000))
+    p = ch01.sampling_process(d, 100)
+    assert p.T == 100 and torch.equal(p.timestep_map, space_timesteps(1000, 100, "uniform"))
+    assert p.timestep_map[0] == 0 and p.timestep_map[-1] == 999          # both ends, unlike "leading" (0..990)
+    assert ch01.sampling_process(d, 1000) is d

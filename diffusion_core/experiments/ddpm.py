@@ -16,6 +16,7 @@ from ..data.digits import digits
 from ..evaluate.digits import DigitEvaluator, digit_evaluator
 from ..process.gaussian import GaussianDiffusion
 from ..process.likelihood import bound_bpd
+from ..process.respacing import space_timesteps
 from ..profiles import Profile, current
 from ..samplers.ancestral import ddpm_sample
 from ..store import Stored, load
@@ -35,11 +36,11 @@ def fd_sample_count(profile: Profile) -> int:
 
 
 def sampling_process(diffusion: GaussianDiffusion, steps: int) -> GaussianDiffusion:
-    """The process respaced to ``steps`` evenly spaced timesteps (identity for steps == T)."""
+    """The process respaced to ``steps`` evenly spaced timesteps, both ends included
+    (``space_timesteps(T, steps, "uniform")``, as chapters 02 and 03 respace; identity for steps == T)."""
     if steps >= diffusion.T:
         return diffusion
-    stride = diffusion.T / steps
-    return diffusion.respace([int(round(i * stride)) for i in range(steps)])
+    return diffusion.respace(space_timesteps(diffusion.T, steps, "uniform"))
 
 
 @torch.no_grad()
