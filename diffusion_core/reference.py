@@ -65,7 +65,7 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def compare(rows: Sequence[tuple[str, Any, Sequence[Any] | None, Any]], reference: dict[str, Any] | None,
-            fmt: str = ".3g", paper_label: str = "paper") -> str:
+            fmt: str = ".4g", paper_label: str = "paper") -> str:
     """Print (and return) a table of ``(quantity, paper, key path in the reference run, this run)``
     rows: the paper's number or a few words, the reference run's value (:func:`lookup`), this run's.
     The header names the reference run's commit and machine, or says there is none."""

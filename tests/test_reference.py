@@ -28,7 +28,7 @@ def test_compare_prints_paper_reference_and_this_run(capsys):
     assert text == capsys.readouterr().out.rstrip("\n")
     header, _, fd, nll = text.splitlines()
     assert "abcdef0" in header and "2 CPUs" in header and "this run" in header
-    assert fd.split() == ["FD", "FID", "3.17", "2.66", "2.7"] and nll.split() == ["NLL", "3.75", "-", "2.5"]
+    assert fd.split() == ["FD", "FID", "3.17", "2.661", "2.7"] and nll.split() == ["NLL", "3.75", "-", "2.5"]
     assert "none here" in compare([("FD", None, ("fd",), 1.0)], None)
     with pytest.raises(ValueError, match="row"):
         compare([("FD", 1.0, ("fd",))], run)
