@@ -564,13 +564,13 @@ viz.show(fig)
 # *Reading (cpu profile, `benchmarks/run.py --chapter 01 --profile cpu --save`, saved in
 # `benchmarks/results/01-cpu.json`).* In the paper, L_simple wins on sample quality and the bound
 # wins, narrowly, on likelihood. The digit models show both halves. L_simple's 1,000 samples reach FD
-# 2.66, 2.41 times the real-vs-real floor of 1.10 and far below the Gaussian's 33.8 (blurring real
+# 2.65, 2.40 times the real-vs-real floor of 1.10 and far below the Gaussian's 33.8 (blurring real
 # digits 3x3 already costs 4.39), while the same network trained on the true bound for the same 1,000
-# steps reaches FD 7.42. The bound-trained model has the better NLL, 2.50 ± 0.011 against 2.70 ±
+# steps reaches FD 7.46. The bound-trained model has the better NLL, 2.50 ± 0.011 against 2.70 ±
 # 0.012 bits/dim on held-out digits: the gap is many standard errors, and those standard errors
 # are over images with each image drawing its own timesteps, so they include the spread over
 # timesteps. The run read both models from the store (trained there in 468.2 and 375.7 s of one
-# thread while other jobs shared the machine); sampling 1,000 digits in 100 steps took 77.8 s.
+# thread while other jobs shared the machine); sampling 1,000 digits in 100 steps took 110.0 s.
 #
 # Why the bound spends its budget where the eye cannot see: its gradients are dominated by the
 # small-t terms, whose weights $\beta_t^2 / (2\sigma_t^2 \alpha_t (1-\bar\alpha_t))$ are large, and

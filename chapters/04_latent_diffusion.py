@@ -431,6 +431,24 @@ for f, row in steps_sweep["rows"].items():
 print(f"the paper's Fig. 6, in words: {claim.PAPER['fig6']}")
 
 # %% [markdown]
+# The paper, the book's reference run (`benchmarks/results/04-cpu.json`, which the reading below
+# quotes) and this run. The paper's Fig. 6 prints no values; its text gives one number, the FID gap
+# between pixel space and $f = 8$ after 2M steps each.
+
+# %%
+from diffusion_core.reference import compare, lookup, reference_run  # noqa: E402
+
+ref04 = reference_run("04")
+rows = []
+for f in sweep["rows"]:
+    rows.append((f"FD, f = {f}, equal compute", None, ("fd_by_f", f), sweep["rows"][f]["fd"]))
+    rows.append((f"FD, f = {f}, equal steps", None, ("fd_by_f_equal_steps", f), steps_sweep["rows"][f]["fd"]))
+rows.append(("FD(f = 1) - FD(f = 8), equal steps", claim.PAPER["fig6_fid_gap_ldm1_ldm8"],
+             lambda r: lookup(r, ("fd_by_f_equal_steps", 1)) - lookup(r, ("fd_by_f_equal_steps", 8)),
+             steps_sweep["rows"][1]["fd"] - steps_sweep["rows"][8]["fd"]))
+compare(rows, ref04, paper_label="paper (FID, 2M steps)")
+
+# %% [markdown]
 # **Reading the numbers.** Read the steps column first: for the same compute, the UNet in the
 # $f = 4$ space takes about eight times as many training steps as in pixel space (it works on 16
 # times fewer positions; small maps use a CPU less efficiently, so the gain is less than 16x), and it
@@ -641,6 +659,12 @@ for s, row in t2i_result["rows"].items():
     print(f"{'  vs shuffled captions':22s}" + "".join(f"{row['shuffled'][a]:10.2f}" for a in attrs))
 print(f"\n{t2i_result['n']} captions, {t2i_result['sampling_steps']} DDIM steps; trained {t2i_result['train_steps']} "
       f"steps in {t2i_result['train_seconds']:.0f} s")
+guided_s = max(t2i_result["rows"])
+compare([("caption accuracy, s = 1", None, ("caption_accuracy",), t2i_result["rows"][1.0]["accuracy"]["caption"]),
+         (f"caption accuracy, s = {guided_s:g}", None, ("caption_accuracy_guided",),
+          t2i_result["rows"][guided_s]["accuracy"]["caption"]),
+         ("caption accuracy, real images", None, ("caption_accuracy_real",), real["caption"])],
+        ref04, paper_label="paper (no such measure)")
 
 # %% [markdown]
 # **Reading the numbers.** The shuffled-caption rows are the baseline: what samples score against

@@ -373,6 +373,18 @@ for a in ("shape", "color"):
           f"   (chance {1 / zs[a]['classes']:.3f})")
 print("\nzero-shot pair accuracy of each template alone:",
       {t: round(v, 3) for t, v in zs["pair"]["per_template"].items()})
+print()
+from diffusion_core.reference import compare, lookup, reference_run  # noqa: E402
+
+P = claim.PAPER
+compare([("zero-shot accuracy (paper: ImageNet, ViT-L/14@336)", P["imagenet_zero_shot_vit_l14_336"],
+          ("zero_shot_accuracy",), mt["zero_shot_accuracy"]),
+         ("linear probe accuracy (paper: ImageNet)", P["imagenet_linear_probe_vit_l14_336"],
+          ("linear_probe_accuracy",), mt["linear_probe_accuracy"]),
+         ("prompt ensembling gain", P["prompt_ensembling_gain_imagenet"],
+          lambda r: lookup(r, ("zero_shot_accuracy_ensemble",)) - lookup(r, ("zero_shot_accuracy",)),
+          mt["zero_shot_accuracy_ensemble"] - mt["zero_shot_accuracy"])],
+        reference_run("05"))
 r, rh = result["retrieval"], result["retrieval_heldout"]
 print(f"\nretrieval among {mt['retrieval_candidates']} scenes (chance @1 {1 / mt['retrieval_candidates']:.3f}):")
 print(f"  image -> text  R@1 {r['image_to_text_recall_at_1']:.3f}  R@5 {r['image_to_text_recall_at_5']:.3f}")

@@ -475,6 +475,12 @@ print()
 print(f"{'s':>5s} | " + " | ".join(f"p_uncond={p:<4g} FD   acc" for p in dig["rows"]))
 for s in claim.SCALES:
     print(f"{s:5.1f} | " + " | ".join(f"{row[s]['fd']:12.2f} {row[s]['accuracy']:5.3f}" for row in dig["rows"].values()))
+print()
+from diffusion_core.reference import compare, reference_run  # noqa: E402
+
+compare([(f"FD, p_uncond = {p:g}, s = {s:g}", (claim.paper_table1_at(s) or {}).get(p, (None,))[0], ("fd_by_scale", p, s),
+          dig["rows"][p][s]["fd"]) for p in dig["rows"] for s in (1.0, 3.0) if s in dig["rows"][p]],
+        reference_run("06"), paper_label="paper (ImageNet 64x64 FID)")
 
 # %% [markdown]
 # **The paper's table beside ours.** Ho & Salimans' Table 1 (class-conditional ImageNet 64x64, FID and

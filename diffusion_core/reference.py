@@ -67,7 +67,8 @@ def _cell(value: Any, fmt: str) -> str:
 def compare(rows: Sequence[tuple[str, Any, Sequence[Any] | None, Any]], reference: dict[str, Any] | None,
             fmt: str = ".4g", paper_label: str = "paper") -> str:
     """Print (and return) a table of ``(quantity, paper, key path in the reference run, this run)``
-    rows: the paper's number or a few words, the reference run's value (:func:`lookup`), this run's.
+    rows: the paper's number or a few words, the reference run's value (:func:`lookup`, or
+    ``path(run)`` when the path is a function: a quantity derived from the run), this run's.
     The header names the reference run's commit and machine, or says there is none."""
     if not rows:
         raise ValueError("rows must hold at least one (quantity, paper, key path, this run) row")
@@ -81,7 +82,10 @@ def compare(rows: Sequence[tuple[str, Any, Sequence[Any] | None, Any]], referenc
         ref_label = f"reference run ({str(reference.get('commit', '?'))[:7]}, {m.get('cpus', '?')} CPUs)"
     table = [("quantity", paper_label, ref_label, "this run")]
     for quantity, paper, path, this in rows:
-        ref = lookup(reference, path) if path is not None else None
+        if callable(path):   # a quantity derived from the run: path(run) -> value
+            ref = None if reference is None else path(reference)
+        else:
+            ref = lookup(reference, path) if path is not None else None
         table.append((quantity, _cell(paper, fmt), _cell(ref, fmt), _cell(this, fmt)))
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

@@ -30,6 +30,8 @@ def test_compare_prints_paper_reference_and_this_run(capsys):
     assert "abcdef0" in header and "2 CPUs" in header and "this run" in header
     assert fd.split() == ["FD", "FID", "3.17", "2.661", "2.7"] and nll.split() == ["NLL", "3.75", "-", "2.5"]
     assert "none here" in compare([("FD", None, ("fd",), 1.0)], None)
+    derived = compare([("2 FD", None, lambda r: 2 * lookup(r, ("fd",)), 1.0)], run).splitlines()[-1]
+    assert derived.split()[-2:] == ["5.322", "1"]
     with pytest.raises(ValueError, match="row"):
         compare([("FD", 1.0, ("fd",))], run)
     with pytest.raises(ValueError, match="at least one"):
