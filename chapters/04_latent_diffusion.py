@@ -374,8 +374,8 @@ print(f"(budget: {sweep['rows'][1]['budget_seconds']} compute seconds per model;
 # 38. Tab. 8 lists, for each of its KL-regularised autoencoders (trained on OpenImages), the FID of
 # its reconstructions of ImageNet validation images (R-FID; beside it the latent channels $c$ and the
 # PSNR), the counterpart of our "FD autoenc." column. Their FIDs use Inception features of photographs,
-# ours the shapes evaluator's features of 32x32 scenes: compare the ordering over $f$, not the values. (There is no committed `cpu` run of this
-# chapter to print beside them; its numbers are in the reading below.)
+# ours the shapes evaluator's features of 32x32 scenes: compare the ordering over $f$, not the values. The book's reference run
+# (`benchmarks/results/04-cpu.json`) is printed beside this run after the equal-steps sweep below.
 
 # %%
 print(f"{'f':>2s}  {'paper, Tab. 8 (KL): c, R-FID, PSNR':36s} {'this run: FD autoenc.':>22s} {'FD samples':>11s}")

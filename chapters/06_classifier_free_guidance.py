@@ -488,8 +488,8 @@ compare([(f"FD, p_uncond = {p:g}, s = {s:g}", (claim.paper_table1_at(s) or {}).g
 # $w = s - 1$; it has no row for $s = 0$ (the unconditional model) or $s = 8$ ($w = 7$). Beside it,
 # this run's digits: FD and condition accuracy, our stand-ins for FID and IS. The values do not compare
 # (other data, other features, other models); the directions do: IS and accuracy rise with $s$, and FID
-# and FD are lowest at a small weight and then rise. (There is no committed `cpu` run of this chapter to
-# print beside them; its numbers are in the reading below.)
+# and FD are lowest at a small weight and then rise. The book's reference run
+# (`benchmarks/results/06-cpu.json`, which the readings quote) is printed beside this run above.
 
 # %%
 p_paper = list(claim.PAPER_TABLE1)

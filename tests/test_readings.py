@@ -56,7 +56,8 @@ def quoted_numbers(text: str) -> list[tuple[str, float, int]]:
 def unmatched(text: str, values: list[float]) -> list[str]:
     def found(v: float, d: int) -> bool:
         tol = 0.5 * 10 ** -d + 1e-9
-        return any(abs(x - v) <= tol or abs(100 * x - v) <= tol for x in values)
+        # the sign is prose ("-0.121", "ahead by 20.7"): a quoted number matches a value's magnitude
+        return any(abs(abs(x) - v) <= tol or abs(100 * abs(x) - v) <= tol for x in values)
     return [s for s, v, d in quoted_numbers(text) if not found(v, d)]
 
 
@@ -74,6 +75,7 @@ def test_the_check_catches_a_misquote():
     assert unmatched("identity 0.44 (section 6, 32x32)", values) == []
     assert unmatched("identity 0.451", values) == ["0.451"]
     assert unmatched("after 2,500 steps", values) == ["2,500"]
+    assert unmatched("a difference of -0.121 (interval -0.780 to +0.577)", [-0.120545, -0.779745, 0.577439]) == []
     assert unmatched("at $t = 250$ it is 0.438", values) == []
     assert unmatched("(Karras et al. 2022, Sec. 4) 0.438", values) == [] and unmatched("in 2022", values) == ["2022"]
 
