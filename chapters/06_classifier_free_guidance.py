@@ -553,24 +553,24 @@ for kind, values in real_floors.items():
           f"({v.min():.2f} to {v.max():.2f})")
 
 # %% [markdown]
-# **Reading the digits.** At the `cpu` profile (300 samples per point, 20 DDIM steps, FD floor 3.4):
-# without guidance ($s = 0$) the label is ignored and accuracy is at chance (0.11 to 0.14); the plain
-# conditional model ($s = 1$) draws the requested digit 95% of the time with $p_\text{uncond} = 0.1$,
-# 92% with 0.2 and 87% with 0.5; a little guidance, $s = 1.5$, lifts all three to 97-99% *and* gives
-# the best FD (2.4 to 2.7). That is below the printed floor, 3.4, but it does not mean closer to the
-# held-out digits than real digits are. The floor is one random draw of 300 training digits, and the
-# highest of the ten above (at `cpu`: 2.69 ± 0.46 over ten draws, 1.88 to 3.40). And the samples are
-# class-balanced by construction, 30 of each digit, read as the requested digit 97-99% of the time,
-# while a random draw of real digits is not; real digits drawn class-balanced, the fair floor for these
-# samples, score 1.60 ± 0.17. Against it the best guided samples are about one FD unit from real
-# digits. Beyond that accuracy has nowhere to go and FD only worsens (about 5 to 6.5 at $s = 3$, 9 to
-# 11.4 at $s = 8$):
-# each class collapses towards thick, saturated, alike prototypes, the diversity the paper trades away
-# (its best FID on ImageNet 64x64 also came with a small weight). The dropout rate matters most at
-# $s = 1$, where the model that spent half its steps unconditionally knows the classes least; with
-# guidance the three curves nearly meet, and at large $s$ the $p_\text{uncond} = 0.5$ model degrades
-# least. The paper's finding that 0.1 or 0.2 beat 0.5 shows here only without guidance. At `smoke` the
-# models are barely trained and only the direction of the curves means anything.
+# *Reading (cpu profile, `benchmarks/run.py --chapter 06 --profile cpu --save`, saved in
+# `benchmarks/results/06-cpu.json`; 300 samples per point, 20 DDIM steps, the FD floor 3.40).* Without
+# guidance ($s = 0$) the label is ignored and accuracy is at chance (0.107 to 0.137); the plain
+# conditional model ($s = 1$) draws the requested digit 94.3% of the time with $p_\text{uncond} = 0.1$,
+# 92.3% with 0.2 and 87.3% with 0.5; a little guidance, $s = 1.5$, lifts all three to 98-99.7% *and*
+# gives the best FD (2.40 to 2.66). That is below the printed floor, 3.40, but it does not mean closer
+# to the held-out digits than real digits are: the floor is one random draw of 300 training digits, and
+# the highest of the ten in the cell above; and the samples are class-balanced by construction, 30 of
+# each digit, while a random draw of real digits is not. Real digits drawn class-balanced, the fair
+# floor for these samples (the cell above), score well below the random draws, and against them the
+# best guided samples are about one FD unit from real digits. Beyond $s = 1.5$ accuracy has nowhere to
+# go and FD only worsens (5.03 to 6.44 at $s = 3$, 9.10 to 11.4 at $s = 8$): each class collapses
+# towards thick, saturated, alike prototypes, the diversity the paper trades away (its best FID on
+# ImageNet 64x64 also came with a small weight). The dropout rate matters most at $s = 1$, where the
+# model that spent half its steps unconditionally knows the classes least; with guidance the three
+# curves nearly meet, and at large $s$ the $p_\text{uncond} = 0.5$ model degrades least. The paper's
+# finding that 0.1 or 0.2 beat 0.5 shows here only without guidance. At `smoke` the models are barely
+# trained and only the direction of the curves means anything.
 
 # %%
 sh = result["shapes"]
@@ -615,53 +615,51 @@ for i, s in enumerate(show_scales):
 viz.show(fig)
 
 # %% [markdown]
-# **Reading the scenes.** At the `cpu` profile (`benchmarks/run.py --chapter 06 --profile cpu`: 200
-# unseen captions per point, 20 DDIM steps; real scenes pass the evaluator's caption test 100% of the
-# time), caption accuracy, every attribute right:
+# *Reading (cpu profile, the same run: 200 unseen captions per point, 20 DDIM steps; real scenes pass
+# the evaluator's caption test 100% of the time).* Caption accuracy, every attribute right:
 #
 # | $p_\text{uncond}$ | $s = 0$ | $s = 1$ | $s = 1.5$ | $s = 2$ | $s = 3$ | $s = 5$ | $s = 8$ |
 # |---|---|---|---|---|---|---|---|
-# | 0.1 | 0.00 | 0.42 | 0.63 | 0.68 | 0.71 | 0.72 | 0.70 |
-# | 0.2 | 0.00 | 0.09 | 0.16 | 0.20 | 0.21 | 0.20 | 0.18 |
-# | 0.5 | 0.00 | 0.00 | 0.01 | 0.01 | 0.03 | 0.04 | 0.04 |
+# | 0.1 | 0.000 | 0.220 | 0.305 | 0.320 | 0.345 | 0.330 | 0.315 |
+# | 0.2 | 0.000 | 0.055 | 0.095 | 0.095 | 0.100 | 0.105 | 0.095 |
+# | 0.5 | 0.000 | 0.020 | 0.025 | 0.025 | 0.030 | 0.050 | 0.055 |
 #
-# Without guidance ($s = 0$) the scenes ignore their captions: every attribute sits at chance
-# (colour 0.15 of 8, position 0.12 of 9). For the $p_\text{uncond} = 0.1$ model guidance does what it
-# did for the digits: $s = 1.5$ raises caption accuracy from 0.42 to 0.63 (on 200 captions a caption
-# accuracy has a standard error of about 0.035, so this rise is resolved), and beyond $s = 3$ accuracy
-# stops rising. The FD is lowest at $s = 1.5$ (566, against 588 at $s = 1$ and 616 at $s = 8$; the
-# floor, other real scenes, is 548), but these are single draws of 200 samples with no spread measured:
-# on the digits, an FD of 200-300 samples moves by about 20% (one standard deviation) between draws
-# (chapters 02 and 03, and the ten real draws above), more than these gaps of 4-10%, so where FD is lowest is not resolved here. The attributes show where
-# guidance acts: colour 0.85 to 0.97, shape 0.56 to 0.74, position 0.90 to 1.00 between $s = 1$ and
-# $s = 3$. (Chapter 04 reports 0.49 and 0.74 for this same model at $s = 1$ and $s = 3$, with 300
-# captions and 25 DDIM steps instead of 200 and 20: within about one and a half standard errors of
-# 0.42 and 0.71, with a different sampler setting.)
+# Without guidance ($s = 0$) the scenes ignore their captions: every attribute sits at chance (colour
+# 0.135 of 8, position 0.100 of 9). For the $p_\text{uncond} = 0.1$ model guidance does what it did for
+# the digits: $s = 1.5$ raises caption accuracy from 0.220 to 0.305 (on 200 captions a caption accuracy
+# has a standard error of about 0.03, so this rise is at the edge of what is resolved; to 0.345 at
+# $s = 3$ it is), and beyond $s = 3$ accuracy stops rising. The FD is lowest at $s = 1.5$ and 2 (577,
+# against 589 at $s = 1$ and 686 at $s = 8$; the floor, other real scenes, is 548), but these are single
+# draws of 200 samples with no spread measured: on the digits an FD of 200-300 samples moves by about
+# 20% between draws (chapters 02 and 03), more than the gaps among $s = 1$ to 3, so where FD is lowest
+# is not resolved here. The attributes show where guidance acts: colour 0.905 to 0.985, shape 0.625 to
+# 0.795, position 0.345 to 0.425 between $s = 1$ and $s = 3$. Position is this model's weak attribute:
+# the caption accuracy is low mostly because the object lands in the wrong cell.
 #
 # The dropout rate matters far more here than for the digits. All three models learned colour and
-# size (0.85 to 0.98 with guidance), but in the same 5,000 steps only the 0.1 model learned to place
-# the object (position 0.90 at $s = 1$); the 0.2 model got there 29% of the time and the 0.5 model
-# not at all (0.10, chance), and no guidance scale makes up for an attribute the conditional model
-# never learned. This is not the paper's finding made sharper. Ho & Salimans found 0.1 and 0.2 about
-# equally good and both better than 0.5; here 0.2 is far behind 0.1 (caption accuracy 0.21 against 0.71
-# at $s = 3$), and of the attributes, position is where they differ most (0.90 against 0.29): the 0.1
-# model learned it within the budget, the 0.2 model mostly did not. With one training per rate and 5,000
-# steps, that looks like a threshold: a model that sees the caption less often may learn position
-# later (chapter 04 tells how late position came for the 0.1 model too), and 5,000 steps happen to fall
-# between the two. Several seeds, or a longer budget, would say whether 0.2 catches up, as the paper
-# leads one to expect. Read the ordering at this budget (more dropout, less caption-following), not
-# the size of the gaps. GLIDE found classifier-free guidance the better guidance for text (its human
-# raters preferred samples guided without a classifier over samples guided by CLIP, for photorealism
-# and caption similarity), which is why every text-to-image system of the later chapters samples
-# with it.
+# size (0.840 to 0.985 with guidance), but in the same 5,000 steps only the 0.1 model learned to place
+# the object at all (position 0.345 at $s = 1$); the 0.2 and 0.5 models did not (0.120 at $s = 1$,
+# chance), and no guidance scale makes up for an attribute the conditional model never learned. This
+# is not the paper's finding made sharper. Ho & Salimans found 0.1 and 0.2 about equally good and both
+# better than 0.5; here 0.2 is far behind 0.1 (caption accuracy 0.100 against 0.345 at $s = 3$), and of
+# the attributes, position is where they differ most. With one training per rate and 5,000 steps, that
+# looks like a threshold: a model that sees the caption less often may learn position later, and
+# 5,000 steps happen to fall near it (chapter 04 tells how late position comes; the 0.1 model itself
+# places objects right far less often in this training than in an earlier training of the same
+# recipe, which this chapter's first version quoted). Several seeds, or a longer budget, would say whether
+# 0.2 catches up, as the paper leads one to expect. Read the ordering at this budget (more dropout,
+# less caption-following), not the size of the gaps. GLIDE found classifier-free guidance the better
+# guidance for text (its human raters preferred samples guided without a classifier over samples
+# guided by CLIP, for photorealism and caption similarity), which is why every text-to-image system of
+# the later chapters samples with it.
 #
 # ## 7. Why one batched forward
 #
 # `cfg_eps` runs the network once on a batch of $2B$ instead of twice on $B$. On a GPU that is
 # nearly free (a small batch does not fill it); on a CPU the arithmetic is the same and the gain is
-# the overhead of one call: at the `cpu` profile (one thread) one guided step of 64 digits took 264 ms
-# batched against 272 ms as two calls, 0.97 of the time; for the text-to-image model, whose small
-# 8x8 latents leave more of a step to overhead, 0.83 (batch 32).
+# the overhead of one call: in the reference run (one thread, other jobs sharing the machine) one
+# guided step of 64 digits took 70.9 ms batched against 76.7 ms as two calls, 0.92 of the time; for
+# the text-to-image model, whose small 8x8 latents leave more of a step to overhead, 0.80 (batch 32).
 
 # %%
 x_speed = torch.randn(64, 1, 16, 16, device=profile.device)
