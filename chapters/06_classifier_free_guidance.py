@@ -644,9 +644,9 @@ viz.show(fig)
 # better than 0.5; here 0.2 is far behind 0.1 (caption accuracy 0.100 against 0.345 at $s = 3$), and of
 # the attributes, position is where they differ most. With one training per rate and 5,000 steps, that
 # looks like a threshold: a model that sees the caption less often may learn position later, and
-# 5,000 steps happen to fall near it (chapter 04 tells how late position comes; the 0.1 model itself
-# places objects right far less often in this training than in an earlier training of the same
-# recipe, which this chapter's first version quoted). Several seeds, or a longer budget, would say whether
+# 5,000 steps happen to fall near it (chapter 04 tells how late position comes, and lists three
+# trainings of the 0.1 recipe whose caption accuracy spreads far beyond sampling error, mostly
+# through position). Several seeds, or a longer budget, would say whether
 # 0.2 catches up, as the paper leads one to expect. Read the ordering at this budget (more dropout,
 # less caption-following), not the size of the gaps. GLIDE found classifier-free guidance the better
 # guidance for text (its human raters preferred samples guided without a classifier over samples
