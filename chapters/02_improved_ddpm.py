@@ -577,6 +577,11 @@ for K in steps:
     print(f"{K:6d}" + "".join(f"{sweep['fd_by_steps'][name][K]:14.2f}" for name in claim.SAMPLERS)
           + f"   {sweep['seconds']['learned'][K] / n:.4f}")
 print(f"\nthe paper, a plot with no printed values: {claim.PAPER['fid_steps']}")
+from diffusion_core.reference import compare, reference_run  # noqa: E402
+
+compare([(f"FD, {name}, K = {K}", None, ("fd_by_steps", name, K), sweep["fd_by_steps"][name][K])
+         for name in claim.SAMPLERS for K in (min(steps), max(steps))],
+        reference_run("02"), paper_label="paper (Fig. 8: a plot)")
 
 # %%
 fig, ax = plt.subplots(figsize=(6.5, 3.8), layout="constrained")

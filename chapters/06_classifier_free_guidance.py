@@ -44,9 +44,11 @@
 # written out and a class's spread in section 2 is $\rho$. The guidance scale is $s$ (section 1
 # converts the papers' $w$).
 #
-# **Run time.** `smoke` about 2 minutes, `cpu` (a 2-core laptop) about 35 minutes with training (an estimate
-# from the benchmark's parts: three digit models of about 3.5 minutes and two text-to-image models of about
-# 10; chapter 04's is reused), 5 without, `gpu` about 15 minutes. The trained models are cached and reused by later chapters.
+# **Run time.** `smoke` about 2 minutes. `cpu` (a 2-core laptop), in reading order (chapters 01-05's
+# models cached; this chapter trains three digit models and two text-to-image models, chapter 04's is
+# reused): 18.2 minutes for the whole notebook, measured on a quiet 2-core machine (1,092 s wall, 198%
+# CPU, 1.2 GB peak memory; `jupyter nbconvert --execute` under `/usr/bin/time`, 6 December 2026); about 5
+# with its models cached (not measured). `gpu` about 15 minutes (not measured). The trained models are cached and reused by later chapters.
 
 # %% [markdown]
 # ## Setup
