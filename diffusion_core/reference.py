@@ -27,6 +27,8 @@ def reference_run(chapter: str | int, profile: str = "cpu", root: Path | None = 
     chapter = str(chapter).zfill(2)
     if not (chapter.isdigit() and len(chapter) == 2):
         raise ValueError(f"chapter must be a two-digit chapter number such as '01', got {chapter!r}")
+    if profile not in ("smoke", "cpu", "gpu"):
+        raise ValueError(f"profile must be 'smoke', 'cpu' or 'gpu', got {profile!r}")
     path = (root or RESULTS) / f"{chapter}-{profile}.json"
     if not path.is_file():
         return None

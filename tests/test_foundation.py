@@ -577,6 +577,11 @@ def test_paired_bootstrap_resamples_the_same_indices_from_both_sets():
         paired_bootstrap(a, a, ref, reps=0)
     with pytest.raises(ValueError, match="level"):
         central_interval(np.arange(3.0), 1.5)
+    with pytest.raises(ValueError, match="reps"):
+        paired_bootstrap(a, a, ref, reps=True)
+    for bad in (np.array([]), np.array([1.0, np.nan])):
+        with pytest.raises(ValueError, match="values"):
+            central_interval(bad)
 
 
 def test_every_registered_recipe_name_resolves_to_the_recipe_of_that_name():

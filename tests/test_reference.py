@@ -17,6 +17,8 @@ def test_reference_run_reads_a_committed_run_and_is_none_where_there_is_none(tmp
     assert reference_run("04", root=tmp_path) is None
     with pytest.raises(ValueError, match="chapter"):
         reference_run("x1", root=tmp_path)
+    with pytest.raises(ValueError, match="profile"):
+        reference_run("03", profile="cpu2", root=tmp_path)
     # keys as JSON stores them: a float 1.0 was written "1.0", an int 4 "4"; speed is searched too
     assert lookup(run, ("fd", 1.0)) == 2.5 and lookup(run, ("fd", 4)) == 7.0 and lookup(run, ("ratio",)) == 0.9
     assert lookup(run, ("fd", 8)) is None and lookup(run, ("n", "x")) is None and lookup(None, ("n",)) is None

@@ -59,7 +59,7 @@ def paired_bootstrap(features_a: torch.Tensor | np.ndarray, features_b: torch.Te
     fb = np.asarray(features_b.detach().cpu().double() if torch.is_tensor(features_b) else features_b, np.float64)
     if fa.shape != fb.shape:
         raise ValueError(f"paired sets must have the same shape, got {fa.shape} and {fb.shape}")
-    if not isinstance(reps, int) or reps < 1:
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
         raise ValueError(f"reps must be a positive int, got {reps!r}")
     g = torch.Generator().manual_seed(seed)
     out_a, out_b = np.empty(reps), np.empty(reps)
@@ -74,5 +74,9 @@ def central_interval(values: np.ndarray, level: float = 0.9) -> tuple[float, flo
     """The central ``level`` interval of ``values`` (quantiles (1 - level)/2 and (1 + level)/2)."""
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
-    lo, hi = np.quantile(np.asarray(values, np.float64), [(1 - level) / 2, (1 + level) / 2])
+    values = np.asarray(values, np.float64).ravel()
+    if values.size == 0 or not np.isfinite(values).all():
+        raise ValueError(f"values must be a non-empty set of finite numbers, got {values.size} values"
+                         f"{'' if values.size == 0 else ' with NaN or infinity'}")
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
