@@ -1,7 +1,7 @@
 # Diffusion from the Papers
 #
 #   make lab [PROFILE=smoke|cpu|gpu] [LAB_ARGS=...]              read interactively: JupyterLab in chapters/
-#   make book [PROFILE=smoke|cpu|gpu] [FORCE=1] [ONLY="01 03"]   execute the chapters, render _build/
+#   make book [PROFILE=smoke|cpu|gpu] [FORCE=1] [COLD=1] [ONLY="01 03"]   execute the chapters, render _build/
 #   make test                                                    ruff, then pytest: tests/ and every
 #                                                                chapter (nbval, smoke profile)
 #   make setup [TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"]
@@ -55,7 +55,7 @@ lab: $(STAMP)
 	  --MultiKernelManager.default_kernel_name=python3 $(LAB_ARGS)
 
 book: $(STAMP)
-	$(PY) -m diffusion_core.book build $(if $(PROFILE),--profile $(PROFILE)) $(if $(FORCE),--force) \
+	$(PY) -m diffusion_core.book build $(if $(PROFILE),--profile $(PROFILE)) $(if $(FORCE),--force) $(if $(COLD),--cold) \
 	  $(if $(ONLY),--only $(ONLY))
 
 # One pytest run: the package's tests and, through nbval (--nbval-lax: only cells marked

@@ -39,6 +39,7 @@ import html
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Container, Iterable, Sequence
@@ -868,17 +869,37 @@ def _select(book: Book, only: Sequence[str] | None) -> list[Chapter]:
     return [ch for ch in book.chapters if ch in wanted]
 
 
+def _git_commit(root: Path) -> str | None:
+    """The commit the book was built from (with ``+`` when the tree has changes), or None."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+" if dirty else "")
+
+
 def build(root: str | os.PathLike[str] = ".", profile: str | None = None, force: bool = False,
           only: Sequence[str] | None = None, out: str | os.PathLike[str] | None = None,
           cache: str | os.PathLike[str] | None = None, timeout: int | None = 3600,
-          log: Callable[[str], None] = print, screenshots: bool = False) -> BuildReport:
+          log: Callable[[str], None] = print, screenshots: bool = False, cold: bool = False) -> BuildReport:
     """Execute the chapters that changed and render the book; see the module docstring.
+
+    Every chapter executed successfully appends its run time, machine and what the model store did
+    (trained / loaded) to ``<out>/runtimes.json`` (:mod:`diffusion_core.runtimes`). ``cold``: each
+    chapter starts from its own empty model cache (``<out>/.cold-cache``, removed afterwards), to
+    measure what a chapter costs a reader who runs it first.
 
     Each chapter's page is written as soon as the chapter is done (and its kernel shut down), and
     the index after every chapter. ``screenshots``: also save PNGs of the index and one chapter
     (``screenshot-*.png``) when a Chromium is found (``make book`` does)."""
     book = load_book(root)
     profile = check_profile(profile) if profile else detect_profile()
+    force = force or cold  # a cold run is a measurement: up-to-date chapters run again
     out = Path(out).resolve() if out is not None else book.root / "_build"
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     state_path = out / ".state.json"
@@ -901,6 +922,8 @@ def build(root: str | os.PathLike[str] = ".", profile: str | None = None, force:
         log("note: jupyter-server-mathjax is not installed, so the pages show formulas as TeX "
             "(pip install -e \".[book]\")")
     building = {ch.name: "queued" for ch in selected}
+    from . import runtimes, store
+    host, commit = runtimes.machine(), _git_commit(book.root)
 
     def publish() -> None:
         """(Re)write the pages that changed, then the index."""
@@ -934,11 +957,20 @@ def build(root: str | os.PathLike[str] = ".", profile: str | None = None, force:
         nb = nbformat.read(str(src), as_version=4)
         building[ch.name] = "running"
         publish()
-        log(f"{tag}: executing (profile {profile})...")
+        log(f"{tag}: executing (profile {profile}{', from an empty model cache' if cold else ''})...")
+        chapter_cache = out / ".cold-cache" / ch.name if cold else cache
+        if cold:
+            shutil.rmtree(chapter_cache, ignore_errors=True)
+            chapter_cache.mkdir(parents=True)
+        store_log = out / f".store-{ch.name}.jsonl"
+        store_log.unlink(missing_ok=True)
+        chapter_env = dict(env, DIFFUSION_CACHE=str(chapter_cache), **{store.LOG_VAR: str(store_log)})
+        cache_was_empty = not any(chapter_cache.glob("*.safetensors"))
+        started = _dt.datetime.now().isoformat(timespec="seconds")
         start = time.monotonic()
         bar = _progress(nb, tag)
         try:
-            execute_notebook(nb, src.parent, env, timeout=timeout, on_cell=bar.update_to if bar else None)
+            execute_notebook(nb, src.parent, chapter_env, timeout=timeout, on_cell=bar.update_to if bar else None)
         except ChapterFailed as exc:
             seconds = time.monotonic() - start
             message = f"{ch.name} failed in {exc}"
@@ -954,9 +986,14 @@ def build(root: str | os.PathLike[str] = ".", profile: str | None = None, force:
             state["chapters"][ch.name] = {"status": "ok", "hash": fp, "profile": profile, "seconds": seconds,
                                           "built": _dt.datetime.now().isoformat(timespec="seconds"), "page": ""}
             report.results.append(ChapterResult(ch.name, "executed", seconds))
+            runtimes.append_record(out / "runtimes.json", runtimes.make_record(
+                ch.name, profile, seconds, store.read_log(store_log), cache_was_empty, started, host, commit))
         finally:
             if bar:
                 bar.close()
+            store_log.unlink(missing_ok=True)
+            if cold:
+                shutil.rmtree(chapter_cache, ignore_errors=True)
         nbformat.write(nb, str(executed_nb))
         building.pop(ch.name, None)
         publish()  # this chapter's page (and its neighbours' navigation) now, not at the end
@@ -1112,6 +1149,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     b.add_argument("--out", default=None, help="output folder (default: _build)")
     b.add_argument("--cache", default=None, help="DIFFUSION_CACHE for trained models (default: .cache/models)")
     b.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run (default: 3600)")
+    b.add_argument("--cold", action="store_true",
+                   help="run each chapter from its own empty model cache (measures a first run; trains everything)")
     b.add_argument("--no-screenshots", action="store_true",
                    help="do not save screenshot-*.png of the index and a chapter (taken only when Chromium is found)")
     r = sub.add_parser("readme", help="regenerate README.md's chapter table")
@@ -1125,7 +1164,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         if args.command == "build":
             return build(args.root, profile=args.profile, force=args.force, only=args.only, out=args.out,
                          cache=args.cache, timeout=args.timeout or None, screenshots=not args.no_screenshots,
-                         log=lambda s: print(s, flush=True)).exit_code
+                         cold=args.cold, log=lambda s: print(s, flush=True)).exit_code
         book = load_book(args.root)
         if args.command == "readme":
             stale = update_readme(book, check=args.check)

@@ -11,6 +11,10 @@ temporary file, then ``os.replace``); a corrupt, truncated or mismatching file (
 or dtypes than the recipe builds) is detected and rebuilt with a warning, and the temporaries of a
 writer that was killed are removed. A directory where a file should be is an error (never deleted).
 The cache lives in ``$DIFFUSION_CACHE`` (default ``~/.cache/diffusion-from-the-papers``).
+
+With ``$DIFFUSION_STORE_LOG`` set to a file, every load appends one JSON line to it,
+``{"recipe", "profile", "event": "loaded" | "trained", "seconds"}``: the book's build sets it to
+record which models a chapter trained and which it found cached (:func:`read_log`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .interop import CheckpointMismatchError, load_state_dict
 from .profiles import Profile, current
 
 ENV_VAR = "DIFFUSION_CACHE"
+LOG_VAR = "DIFFUSION_STORE_LOG"
 
 
 @dataclass(frozen=True)
@@ -338,7 +343,39 @@ def _read_cached(r: Recipe, prof: Profile, config: dict[str, Any], key: str, pat
         return None
     if verbose:
         print(f"[store] {r.name} ({prof.name}): loaded {path.name}")
+    if not strict:  # strict: another rank reading rank 0's file, which rank 0 has logged
+        _log_event(r, prof, "loaded")
     return Stored(model.to(target).eval(), r.name, prof.name, config, meta.get("metrics", {}), path, False)
+
+
+def _log_event(r: Recipe, prof: Profile, event: str, seconds: Any = None) -> None:
+    """Append one line to ``$DIFFUSION_STORE_LOG`` (when set): what this load did."""
+    target = os.environ.get(LOG_VAR)
+    if not target:
+        return
+    line = json.dumps({"recipe": r.name, "profile": prof.name, "event": event,
+                       "seconds": float(seconds) if isinstance(seconds, (int, float)) else None})
+    with open(target, "a", encoding="utf-8") as f:  # one short write: lines from one process never interleave
+        f.write(line + "\n")
+
+
+def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The events of a ``$DIFFUSION_STORE_LOG`` file, in order (an absent file: none)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    events = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"[store] {path}, line {n}: not a JSON object ({exc})") from None
+        if not isinstance(e, dict) or e.get("event") not in ("loaded", "trained") or not isinstance(e.get("recipe"), str):
+            raise ValueError(f"[store] {path}, line {n}: expected {{recipe, profile, event: loaded|trained}}, got {line!r}")
+        events.append(e)
+    return events
 
 
 def _train(r: Recipe, prof: Profile, config: dict[str, Any], verbose: bool) -> tuple[nn.Module, dict[str, Any]]:
@@ -364,6 +401,7 @@ def _train_and_save(r: Recipe, prof: Profile, config: dict[str, Any], key: str, 
                     verbose: bool) -> Stored:
     model, metrics = _train(r, prof, config, verbose)
     _save(r, prof, config, key, path, model, metrics)
+    _log_event(r, prof, "trained", metrics.get("train_seconds"))
     return Stored(model.to(target), r.name, prof.name, config, metrics, path, True)
 
 
@@ -395,6 +433,7 @@ def _load_distributed(r: Recipe, prof: Profile, config: dict[str, Any], key: str
         model, metrics = _train(r, prof, config, verbose and main)
         distributed.run_on_main(lambda: _save(r, prof, config, key, path, model, metrics))  # the others wait
         if main:
+            _log_event(r, prof, "trained", metrics.get("train_seconds"))
             return Stored(model.to(target), r.name, prof.name, config, metrics, path, True)
         stored = read_rank0_file()
         stored.trained_now = True
