@@ -1,6 +1,6 @@
 """Chapter 06 (classifier-free guidance): FD and condition accuracy over the guidance scale s for the
-digit models and the caption (text-to-image) models, p_uncond 0.1, 0.2, 0.5 each; one batched guided step vs
-two forwards."""
+digit models (p_uncond 0.1, 0.2, 0.5) and the caption (text-to-image) models (0.1, 0.2, and at gpu 0.5:
+recipes.latent.t2i_p_unconds); one batched guided step vs two forwards."""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 Commands (run from the repository root; ``make book`` calls the first)::
 
     python -m diffusion_core.book build [--profile smoke|cpu|gpu] [--force] [--only 01 ddpm ...]
+    python -m diffusion_core.book build --cold       # each chapter from an empty model cache
+    python -m diffusion_core.book runtimes           # the run times the builds recorded
     python -m diffusion_core.book readme [--check]   # the chapter table in README.md
     python -m diffusion_core.book check              # validate book.toml against chapters/
     python -m diffusion_core.book badge 01           # the "Open in Colab" badge for a first cell
@@ -25,7 +27,8 @@ and ``_build/screenshot-<chapter>.png``, taken offline at 1280 px wide (``--no-s
 The format of ``book.toml``: top-level ``title``, ``subtitle``, ``repository``
 (``https://github.com/OWNER/REPO``) and ``branch``; then one ``[[chapters]]`` table per chapter in
 reading order with ``number`` (``"01"``, or ``"A"`` for an appendix), ``slug``, ``title``,
-``notebook`` (``chapters/<number>_<slug>.ipynb``), ``runtime_minutes = {smoke, cpu, gpu}`` and one
+``notebook`` (``chapters/<number>_<slug>.ipynb``), ``runtime_minutes = {smoke, cpu, gpu}`` (``cpu`` in
+reading order; optional ``cpu_cold``, from an empty model cache) and one
 or more ``[[chapters.papers]]`` with ``title``, ``authors``, ``year`` and ``arxiv``. Optional:
 ``summary`` (one line shown in the index).
 """
@@ -133,6 +136,8 @@ class Book:
 
 
 _REQUIRED_TOP = ("title", "repository", "branch")
+#: optional in runtime_minutes: the cpu run time from an empty model cache (``cpu`` is in reading order)
+_OPTIONAL_RUNTIMES = ("cpu_cold",)
 _REQUIRED_CHAPTER = ("number", "slug", "title", "notebook", "runtime_minutes", "papers")
 _REQUIRED_PAPER = ("title", "authors", "year", "arxiv")
 
@@ -168,10 +173,16 @@ def validate_book_data(data: dict[str, Any]) -> list[str]:
             if not isinstance(rt, dict):
                 problems.append(f"{where}: runtime_minutes must be a table {{smoke, cpu, gpu}}")
             else:
-                for p in PROFILES:
+                for p in PROFILES + _OPTIONAL_RUNTIMES:
                     v = rt.get(p)
+                    if p in _OPTIONAL_RUNTIMES and v is None:
+                        continue
                     if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                         problems.append(f"{where}: runtime_minutes.{p} must be a positive number, got {v!r}")
+                extra = sorted(set(rt) - set(PROFILES) - set(_OPTIONAL_RUNTIMES))
+                if extra:
+                    problems.append(f"{where}: runtime_minutes has unknown keys {extra} (expected "
+                                    f"{', '.join(PROFILES + _OPTIONAL_RUNTIMES)})")
         papers = ch.get("papers")
         if papers is not None:
             if not isinstance(papers, list) or not papers:
@@ -204,7 +215,8 @@ def load_book(root: str | os.PathLike[str] = ".") -> Book:
         raise BookError("\n".join(problems))
     chapters = tuple(
         Chapter(number=ch["number"], slug=ch["slug"], title=ch["title"], notebook=ch["notebook"],
-                runtime_minutes={p: ch["runtime_minutes"][p] for p in PROFILES},
+                runtime_minutes={p: ch["runtime_minutes"][p] for p in PROFILES + _OPTIONAL_RUNTIMES
+                                 if p in ch["runtime_minutes"]},
                 papers=tuple(Paper(str(p["title"]), str(p["authors"]), int(p["year"]), str(p["arxiv"]))
                              for p in ch["papers"]),
                 summary=str(ch.get("summary", "")))
@@ -336,12 +348,18 @@ def _minutes(v: float) -> str:
     return f"{v:g} min"
 
 
+def _cpu_minutes(ch: Chapter) -> str:
+    """``cpu`` in reading order, and from an empty cache where book.toml has it and it differs."""
+    cpu, cold = ch.runtime_minutes["cpu"], ch.runtime_minutes.get("cpu_cold")
+    return _minutes(cpu) if cold is None or cold == cpu else f"{_minutes(cpu)} ({cold:g} cold)"
+
+
 def readme_table(book: Book) -> str:
     """The README's chapter table (Markdown), generated from book.toml."""
     rows = ["| # | Chapter | Paper | smoke | cpu | gpu | |", "|---|---|---|---|---|---|---|"]
     for ch in book.chapters:
         papers = "<br>".join(f"[{p.title}]({p.url}), {p.authors} ({p.year})" for p in ch.papers)
-        rt = " | ".join(_minutes(ch.runtime_minutes[p]) for p in PROFILES)
+        rt = " | ".join(_cpu_minutes(ch) if p == "cpu" else _minutes(ch.runtime_minutes[p]) for p in PROFILES)
         rows.append(f"| {ch.number} | [{ch.title}]({ch.notebook}) | {papers} | {rt} | {colab_badge(book, ch)} |")
     return "\n".join(rows)
 
@@ -1153,6 +1171,10 @@ def main(argv: Iterable[str] | None = None) -> int:
                    help="run each chapter from its own empty model cache (measures a first run; trains everything)")
     b.add_argument("--no-screenshots", action="store_true",
                    help="do not save screenshot-*.png of the index and a chapter (taken only when Chromium is found)")
+    t = sub.add_parser("runtimes", help="the measured run times the build recorded, per chapter and kind")
+    t.add_argument("files", nargs="*", default=None,
+                   help="runtimes files (default: _build/runtimes.json and benchmarks/results/runtimes-*.json)")
+    t.add_argument("--profile", choices=PROFILES, default="cpu")
     r = sub.add_parser("readme", help="regenerate README.md's chapter table")
     r.add_argument("--check", action="store_true", help="only report whether it is stale (exit 1 if so)")
     sub.add_parser("check", help="validate book.toml and each chapter's conventions (pairing, first cell, ...)")
@@ -1166,6 +1188,14 @@ def main(argv: Iterable[str] | None = None) -> int:
                          cache=args.cache, timeout=args.timeout or None, screenshots=not args.no_screenshots,
                          cold=args.cold, log=lambda s: print(s, flush=True)).exit_code
         book = load_book(args.root)
+        if args.command == "runtimes":
+            from . import runtimes
+
+            files = [Path(f) for f in args.files] if args.files else (
+                [book.root / "_build" / "runtimes.json"] + sorted((book.root / "benchmarks" / "results").glob("runtimes-*.json")))
+            records = [r for f in files for r in runtimes.read_records(f)]
+            print(runtimes.table(records, [ch.name for ch in book.chapters], args.profile))
+            return 0
         if args.command == "readme":
             stale = update_readme(book, check=args.check)
             if args.check:
@@ -1185,7 +1215,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         if args.command == "badge":
             print(colab_badge(book, book.chapter(args.chapter)))
             return 0
-    except (BookError, KeyError) as exc:
+    except (BookError, KeyError, ValueError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     return 2

@@ -181,6 +181,18 @@ def test_sweeps_check_their_scales_before_loading_or_training_a_model(monkeypatc
         claim.digits_sweep(SMOKE, scales=(1.0, float("inf")))
     with pytest.raises(ValueError, match="guidance scale"):
         claim.shapes_sweep(SMOKE, scales=(-2.0,))
+    for bad in ((), (0.3,), (0.1, 0.7)):
+        with pytest.raises(ValueError, match="p_unconds"):
+            claim.shapes_sweep(SMOKE, p_unconds=bad)
+
+
+def test_the_caption_models_chapter_06_trains_at_each_profile():
+    cpu, gpu = Profile("cpu", torch.device("cpu")), Profile("gpu", torch.device("cpu"))
+    assert latent_recipes.t2i_p_unconds(gpu) == latent_recipes.T2I_P_UNCONDS == (0.1, 0.2, 0.5)
+    assert latent_recipes.t2i_p_unconds(cpu) == (0.1, 0.2)   # five minutes each on a laptop: 0.5 is an exercise
+    assert latent_recipes.t2i_p_unconds(SMOKE) == latent_recipes.T2I_P_UNCONDS   # smoke covers every path
+    for p in latent_recipes.T2I_P_UNCONDS:  # each rate still has its recipe
+        assert store.recipe(latent_recipes.t2i_recipe_name(p)).config(cpu)["p_uncond"] == p
 
 
 def test_the_papers_table_1_matches_the_scales_by_w_equals_s_minus_one():

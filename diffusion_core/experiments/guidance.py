@@ -157,11 +157,12 @@ def digits_sweep(profile: Profile, scales: Sequence[float] = SCALES, p_unconds: 
 
 
 def shapes_sweep(profile: Profile, scales: Sequence[float] = SCALES,
-                 p_unconds: Sequence[float] = latent_recipes.T2I_P_UNCONDS, seed: int = 0, progress: bool = True
+                 p_unconds: Sequence[float] | None = None, seed: int = 0, progress: bool = True
                  ) -> dict[str, Any]:
     """Caption accuracy (every attribute of the object right and nothing extra; and each attribute
     alone) and FD over ``scales`` for the text-to-image model of each p_uncond (chapter 04's recipe,
-    :func:`~diffusion_core.recipes.latent.t2i_recipe_name`).
+    :func:`~diffusion_core.recipes.latent.t2i_recipe_name`; None: the profile's,
+    :func:`~diffusion_core.recipes.latent.t2i_p_unconds`).
 
     The captions are unseen one-object scenes of the training distribution; every model and scale
     draws them from the same noise. FD is measured with the shapes evaluator's features against
@@ -175,6 +176,13 @@ def shapes_sweep(profile: Profile, scales: Sequence[float] = SCALES,
     from . import latent
 
     scales = [check_scale(s) for s in scales]  # before any model is trained or loaded
+    if p_unconds is None:
+        p_unconds = latent_recipes.t2i_p_unconds(profile)
+    p_unconds = tuple(p_unconds)
+    unknown = [p for p in p_unconds if p not in latent_recipes.T2I_P_UNCONDS]
+    if not p_unconds or unknown:
+        raise ValueError(f"p_unconds must be a non-empty choice of {latent_recipes.T2I_P_UNCONDS} (the rates with a "
+                         f"recipe), got {p_unconds!r}")
     evaluator = shapes_evaluator(profile)
     n, steps = shapes_sample_count(profile), sampling_steps(profile)
     world = latent_recipes.world_for(profile, text=True, max_objects=latent_recipes.T2I_MAX_OBJECTS)
