@@ -32,8 +32,13 @@
 #
 # **Prerequisites.** Gaussians, KL divergence, a little PyTorch. No earlier chapter.
 #
-# **Run time.** `smoke` about 1 minute, `cpu` (a 2-core laptop) about 14 minutes, `gpu` about 10
-# minutes. The trained digit models are cached and reused by chapters 02 and 03.
+# **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
+# `benchmarks/results/runtimes/cpu.json`). `cpu`: 7.9 minutes in reading order, which for the first
+# chapter is also the cold run, from an empty model cache (it trains its three models: the two digit
+# models, about 3 minutes each, and the digit classifier). `smoke`: under a minute; for a quick look on a
+# laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab PROFILE=smoke` (smoke models
+# are barely trained: their numbers mean nothing). `gpu` about 10 minutes (not measured). The trained
+# digit models are cached and reused by chapters 02 and 03.
 
 # %% [markdown]
 # ## Setup

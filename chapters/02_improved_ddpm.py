@@ -38,9 +38,12 @@
 # **Notation.** As in chapter 01's notation box: formulas are 1-based as in the papers, array index $t$
 # holds the paper's step $t+1$, and $\sigma$ is only ever a noise level.
 #
-# **Run time.** `smoke` about 2 minutes; `cpu` (a 2-core laptop) about 9 minutes with the models in
-# the store, plus about 8 the first time, when this chapter's two models are trained (then cached);
-# `gpu` about 10 minutes.
+# **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
+# `benchmarks/results/runtimes/cpu.json`). `cpu`: 10.2 minutes in reading order (chapter 01's DDPM and
+# digit classifier cached; the chapter trains its two models, about 2.8 minutes each). COLD_02 `smoke`:
+# under a minute; for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter,
+# or `make lab PROFILE=smoke` (smoke models are barely trained: their numbers mean nothing). `gpu` about
+# 10 minutes (not measured).
 
 # %% [markdown]
 # ## Setup

@@ -40,8 +40,12 @@
 # level of $x_t/\sqrt{\bar\alpha_t}$. This chapter writes the number of sampling steps $S$, as the DDIM paper
 # does (chapter 02's $K$).
 #
-# **Run time.** `smoke` about 2 minutes, `cpu` (a 2-core laptop) about 14 minutes (plus about 5 to
-# train `digits-ddpm` if chapter 01 has not run), `gpu` about 10 minutes.
+# **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
+# `benchmarks/results/runtimes/cpu.json`). `cpu`: 6.3 minutes in reading order (the chapter trains
+# nothing: it samples chapter 01's DDPM, cached, and scores with its digit classifier). COLD_03 `smoke`:
+# under a minute; for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter,
+# or `make lab PROFILE=smoke` (smoke models are barely trained: their numbers mean nothing). `gpu` about
+# 10 minutes (not measured).
 
 # %% [markdown]
 # ## Setup

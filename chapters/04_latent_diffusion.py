@@ -48,9 +48,15 @@
 # scales have their own names: the latent scale is `scaling_factor` $= 1/\hat\sigma$, the guidance
 # scale of section 9 is $s$.
 #
-# **Run time.** `smoke` about 1 minute, `cpu` (a 2-core laptop), in reading order (chapters 01-03's models cached; this chapter
-# trains its fourteen): 18.0 minutes for the whole notebook, measured on a quiet 2-core machine (1,077 s wall,
-# 198% CPU, 2.5 GB peak memory; `jupyter nbconvert --execute` under `/usr/bin/time`, 6 December 2026), `gpu` about 15 minutes. The autoencoders and the text-to-image model are cached; chapters 06 to 09 reuse them.
+# **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
+# `benchmarks/results/runtimes/cpu.json`). `cpu`: 14.8 minutes in reading order, which is also the cold
+# run: the chapter reuses no earlier chapter's model and trains its ten (four autoencoders and the shapes
+# evaluator, about 45 s each; the four models of the sweep, 60 to 80 s each; the text-to-image model, 5.5
+# minutes). At `cpu` the equal-steps sweep of section 7 is shown from the book's reference run instead of
+# trained (three more minutes; `RUN_EQUAL_STEPS = True` trains it). `smoke`: under a minute; for a quick
+# look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab PROFILE=smoke`
+# (smoke models are barely trained: their numbers mean nothing). `gpu` about 15 minutes (not measured).
+# The autoencoders, the evaluator and the text-to-image model are cached; chapters 05 to 09 reuse them.
 
 # %% [markdown]
 # ## Setup

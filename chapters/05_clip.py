@@ -42,9 +42,13 @@
 # 1-based, as in the papers) and $\sigma$ only a noise level; neither appears in this chapter, so
 # CLIP's learned temperature, `t` in the paper's pseudocode, is $\kappa$ here (section 1).
 #
-# **Run time.** `smoke` about 1 minute, `cpu` (a 2-core laptop) about 10 minutes, `gpu` about 10 minutes.
-# The trained CLIP, the independent "judge" CLIP and the shapes evaluator are cached and reused by other
-# chapters (04, 06, 11, 12).
+# **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
+# `benchmarks/results/runtimes/cpu.json`). `cpu`: 1.7 minutes in reading order (chapter 04's shapes
+# evaluator cached; the chapter trains its CLIP, 92 s); from an empty cache it also trains the evaluator,
+# about 45 s more. `smoke`: under a minute; for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke`
+# before starting Jupyter, or `make lab PROFILE=smoke` (smoke models are barely trained: their numbers mean
+# nothing). `gpu` about 10 minutes (not measured). The trained CLIP is cached and reused by chapters 09, 11,
+# 12 and 13; section 7's judge CLIP, trained when a later chapter first asks for it, by 09, 11 and 12.
 
 # %% [markdown]
 # ## Setup
@@ -428,7 +432,8 @@ for i in range(0, 16, 4):
 # %% [markdown]
 # ## 7. The judges of later chapters
 #
-# Two models trained here are reused to *measure* other models:
+# Two more models of this world are reused to *measure* other models. Neither is trained in this chapter:
+# the store trains each when a chapter first asks for it (the evaluator in chapter 04, the judge in 09).
 #
 # - `shapes-clip-judge`: the same recipe with another seed and other scenes. GLIDE (chapter 11) and
 #   unCLIP (chapter 12) guide or condition on `shapes-clip`; their alignment is judged by this independent

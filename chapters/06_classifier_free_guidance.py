@@ -44,11 +44,15 @@
 # written out and a class's spread in section 2 is $\rho$. The guidance scale is $s$ (section 1
 # converts the papers' $w$).
 #
-# **Run time.** `smoke` about 2 minutes. `cpu` (a 2-core laptop), in reading order (chapters 01-05's
-# models cached; this chapter trains three digit models and two text-to-image models, chapter 04's is
-# reused): 18.2 minutes for the whole notebook, measured on a quiet 2-core machine (1,092 s wall, 198%
-# CPU, 1.2 GB peak memory; `jupyter nbconvert --execute` under `/usr/bin/time`, 6 December 2026); about 5
-# with its models cached (not measured). `gpu` about 15 minutes (not measured). The trained models are cached and reused by later chapters.
+# **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
+# `benchmarks/results/runtimes/cpu.json`). `cpu`: 11.6 minutes in reading order (chapter 01's digit
+# classifier and chapter 04's text-to-image model, autoencoder and evaluator cached; the chapter trains
+# three digit models, about 85 s each, and the text-to-image model at $p_\text{uncond} = 0.2$, 5.4
+# minutes); from an empty cache it also trains those four, 7.2 minutes more by their training times in
+# chapters 01 and 04 (not measured as one run). `smoke`: under
+# a minute; for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make
+# lab PROFILE=smoke` (smoke models are barely trained: their numbers mean nothing). `gpu` about 15 minutes
+# (not measured). The trained models are cached and reused by later chapters.
 
 # %% [markdown]
 # ## Setup

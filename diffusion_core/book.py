@@ -1173,8 +1173,10 @@ def main(argv: Iterable[str] | None = None) -> int:
                    help="do not save screenshot-*.png of the index and a chapter (taken only when Chromium is found)")
     t = sub.add_parser("runtimes", help="the measured run times the build recorded, per chapter and kind")
     t.add_argument("files", nargs="*", default=None,
-                   help="runtimes files (default: _build/runtimes.json and benchmarks/results/runtimes-*.json)")
+                   help="runtimes files (default: _build/runtimes.json and benchmarks/results/runtimes/*.json)")
     t.add_argument("--profile", choices=PROFILES, default="cpu")
+    t.add_argument("--update", action="store_true",
+                   help="write the measured minutes into book.toml's runtime_minutes and README.md's table")
     r = sub.add_parser("readme", help="regenerate README.md's chapter table")
     r.add_argument("--check", action="store_true", help="only report whether it is stale (exit 1 if so)")
     sub.add_parser("check", help="validate book.toml and each chapter's conventions (pairing, first cell, ...)")
@@ -1192,9 +1194,18 @@ def main(argv: Iterable[str] | None = None) -> int:
             from . import runtimes
 
             files = [Path(f) for f in args.files] if args.files else (
-                [book.root / "_build" / "runtimes.json"] + sorted((book.root / "benchmarks" / "results").glob("runtimes-*.json")))
+                [book.root / "_build" / "runtimes.json"] + sorted((book.root / "benchmarks" / "results" / "runtimes").glob("*.json")))
             records = [r for f in files for r in runtimes.read_records(f)]
-            print(runtimes.table(records, [ch.name for ch in book.chapters], args.profile))
+            order = [ch.name for ch in book.chapters]
+            print(runtimes.table(records, order, args.profile))
+            if args.update:
+                path = book.root / "book.toml"
+                measured = runtimes.measured_minutes(records, order)
+                text = runtimes.update_book_toml(path.read_text(encoding="utf-8"), measured,
+                                                 {ch.number: ch.name for ch in book.chapters})
+                path.write_text(text, encoding="utf-8")
+                update_readme(load_book(args.root))
+                print(f"book.toml and README.md: measured minutes of {len(measured)} chapter(s) written")
             return 0
         if args.command == "readme":
             stale = update_readme(book, check=args.check)

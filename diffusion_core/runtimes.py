@@ -8,17 +8,18 @@ whether the cache held any model when the chapter started.
 
 From those facts alone :func:`kind` names what a run measured:
 
-- ``cold``: the cache was empty, so the chapter trained every model it uses;
+- ``cold``: the chapter trained every model it uses (the cache was empty, or held none of them);
 - ``reading order``: it trained exactly the models no earlier chapter uses and loaded the earlier
   chapters' ones, as a reader who ran the chapters in order has them (known from the records of the
   earlier chapters at any profile: which models a chapter uses does not depend on it, and a smoke
   build records every chapter's; a cold run of a chapter that shares no model with an earlier one,
-  chapter 01's for one, is also in reading order);
-- ``cached``: it trained nothing;
+  chapter 01's for one, is also in reading order, and the other way round);
+- ``cached``: it trained nothing (a chapter that only reuses earlier chapters' models, run in
+  reading order, is both);
 - ``warm``: anything else (some models cached, and the earlier chapters' records cannot say which).
 
 ``python -m diffusion_core.book runtimes`` prints the table; the book's committed measurements are
-``benchmarks/results/runtimes-cpu.json`` and ``book.toml``'s ``runtime_minutes`` quotes them
+``benchmarks/results/runtimes/cpu.json`` and ``book.toml``'s ``runtime_minutes`` quotes them
 (``tests/test_runtimes.py`` checks that it does).
 """
 
@@ -137,11 +138,11 @@ def kind(record: dict[str, Any], records: Sequence[dict[str, Any]], order: Seque
         if r["chapter"] in earlier:
             before |= _uses(r)
     complete = all(c in known for c in earlier)
-    if record.get("cache_was_empty"):  # trained all it uses: also reading order if no earlier chapter uses any
+    if record.get("cache_was_empty") or not loaded:   # it trained all it uses, as from an empty cache
         return "reading order" if complete and not (trained & before) else "cold"
-    if not trained:
-        return "cached"
-    return "reading order" if complete and loaded <= before and not (trained & before) else "warm"
+    if complete and loaded <= before and not (trained & before):
+        return "reading order"   # a chapter that only reuses earlier chapters' models trains nothing here
+    return "cached" if not trained else "warm"
 
 
 def latest(records: Sequence[dict[str, Any]], order: Sequence[str], profile: str) -> dict[str, dict[str, dict]]:
@@ -152,7 +153,11 @@ def latest(records: Sequence[dict[str, Any]], order: Sequence[str], profile: str
         if r["profile"] != profile or r["chapter"] not in order:
             continue
         k = kind(r, records, order)
-        kinds = [k] + (["cold"] if k == "reading order" and r.get("cache_was_empty") else [])
+        kinds = [k]
+        if k == "reading order" and (r.get("cache_was_empty") or not r.get("loaded")):
+            kinds.append("cold")      # it trained everything it uses
+        if k == "reading order" and not r.get("trained"):
+            kinds.append("cached")    # everything it uses was cached
         for k in kinds:
             slot = out.setdefault(r["chapter"], {})
             if k not in slot or r.get("started", "") >= slot[k].get("started", ""):
@@ -182,3 +187,44 @@ def table(records: Sequence[dict[str, Any]], order: Sequence[str], profile: str)
                 where += f", {m['gpu']}"
         lines.append(f"{ch:<28} {cells[0]:>14} {cells[1]:>10} {cells[2]:>10}  {where}")
     return "\n".join(lines)
+
+
+def measured_minutes(records: Sequence[dict[str, Any]], order: Sequence[str]) -> dict[str, dict[str, int]]:
+    """``{chapter: {"smoke": m, "cpu": m, "cpu_cold": m}}``: the whole minutes (:func:`minutes`) of the
+    newest reading-order run at ``smoke`` and ``cpu`` and the newest cold run at ``cpu``, where the
+    records have one (book.toml's ``runtime_minutes`` keys)."""
+    out: dict[str, dict[str, int]] = {}
+    for profile, wanted in (("smoke", (("reading order", "smoke"),)),
+                            ("cpu", (("reading order", "cpu"), ("cold", "cpu_cold")))):
+        for ch, runs in latest(records, order, profile).items():
+            for k, key in wanted:
+                if k in runs:
+                    out.setdefault(ch, {})[key] = minutes(runs[k]["seconds"])
+    return out
+
+
+def update_book_toml(text: str, measured: dict[str, dict[str, int]], names: dict[str, str]) -> str:
+    """book.toml's text with each measured chapter's ``runtime_minutes`` entries replaced (others kept,
+    ``gpu`` included). ``names``: chapter number -> name (``"01"`` -> ``"01_ddpm"``)."""
+    import re
+
+    blocks = re.split(r"(?m)^(?=\[\[chapters\]\]\s*$)", text)
+    for i, block in enumerate(blocks):
+        num = re.search(r'(?m)^number\s*=\s*"([^"]+)"', block)
+        if not num or names.get(num.group(1)) not in measured:
+            continue
+        values = measured[names[num.group(1)]]
+        line = re.search(r"(?m)^runtime_minutes\s*=\s*\{([^}]*)\}.*$", block)
+        if not line:
+            raise ValueError(f"book.toml: chapter {num.group(1)} has no one-line runtime_minutes = {{...}}")
+        entries = dict(re.findall(r"(\w+)\s*=\s*([0-9.]+)", line.group(1)))
+        entries.update({k: str(v) for k, v in values.items()})
+        order = ["smoke", "cpu", "cpu_cold", "gpu"]
+        body = ", ".join(f"{k} = {entries[k]}" for k in order + sorted(set(entries) - set(order)) if k in entries)
+        note = f"measured by the build (benchmarks/results/runtimes/): {', '.join(values)}"
+        old = line.group(0).split("#", 1)[1].strip() if "#" in line.group(0) else ""
+        if old.startswith("measured by the build"):   # an earlier note of this function: keep what followed it
+            old = old.split(" | ", 1)[1] if " | " in old else ""
+        blocks[i] = (block[:line.start()] + f"runtime_minutes = {{ {body} }}   # {note}" + (f" | {old}" if old else "")
+                     + block[line.end():])
+    return "".join(blocks)

@@ -86,11 +86,18 @@ def test_kind_needs_the_earlier_chapters_records_to_call_a_run_reading_order():
     assert runtimes.kind(r3, [r3], order) == "warm"   # nothing known of 01 and 02
     smoke = [record("01", trained=["a"], empty=True, profile="smoke"), record("02", loaded=["a"], profile="smoke")]
     assert runtimes.kind(r3, smoke + [r3], order) == "reading order"   # usage is the same at any profile
-    assert runtimes.kind(record("03", trained=["c", "a"]), smoke, order) == "warm"   # retrained an earlier one
+    assert runtimes.kind(record("03", trained=["c", "a"], loaded=["b"]), smoke, order) == "warm"   # retrained a
+    # loaded nothing: it trained all it uses, as from an empty cache, whatever else the cache held
+    assert runtimes.kind(record("03", trained=["c", "a"]), smoke, order) == "cold"
+    assert runtimes.kind(record("03", trained=["c"]), smoke, order) == "reading order"
+    assert set(runtimes.latest(smoke + [record("03", trained=["c"])], order, "cpu")["03"]) == {"reading order", "cold"}
     assert runtimes.kind(record("03", trained=["c"], loaded=["z"]), smoke, order) == "warm"   # z: from where?
     assert runtimes.kind(record("03", trained=["c"], empty=True), smoke, order) == "reading order"
     assert runtimes.kind(record("03", trained=["c", "a"], empty=True), smoke, order) == "cold"
     assert runtimes.kind(record("03", loaded=["a", "c"]), smoke, order) == "cached"
+    only_reuses = record("03", loaded=["a"])   # trains nothing of its own: reading order, and cached
+    assert runtimes.kind(only_reuses, smoke, order) == "reading order"
+    assert set(runtimes.latest(smoke + [only_reuses], order, "cpu")["03"]) == {"reading order", "cached"}
     with pytest.raises(ValueError, match="not in the book's order"):
         runtimes.kind(record("09"), smoke, order)
 
@@ -123,12 +130,41 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert runtimes.minutes(600) == 10 and runtimes.minutes(601) == 11 and runtimes.minutes(5) == 1
 
 
+def test_measured_minutes_are_written_into_book_toml(tmp_path):
+    from tests.test_book import BOOK_TOML, CHAPTER_TOML
+
+    text = BOOK_TOML + CHAPTER_TOML.format(number="01", slug="first", title="First") + \
+        CHAPTER_TOML.format(number="02", slug="second", title="Second")
+    order = ["01_first", "02_second"]
+    recs = [dict(record("01_first", trained=["a"], empty=True), seconds=301.0),
+            dict(record("01_first", trained=["a"], empty=True, profile="smoke"), seconds=20.0),
+            dict(record("02_second", trained=["b"], loaded=["a"]), seconds=59.0),
+            dict(record("02_second", trained=["a", "b"], empty=True), seconds=400.0)]
+    measured = runtimes.measured_minutes(recs, order)
+    assert measured == {"01_first": {"smoke": 1, "cpu": 6, "cpu_cold": 6}, "02_second": {"cpu": 1, "cpu_cold": 7}}
+    new = runtimes.update_book_toml(text, measured, {"01": "01_first", "02": "02_second"})
+    (tmp_path / "book.toml").write_text(new)
+    book = bk.load_book(tmp_path)
+    assert book.chapter("01").runtime_minutes == {"smoke": 1, "cpu": 6, "gpu": 3, "cpu_cold": 6}
+    assert book.chapter("02").runtime_minutes == {"smoke": 1, "cpu": 1, "gpu": 3, "cpu_cold": 7}
+    assert "measured by the build" in new and new.count("[[chapters]]") == 2
+    # a hand-written note on the line is kept after the build's; the build's own is replaced next time
+    noted = text.replace("gpu = 3 }", "gpu = 3 }   # gpu: an estimate", 1)
+    once = runtimes.update_book_toml(noted, measured, {"01": "01_first", "02": "02_second"})
+    assert "smoke, cpu, cpu_cold | gpu: an estimate" in once
+    assert runtimes.update_book_toml(once, measured, {"01": "01_first", "02": "02_second"}) == once
+    assert "1 min (7 cold)" in bk.readme_table(book) and "6 min |" in bk.readme_table(book)
+    with pytest.raises(ValueError, match="runtime_minutes"):
+        runtimes.update_book_toml(text.replace("runtime_minutes", "runtime"), measured, {"01": "01_first"})
+
+
 # --------------------------------------------------------------------------------------------
 # The book's committed measurements
 # --------------------------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-MEASURED = ROOT / "benchmarks" / "results" / "runtimes-cpu.json"
+MEASURED = ROOT / "benchmarks" / "results" / "runtimes" / "cpu.json"
+SMOKE = ROOT / "benchmarks" / "results" / "runtimes" / "smoke.json"
 
 
 def test_book_toml_quotes_the_measured_cpu_run_times():
@@ -137,8 +173,7 @@ def test_book_toml_quotes_the_measured_cpu_run_times():
     came from a run of the book's build on a machine it describes."""
     book = bk.load_book(ROOT)
     order = [ch.name for ch in book.chapters]
-    records = runtimes.read_records(MEASURED) + runtimes.read_records(ROOT / "benchmarks" / "results" /
-                                                                      "runtimes-smoke.json")
+    records = runtimes.read_records(MEASURED) + runtimes.read_records(SMOKE)
     assert records, f"{MEASURED} holds no records"
     best = runtimes.latest(records, order, "cpu")
     assert best, "no cpu run of any chapter"
@@ -150,3 +185,21 @@ def test_book_toml_quotes_the_measured_cpu_run_times():
     for r in records:
         assert r["machine"].get("cores") and r["machine"].get("cpu") and r.get("started"), r["chapter"]
         assert math.isfinite(r["seconds"]) and r["seconds"] > 0
+
+
+def test_each_measured_chapter_quotes_its_measured_time():
+    """A chapter whose run the committed records hold says so in its run-time paragraph: "X minutes in
+    reading order" (and "Y minutes cold" where a separate cold run was measured), X and Y to a tenth."""
+    book = bk.load_book(ROOT)
+    order = [ch.name for ch in book.chapters]
+    records = runtimes.read_records(MEASURED) + runtimes.read_records(SMOKE)
+    for ch in book.chapters:
+        runs = runtimes.latest(records, order, "cpu").get(ch.name, {})
+        lines = (ROOT / ch.notebook).with_suffix(".py").read_text(encoding="utf-8").splitlines()
+        text = " ".join(line.lstrip("#").strip() for line in lines)   # the Markdown, line breaks undone
+        if "reading order" in runs:
+            want = f"{runs['reading order']['seconds'] / 60:.1f} minutes in reading order"
+            assert want in text, f"{ch.name}: its run-time paragraph should say {want!r}"
+        if "cold" in runs and runs["cold"] is not runs.get("reading order"):
+            want = f"{runs['cold']['seconds'] / 60:.1f} minutes cold"
+            assert want in text, f"{ch.name}: its run-time paragraph should say {want!r}"
