@@ -34,12 +34,14 @@
 # **Prerequisites.** Chapter 04 (the conditional UNet, the autoencoder and the text-to-image model this
 # chapter controls), chapter 06 (classifier-free guidance, used when sampling).
 #
-# **Run time** (measured on a 2-core CPU, 5 December 2026, both cores). `smoke` about 1 minute; `cpu`
-# 4.5 minutes with chapter 04's models cached (the two ControlNets are trained here, 110 s each), 1 minute
-# once they are cached too; cold, add about 10 minutes for chapter 04's models (the text-to-image model,
-# about 6.5 minutes; its autoencoder, 1; the shapes evaluator, 2); `gpu` about 10 minutes (not measured).
-# For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter (smoke models are barely
-# trained: their numbers mean nothing). The ControlNets are cached and chapters 08 and 09 reuse them.
+# **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
+# `benchmarks/results/runtimes/cpu.json`). `cpu`: 3.8 minutes in reading order (chapter 04's text-to-image
+# model, autoencoder and evaluator cached; the chapter trains its two ControlNets, 104 and 83 s); from an
+# empty cache it also trains chapter 04's three, 7.0 minutes more by their training times there (not
+# measured as one run). `smoke`: under a minute; for a quick look on a laptop, set
+# `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab PROFILE=smoke` (smoke models are barely
+# trained: their numbers mean nothing). `gpu` about 10 minutes (not measured). The ControlNets are cached
+# and chapters 08 and 09 reuse them.
 
 # %% [markdown]
 # ## Setup

@@ -35,11 +35,13 @@
 # **Prerequisites.** Chapter 07 (ControlNet: its models are reused here for the comparison), chapter 04
 # (the conditional UNet and its encoder).
 #
-# **Run time** (measured on a 2-core CPU, 5 December 2026, both cores). `smoke` about 1 minute; `cpu`
-# 4 minutes with chapter 07's models cached (the three adapters are trained here, 65 s each), 1 minute once
-# they are cached too; cold, add chapter 07's edge ControlNet (2 minutes) and chapter 04's models (about 10);
-# `gpu` about 10 minutes (not measured). For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before
-# starting Jupyter (smoke models are barely trained: their numbers mean nothing).
+# **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
+# `benchmarks/results/runtimes/cpu.json`). `cpu`: 3.3 minutes in reading order (chapter 04's models and
+# chapter 07's edge ControlNet cached; the chapter trains its three adapters, about 54 s each); from an
+# empty cache it also trains those four, 8.7 minutes more by their training times in chapters 04 and 07
+# (not measured as one run). `smoke`: under a minute; for a quick look on a laptop, set
+# `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab PROFILE=smoke` (smoke models are barely
+# trained: their numbers mean nothing). `gpu` about 10 minutes (not measured).
 
 # %% [markdown]
 # ## Setup

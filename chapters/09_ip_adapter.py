@@ -37,12 +37,14 @@
 # image embeddings are the prompts here, and an independently trained CLIP is the judge), chapter 06
 # (classifier-free guidance), chapter 07 (ControlNet, reused in section 7).
 #
-# **Run time** (measured on a 2-core CPU, 5 December 2026, both cores). `smoke` about 1 minute; `cpu`
-# 4.5 minutes with the models of chapters 04, 05 and 07 cached (the two adapters are trained here, 90 s
-# each), 1.5 minutes once they are cached too; cold, add chapter 05's two CLIPs (about 10 minutes, measured
-# on a busy machine), chapter 07's edge ControlNet (2) and chapter 04's models (about 10); `gpu` about 10
-# minutes (not measured). For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter
-# (smoke models are barely trained: their numbers mean nothing).
+# **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
+# `benchmarks/results/runtimes/cpu.json`). `cpu`: 4.9 minutes in reading order (the models of chapters 04,
+# 05 and 07 cached; the chapter trains its two adapters, 73 and 68 s, and chapter 05's judge CLIP, 94 s,
+# which it is the first to ask for); from an empty cache it also trains those five, 10.2 minutes more by
+# their training times in chapters 04, 05 and 07 (not measured as one run). `smoke`: under a minute; for a
+# quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab
+# PROFILE=smoke` (smoke models are barely trained: their numbers mean nothing). `gpu` about 10 minutes
+# (not measured).
 
 # %% [markdown]
 # ## Setup
