@@ -35,14 +35,15 @@
 # **Prerequisites.** Chapter 02 (the learned variance, respacing), chapter 05 (CLIP, the shapes evaluator),
 # chapter 06 (classifier-free guidance) and chapter 11 (the pixel text-conditional UNet family).
 #
-# **Run time** (measured on the 2-core CPU, 6 December 2026). `smoke` about 2 minutes from an empty cache. `cpu`
-# cold, 16.5 minutes for the whole notebook on the quiet machine with both cores (990 s, from a cache holding only
-# earlier chapters' models; training the five models took 774 s of it: the base models 161, 199 and 197 s, the SR
-# models 112 and 105 s); with the five models cached about 5 minutes (the benchmark, the same code, took 303 s
-# on one thread beside two other jobs). The readings quote that one-thread run; with two threads a few numbers
-# move in the third digit (floating-point sums in another order). `gpu` about 15 minutes (not measured). For a
-# quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter (smoke models are barely trained:
-# their numbers mean nothing).
+# **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
+# `benchmarks/results/runtimes/cpu.json`). `cpu`: 10.0 minutes in reading order (chapter 04's shapes
+# evaluator and chapter 05's CLIP cached; the chapter trains its five models: the three base models 106,
+# 118 and 105 s, the two super-resolution models 69 and 70 s); from an empty cache it also trains those
+# two, 2.3 minutes more by their training times in chapters 04 and 05 (not measured as one run). The
+# readings quote the benchmark, which trains on one thread; with two threads a few numbers move in the
+# third digit (floating-point sums in another order). `smoke`: under a minute; for a quick look on a
+# laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab PROFILE=smoke` (smoke models
+# are barely trained: their numbers mean nothing). `gpu` about 15 minutes (not measured).
 
 # %% [markdown]
 # ## Setup
