@@ -40,7 +40,8 @@
 #
 # **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
 # `benchmarks/results/runtimes/cpu.json`). `cpu`: 10.2 minutes in reading order (chapter 01's DDPM and
-# digit classifier cached; the chapter trains its two models, about 2.8 minutes each). COLD_02 `smoke`:
+# digit classifier cached; the chapter trains its two models, about 2.8 minutes each); from an empty
+# model cache, 13.6 minutes cold (it then also trains those two of chapter 01). `smoke`:
 # under a minute; for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter,
 # or `make lab PROFILE=smoke` (smoke models are barely trained: their numbers mean nothing). `gpu` about
 # 10 minutes (not measured).

@@ -42,7 +42,8 @@
 #
 # **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
 # `benchmarks/results/runtimes/cpu.json`). `cpu`: 6.3 minutes in reading order (the chapter trains
-# nothing: it samples chapter 01's DDPM, cached, and scores with its digit classifier). COLD_03 `smoke`:
+# nothing: it samples chapter 01's DDPM, cached, and scores with its digit classifier); from an empty
+# model cache, 9.1 minutes cold (it then trains those two first). `smoke`:
 # under a minute; for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter,
 # or `make lab PROFILE=smoke` (smoke models are barely trained: their numbers mean nothing). `gpu` about
 # 10 minutes (not measured).
