@@ -37,17 +37,16 @@
 # baseline's image encoder), chapter 06 (classifier-free guidance), chapter 07 (ControlNet) and chapter 09
 # (IP-Adapter, decoupled cross-attention).
 #
-# **Run time** (measured on a 2-core CPU, 6 December 2026). `smoke` about 1 minute. `cpu`: 1 minute once the
-# chapter's models are cached (70 s on one thread). Cold, this chapter trains eight models of its own, since no
-# earlier chapter knows faces: about 22 minutes for the whole notebook from an empty cache on one thread of a
-# machine shared with other jobs (measured up to the end of training, 21 minutes: the faces text-to-image base
-# 6 of them, InstantID 4, the two identity encoders 2.5, the evaluator 2.5, the faces CLIP and IP-Adapter 3.5,
-# the autoencoder 2). On the quiet machine with both cores, measured: 10.8 minutes for the whole
-# notebook from a cache holding only other chapters' models (649 s wall, 182% CPU, 1.4 GB peak memory;
-# `jupyter nbconvert --execute` under `/usr/bin/time`, 6 December 2026). That training cleared all five
-# bars (identity 0.549, the reference run's 0.526): two threads train to slightly different weights. `gpu`
-# about 10 minutes (not measured). For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting
-# Jupyter (smoke models are barely trained: their numbers mean nothing).
+# **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
+# `benchmarks/results/runtimes/cpu.json`). `cpu`: 11.1 minutes in reading order, which is also the cold
+# run: no earlier chapter knows faces, so the chapter trains its eight models (the faces text-to-image
+# base 209 s, InstantID 122 s, the faces CLIP and IP-Adapter 86 s, the two identity encoders 93 s, the
+# evaluator 51 s, the autoencoder 46 s); about 1 minute once they are cached. The readings quote the
+# benchmark, which trains on one thread; two threads train to slightly different weights, so a reader's
+# numbers move a little (one such training cleared all five bars, identity 0.549 against the reference
+# run's 0.526). `smoke`: under a minute; for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke`
+# before starting Jupyter, or `make lab PROFILE=smoke` (smoke models are barely trained: their numbers
+# mean nothing). `gpu` about 10 minutes (not measured).
 
 # %% [markdown]
 # ## Setup

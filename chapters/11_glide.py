@@ -38,12 +38,14 @@
 # respacing), chapter 04 (captions of the shapes world, coordinate channels), chapter 05 (CLIP, the shapes
 # evaluator, the judge CLIP) and chapter 06 (classifier-free guidance).
 #
-# **Run time** (measured on the 2-core CPU, 5 and 6 December 2026). `smoke` under a minute (44 s from an empty
-# cache). `cpu` cold, 12.2 minutes for the whole notebook on the quiet machine with both cores (732 s, from a cache
-# holding only other chapters' models; training took 595 s of it: `shapes-glide` 461 s, `shapes-clip-noisy` 60 s,
-# `shapes-glide-inpaint` 74 s); with the three models cached, 5 minutes (291 s, one thread on a machine shared with
-# other jobs). `gpu` about 15 minutes (not measured). For a quick look on a laptop, set `DIFFUSION_PROFILE=smoke`
-# before starting Jupyter (smoke models are barely trained: their numbers mean nothing).
+# **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
+# `benchmarks/results/runtimes/cpu.json`). `cpu`: 9.8 minutes in reading order (chapter 04's shapes
+# evaluator and chapter 05's judge CLIP cached; the chapter trains its three models: `shapes-glide` 353 s,
+# `shapes-clip-noisy` 50 s, `shapes-glide-inpaint` 72 s); from an empty cache it also trains those two,
+# 2.3 minutes more by their training times in chapters 04 and 09 (not measured as one run); about 5
+# minutes once its own are cached. `smoke`: under a minute; for a quick look on a laptop, set
+# `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab PROFILE=smoke` (smoke models are barely
+# trained: their numbers mean nothing). `gpu` about 15 minutes (not measured).
 
 # %% [markdown]
 # ## Setup

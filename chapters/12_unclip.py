@@ -37,14 +37,17 @@
 # **Prerequisites.** Chapter 03 (DDIM, its $\eta$ and inversion), chapter 05 (CLIP, the shapes evaluator, the
 # judge CLIP), chapter 06 (classifier-free guidance) and chapter 11 (GLIDE's text-conditional pixel UNet).
 #
-# **Run time** (measured on the 2-core CPU, 6 December 2026). `smoke` under a minute. `cpu` cold, 8.8 minutes for
-# the whole notebook on the quiet machine with both cores (527 s, from a cache holding only other chapters'
-# models: the prior and the decoder trained in it); with both models cached, 2.5 minutes (151 s, one thread beside
-# other jobs). The readings quote the benchmark run on one thread (1,441 s cold beside three other jobs); with two
-# threads a few numbers move in the second or third digit (floating-point sums in another order: caption
-# accuracy from the prior's embedding 0.565 instead of 0.56, from the text embedding 0.63 both times). `gpu`
-# about 15 minutes (not measured). For a quick look on a laptop, set
-# `DIFFUSION_PROFILE=smoke` before starting Jupyter (smoke models are barely trained: their numbers mean nothing).
+# **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
+# `benchmarks/results/runtimes/cpu.json`). `cpu`: 5.8 minutes in reading order (chapter 04's shapes
+# evaluator and chapter 05's CLIP and judge CLIP cached; the chapter trains its prior, 60 s, and its
+# decoder, 251 s); from an empty cache it also trains those three, 3.9 minutes more by their training
+# times in chapters 04, 05 and 09 (not measured as one run); with both its models cached, 2.5 minutes. The
+# readings quote the benchmark, which trains on one thread; with two threads a few numbers move in the
+# second or third digit (floating-point sums in another order: caption accuracy from the prior's embedding
+# 0.565 instead of 0.56 in one such training, from the text embedding 0.63 both times). `smoke`: under a
+# minute; for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make
+# lab PROFILE=smoke` (smoke models are barely trained: their numbers mean nothing). `gpu` about 15 minutes
+# (not measured).
 
 # %% [markdown]
 # ## Setup
