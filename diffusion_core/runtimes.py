@@ -190,12 +190,13 @@ def table(records: Sequence[dict[str, Any]], order: Sequence[str], profile: str)
 
 
 def measured_minutes(records: Sequence[dict[str, Any]], order: Sequence[str]) -> dict[str, dict[str, int]]:
-    """``{chapter: {"smoke": m, "cpu": m, "cpu_cold": m}}``: the whole minutes (:func:`minutes`) of the
-    newest reading-order run at ``smoke`` and ``cpu`` and the newest cold run at ``cpu``, where the
+    """``{chapter: {"smoke": m, "cpu": m, "cpu_cold": m, "gpu": m}}``: the whole minutes (:func:`minutes`)
+    of the newest reading-order run at each profile and the newest cold run at ``cpu``, where the
     records have one (book.toml's ``runtime_minutes`` keys)."""
     out: dict[str, dict[str, int]] = {}
     for profile, wanted in (("smoke", (("reading order", "smoke"),)),
-                            ("cpu", (("reading order", "cpu"), ("cold", "cpu_cold")))):
+                            ("cpu", (("reading order", "cpu"), ("cold", "cpu_cold"))),
+                            ("gpu", (("reading order", "gpu"),))):
         for ch, runs in latest(records, order, profile).items():
             for k, key in wanted:
                 if k in runs:

@@ -142,6 +142,8 @@ def test_measured_minutes_are_written_into_book_toml(tmp_path):
             dict(record("02_second", trained=["a", "b"], empty=True), seconds=400.0)]
     measured = runtimes.measured_minutes(recs, order)
     assert measured == {"01_first": {"smoke": 1, "cpu": 6, "cpu_cold": 6}, "02_second": {"cpu": 1, "cpu_cold": 7}}
+    gpu = dict(record("01_first", trained=["a"], empty=True, profile="gpu"), seconds=90.0)
+    assert runtimes.measured_minutes(recs + [gpu], order)["01_first"]["gpu"] == 2   # a GPU run fills that column
     new = runtimes.update_book_toml(text, measured, {"01": "01_first", "02": "02_second"})
     (tmp_path / "book.toml").write_text(new)
     book = bk.load_book(tmp_path)
@@ -182,6 +184,9 @@ def test_book_toml_quotes_the_measured_cpu_run_times():
         for kind, key in (("reading order", "cpu"), ("cold", "cpu_cold")):
             if kind in runs:
                 assert ch.runtime_minutes.get(key) == runtimes.minutes(runs[kind]["seconds"]), (ch.name, kind)
+        smoke_runs = runtimes.latest(records, order, "smoke").get(ch.name, {})
+        if "reading order" in smoke_runs:
+            assert ch.runtime_minutes["smoke"] == runtimes.minutes(smoke_runs["reading order"]["seconds"]), ch.name
     for r in records:
         assert r["machine"].get("cores") and r["machine"].get("cpu") and r.get("started"), r["chapter"]
         assert math.isfinite(r["seconds"]) and r["seconds"] > 0
