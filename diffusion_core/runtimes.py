@@ -168,6 +168,8 @@ def latest(records: Sequence[dict[str, Any]], order: Sequence[str], profile: str
 def minutes(seconds: float) -> int:
     """The whole minutes a table quotes for a run of ``seconds``: rounded up (a chapter measured at
     14 min 10 s is listed as 15)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
     return max(1, math.ceil(seconds / 60 - 1e-9))
 
 

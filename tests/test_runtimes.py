@@ -128,6 +128,9 @@ def test_bad_input_is_a_clear_error(tmp_path):
         store.read_log(log)
     assert store.read_log(tmp_path / "absent.jsonl") == []
     assert runtimes.minutes(600) == 10 and runtimes.minutes(601) == 11 and runtimes.minutes(5) == 1
+    for bad in (float("nan"), float("inf"), -3, "60", True):
+        with pytest.raises(ValueError, match="seconds"):
+            runtimes.minutes(bad)
 
 
 def test_measured_minutes_are_written_into_book_toml(tmp_path):
