@@ -34,9 +34,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["machine", "make_record", "append_record", "read_records", "kind", "latest", "minutes", "table"]
+__all__ = ["KINDS", "machine", "make_record", "append_record", "read_records", "kind", "latest", "minutes",
+           "table", "measured_minutes", "update_book_toml"]
 
-KINDS = ("cold", "reading order", "cached", "warm")
+KINDS = ("cold", "reading order", "cached", "warm")   # what `kind` can answer
 
 
 def _cpu_model() -> str:

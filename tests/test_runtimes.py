@@ -98,6 +98,7 @@ def test_kind_needs_the_earlier_chapters_records_to_call_a_run_reading_order():
     only_reuses = record("03", loaded=["a"])   # trains nothing of its own: reading order, and cached
     assert runtimes.kind(only_reuses, smoke, order) == "reading order"
     assert set(runtimes.latest(smoke + [only_reuses], order, "cpu")["03"]) == {"reading order", "cached"}
+    assert set(runtimes.latest(smoke + [only_reuses], order, "cpu")["03"]) <= set(runtimes.KINDS)
     with pytest.raises(ValueError, match="not in the book's order"):
         runtimes.kind(record("09"), smoke, order)
 
