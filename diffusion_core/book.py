@@ -1195,6 +1195,9 @@ def main(argv: Iterable[str] | None = None) -> int:
 
             files = [Path(f) for f in args.files] if args.files else (
                 [book.root / "_build" / "runtimes.json"] + sorted((book.root / "benchmarks" / "results" / "runtimes").glob("*.json")))
+            missing = [str(f) for f in args.files or () if not Path(f).is_file()]
+            if missing:   # a file the reader named must exist: an empty table would look like "nothing measured"
+                raise ValueError(f"files: no runtimes file at {', '.join(missing)}")
             records = [r for f in files for r in runtimes.read_records(f)]
             order = [ch.name for ch in book.chapters]
             print(runtimes.table(records, order, args.profile))

@@ -111,7 +111,7 @@ def test_latest_keeps_the_newest_run_of_each_kind():
     assert runtimes.latest([old, new], order, "smoke") == {}
 
 
-def test_bad_input_is_a_clear_error(tmp_path):
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(ValueError, match="seconds"):
         runtimes.make_record("01", "cpu", float("nan"), [], True)
     with pytest.raises(ValueError, match="seconds"):
@@ -132,6 +132,9 @@ def test_bad_input_is_a_clear_error(tmp_path):
     for bad in (float("nan"), float("inf"), -3, "60", True):
         with pytest.raises(ValueError, match="seconds"):
             runtimes.minutes(bad)
+    # the command line: a runtimes file the reader names must exist (an empty table would read "nothing measured")
+    assert bk.main(["runtimes", str(tmp_path / "absent.json")]) == 2
+    assert "files: no runtimes file at" in capsys.readouterr().err
 
 
 def test_measured_minutes_are_written_into_book_toml(tmp_path):
