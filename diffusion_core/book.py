@@ -918,12 +918,22 @@ def build(root: str | os.PathLike[str] = ".", profile: str | None = None, force:
     book = load_book(root)
     profile = check_profile(profile) if profile else detect_profile()
     force = force or cold  # a cold run is a measurement: up-to-date chapters run again
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0 or timeout == float("inf")):
+        raise ValueError(f"timeout must be a positive number of seconds one cell may run (None: no limit), "
+                         f"got {timeout!r}")
     out = Path(out).resolve() if out is not None else book.root / "_build"
-    (out / "notebooks").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "notebooks").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BookError(f"out: cannot make the output folder {out} ({exc.strerror or exc})") from None
     state_path = out / ".state.json"
     state = _load_state(state_path)
     cache = Path(cache or os.environ.get("DIFFUSION_CACHE") or book.root / ".cache" / "models").resolve()
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BookError(f"cache: cannot make the model cache folder {cache} ({exc.strerror or exc})") from None
     env = dict(os.environ, DIFFUSION_PROFILE=profile, DIFFUSION_HEADLESS="1", DIFFUSION_CACHE=str(cache))
     package_dir = _package_dir(book.root)
     if package_dir.parent == book.root:  # the chapters import this tree's package
@@ -1166,7 +1176,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     b.add_argument("--only", nargs="+", metavar="CHAPTER", help="chapter numbers, slugs or names to build")
     b.add_argument("--out", default=None, help="output folder (default: _build)")
     b.add_argument("--cache", default=None, help="DIFFUSION_CACHE for trained models (default: .cache/models)")
-    b.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run (default: 3600)")
+    b.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run (default: 3600; 0: no limit)")
     b.add_argument("--cold", action="store_true",
                    help="run each chapter from its own empty model cache (measures a first run; trains everything)")
     b.add_argument("--no-screenshots", action="store_true",

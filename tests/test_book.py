@@ -153,6 +153,24 @@ def test_missing_notebook_fails_the_build(tmp_path):
     assert report.exit_code == 1
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"timeout": -5}, "timeout must be a positive number"),
+    ({"timeout": 0}, "timeout must be a positive number"),
+    ({"timeout": float("nan")}, "timeout must be a positive number"),
+    ({"timeout": "60"}, "timeout must be a positive number"),
+    ({"out": "file.txt"}, "out: cannot make the output folder"),
+    ({"cache": "file.txt"}, "cache: cannot make the model cache folder"),
+])
+def test_bad_build_arguments_are_clear_errors_before_anything_runs(tmp_path, kwargs, message):
+    root = make_book(tmp_path, {("01", "one"): ["x = 1"]})
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    kwargs = {k: tmp_path / v if k in ("out", "cache") else v for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=message):
+        bk.build(root, log=lambda s: None, **kwargs)
+    assert not (root / "_build" / "01_one.html").exists()
+    assert bk.main(["--root", str(root), "build", "--timeout", "-5"]) == 2   # the command line says so too
+
+
 def test_validation_lists_every_problem():
     data = {"title": "T", "repository": "https://gitlab.com/x/y", "branch": "main", "chapters": [
         {"number": 1, "slug": "Bad Slug", "title": "", "notebook": "x.ipynb",
