@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m diffusion_core.store", description=main.__doc__)
     parser.add_argument("names", nargs="*", metavar="NAME", help="recipes to train or find in the cache")
-    parser.add_argument("--profile", default=None, help=f"one of {', '.join(PROFILES)} (default: detected)")
+    parser.add_argument("--profile", default=None, choices=list(PROFILES), help="the compute profile (default: detected)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rebuild", action="store_true", help="train again even when a valid file is cached")
     parser.add_argument("--list", action="store_true", help="list the recipes and exit")

@@ -349,3 +349,6 @@ def test_store_command_lists_recipes_and_refuses_unknown_names(capsys):
     with pytest.raises(SystemExit) as e:
         store.main(["no-such-recipe"])
     assert e.value.code == 2 and "unknown recipe(s) no-such-recipe" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:   # refused by the parser, before any training
+        store.main(["digits-ddpm", "--profile", "bogus"])
+    assert e.value.code == 2 and "argument --profile: invalid choice: 'bogus'" in capsys.readouterr().err
