@@ -51,7 +51,7 @@ def _plain(obj):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure a chapter's figures.")
     parser.add_argument("--chapter", required=True, help=f"one of {', '.join(CHAPTERS)}")
-    parser.add_argument("--profile", default=None, help=f"one of {', '.join(PROFILES)} (default: detected)")
+    parser.add_argument("--profile", default=None, choices=list(PROFILES), help="the compute profile (default: detected)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", action="store_true",
                         help="also write the JSON, with the commit measured, to benchmarks/results/NN-PROFILE.json "
