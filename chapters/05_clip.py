@@ -44,11 +44,12 @@
 #
 # **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
 # `benchmarks/results/runtimes/cpu.json`). `cpu`: 1.7 minutes in reading order (chapter 04's shapes
-# evaluator cached; the chapter trains its CLIP, 92 s); from an empty cache it also trains the evaluator,
-# about 45 s more. `smoke`: under a minute; for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke`
-# before starting Jupyter, or `make lab PROFILE=smoke` (smoke models are barely trained: their numbers mean
-# nothing). `gpu` about 10 minutes (not measured). The trained CLIP is cached and reused by chapters 09, 11,
-# 12 and 13; section 7's judge CLIP, trained when a later chapter first asks for it, by 09, 11 and 12.
+# evaluator cached; the chapter trains its CLIP, 92 s); from an empty model cache, 2.5 minutes cold (it then
+# also trains the evaluator). `smoke`: under a minute; for a quick look on a laptop, set
+# `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab PROFILE=smoke` (smoke models are barely
+# trained: their numbers mean nothing). `gpu` about 10 minutes (not measured). The trained CLIP is cached
+# and reused by chapters 09, 11, 12 and 13; section 7's judge CLIP, trained when a later chapter first asks
+# for it, by 09, 11 and 12.
 
 # %% [markdown]
 # ## Setup

@@ -47,12 +47,12 @@
 # **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
 # `benchmarks/results/runtimes/cpu.json`). `cpu`: 11.6 minutes in reading order (chapter 01's digit
 # classifier and chapter 04's text-to-image model, autoencoder and evaluator cached; the chapter trains
-# three digit models, about 85 s each, and the text-to-image model at $p_\text{uncond} = 0.2$, 5.4
-# minutes); from an empty cache it also trains those four, 7.2 minutes more by their training times in
-# chapters 01 and 04 (not measured as one run). `smoke`: under
-# a minute; for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make
-# lab PROFILE=smoke` (smoke models are barely trained: their numbers mean nothing). `gpu` about 15 minutes
-# (not measured). The trained models are cached and reused by later chapters.
+# three digit models, about 85 s each, and the text-to-image model at $p_\text{uncond} = 0.2$, 5.4 minutes);
+# from an empty model cache, 21.0 minutes cold (it then also trains those four; chapter 04's text-to-image
+# model took 6.8 minutes in this run against 5.5 in chapter 04's). `smoke`: under a minute; for a quick look
+# on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab PROFILE=smoke` (smoke
+# models are barely trained: their numbers mean nothing). `gpu` about 15 minutes (not measured). The trained
+# models are cached and reused by later chapters.
 
 # %% [markdown]
 # ## Setup

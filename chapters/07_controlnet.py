@@ -37,11 +37,10 @@
 # **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
 # `benchmarks/results/runtimes/cpu.json`). `cpu`: 3.8 minutes in reading order (chapter 04's text-to-image
 # model, autoencoder and evaluator cached; the chapter trains its two ControlNets, 104 and 83 s); from an
-# empty cache it also trains chapter 04's three, 7.0 minutes more by their training times there (not
-# measured as one run). `smoke`: under a minute; for a quick look on a laptop, set
-# `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab PROFILE=smoke` (smoke models are barely
-# trained: their numbers mean nothing). `gpu` about 10 minutes (not measured). The ControlNets are cached
-# and chapters 08 and 09 reuse them.
+# empty model cache, 10.6 minutes cold (it then also trains chapter 04's three). `smoke`: under a minute;
+# for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab
+# PROFILE=smoke` (smoke models are barely trained: their numbers mean nothing). `gpu` about 10 minutes (not
+# measured). The ControlNets are cached and chapters 08 and 09 reuse them.
 
 # %% [markdown]
 # ## Setup

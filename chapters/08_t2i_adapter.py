@@ -38,10 +38,9 @@
 # **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
 # `benchmarks/results/runtimes/cpu.json`). `cpu`: 3.3 minutes in reading order (chapter 04's models and
 # chapter 07's edge ControlNet cached; the chapter trains its three adapters, about 54 s each); from an
-# empty cache it also trains those four, 8.7 minutes more by their training times in chapters 04 and 07
-# (not measured as one run). `smoke`: under a minute; for a quick look on a laptop, set
-# `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab PROFILE=smoke` (smoke models are barely
-# trained: their numbers mean nothing). `gpu` about 10 minutes (not measured).
+# empty model cache, 11.9 minutes cold (it then also trains those four). `smoke`: under a minute; for a
+# quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab PROFILE=smoke`
+# (smoke models are barely trained: their numbers mean nothing). `gpu` about 10 minutes (not measured).
 
 # %% [markdown]
 # ## Setup

@@ -40,11 +40,10 @@
 # **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
 # `benchmarks/results/runtimes/cpu.json`). `cpu`: 4.9 minutes in reading order (the models of chapters 04,
 # 05 and 07 cached; the chapter trains its two adapters, 73 and 68 s, and chapter 05's judge CLIP, 94 s,
-# which it is the first to ask for); from an empty cache it also trains those five, 10.2 minutes more by
-# their training times in chapters 04, 05 and 07 (not measured as one run). `smoke`: under a minute; for a
-# quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab
-# PROFILE=smoke` (smoke models are barely trained: their numbers mean nothing). `gpu` about 10 minutes
-# (not measured).
+# which it is the first to ask for); from an empty model cache, 15.4 minutes cold (it then also trains those
+# five). `smoke`: under a minute; for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before
+# starting Jupyter, or `make lab PROFILE=smoke` (smoke models are barely trained: their numbers mean
+# nothing). `gpu` about 10 minutes (not measured).
 
 # %% [markdown]
 # ## Setup

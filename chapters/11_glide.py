@@ -41,11 +41,10 @@
 # **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
 # `benchmarks/results/runtimes/cpu.json`). `cpu`: 9.8 minutes in reading order (chapter 04's shapes
 # evaluator and chapter 05's judge CLIP cached; the chapter trains its three models: `shapes-glide` 353 s,
-# `shapes-clip-noisy` 50 s, `shapes-glide-inpaint` 72 s); from an empty cache it also trains those two,
-# 2.3 minutes more by their training times in chapters 04 and 09 (not measured as one run); about 5
-# minutes once its own are cached. `smoke`: under a minute; for a quick look on a laptop, set
-# `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab PROFILE=smoke` (smoke models are barely
-# trained: their numbers mean nothing). `gpu` about 15 minutes (not measured).
+# `shapes-clip-noisy` 50 s, `shapes-glide-inpaint` 72 s); from an empty model cache, 11.8 minutes cold (it
+# then also trains those two); about 5 minutes once its own are cached. `smoke`: under a minute; for a quick
+# look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab PROFILE=smoke`
+# (smoke models are barely trained: their numbers mean nothing). `gpu` about 15 minutes (not measured).
 
 # %% [markdown]
 # ## Setup

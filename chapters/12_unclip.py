@@ -40,14 +40,13 @@
 # **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
 # `benchmarks/results/runtimes/cpu.json`). `cpu`: 5.8 minutes in reading order (chapter 04's shapes
 # evaluator and chapter 05's CLIP and judge CLIP cached; the chapter trains its prior, 60 s, and its
-# decoder, 251 s); from an empty cache it also trains those three, 3.9 minutes more by their training
-# times in chapters 04, 05 and 09 (not measured as one run); with both its models cached, 2.5 minutes. The
-# readings quote the benchmark, which trains on one thread; with two threads a few numbers move in the
-# second or third digit (floating-point sums in another order: caption accuracy from the prior's embedding
-# 0.565 instead of 0.56 in one such training, from the text embedding 0.63 both times). `smoke`: under a
-# minute; for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make
-# lab PROFILE=smoke` (smoke models are barely trained: their numbers mean nothing). `gpu` about 15 minutes
-# (not measured).
+# decoder, 251 s); from an empty model cache, 9.4 minutes cold (it then also trains those three); with both
+# its models cached, 2.5 minutes. The readings quote the benchmark, which trains on one thread; with two
+# threads a few numbers move in the second or third digit (floating-point sums in another order: caption
+# accuracy from the prior's embedding 0.565 instead of 0.56 in one such training, from the text embedding
+# 0.63 both times). `smoke`: under a minute; for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke`
+# before starting Jupyter, or `make lab PROFILE=smoke` (smoke models are barely trained: their numbers mean
+# nothing). `gpu` about 15 minutes (not measured).
 
 # %% [markdown]
 # ## Setup

@@ -37,13 +37,13 @@
 #
 # **Run time** (measured by the book's build on a 2-core CPU, 6 December 2026:
 # `benchmarks/results/runtimes/cpu.json`). `cpu`: 10.0 minutes in reading order (chapter 04's shapes
-# evaluator and chapter 05's CLIP cached; the chapter trains its five models: the three base models 106,
-# 118 and 105 s, the two super-resolution models 69 and 70 s); from an empty cache it also trains those
-# two, 2.3 minutes more by their training times in chapters 04 and 05 (not measured as one run). The
-# readings quote the benchmark, which trains on one thread; with two threads a few numbers move in the
-# third digit (floating-point sums in another order). `smoke`: under a minute; for a quick look on a
-# laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab PROFILE=smoke` (smoke models
-# are barely trained: their numbers mean nothing). `gpu` about 15 minutes (not measured).
+# evaluator and chapter 05's CLIP cached; the chapter trains its five models: the three base models 106, 118
+# and 105 s, the two super-resolution models 69 and 70 s); from an empty model cache, 12.4 minutes cold (it
+# then also trains those two). The readings quote the benchmark, which trains on one thread; with two
+# threads a few numbers move in the third digit (floating-point sums in another order). `smoke`: under a
+# minute; for a quick look on a laptop, set `DIFFUSION_PROFILE=smoke` before starting Jupyter, or `make lab
+# PROFILE=smoke` (smoke models are barely trained: their numbers mean nothing). `gpu` about 15 minutes (not
+# measured).
 
 # %% [markdown]
 # ## Setup
