@@ -901,6 +901,14 @@ def _git_commit(root: Path) -> str | None:
     return head + ("+" if dirty else "")
 
 
+def _make_folder(path: Path, error: str) -> None:
+    """``path`` and its parents, or a BookError saying ``error`` and why (a file in the way, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BookError(f"{error} ({exc.strerror or exc})") from None
+
+
 def build(root: str | os.PathLike[str] = ".", profile: str | None = None, force: bool = False,
           only: Sequence[str] | None = None, out: str | os.PathLike[str] | None = None,
           cache: str | os.PathLike[str] | None = None, timeout: int | None = 3600,
@@ -919,21 +927,15 @@ def build(root: str | os.PathLike[str] = ".", profile: str | None = None, force:
     profile = check_profile(profile) if profile else detect_profile()
     force = force or cold  # a cold run is a measurement: up-to-date chapters run again
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not timeout > 0 or timeout == float("inf")):
+                                or not 0 < timeout < float("inf")):   # NaN fails the range too
         raise ValueError(f"timeout must be a positive number of seconds one cell may run (None: no limit), "
                          f"got {timeout!r}")
     out = Path(out).resolve() if out is not None else book.root / "_build"
-    try:
-        (out / "notebooks").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BookError(f"out: cannot make the output folder {out} ({exc.strerror or exc})") from None
+    _make_folder(out / "notebooks", f"out: cannot make the output folder {out}")
     state_path = out / ".state.json"
     state = _load_state(state_path)
     cache = Path(cache or os.environ.get("DIFFUSION_CACHE") or book.root / ".cache" / "models").resolve()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BookError(f"cache: cannot make the model cache folder {cache} ({exc.strerror or exc})") from None
+    _make_folder(cache, f"cache: cannot make the model cache folder {cache}")
     env = dict(os.environ, DIFFUSION_PROFILE=profile, DIFFUSION_HEADLESS="1", DIFFUSION_CACHE=str(cache))
     package_dir = _package_dir(book.root)
     if package_dir.parent == book.root:  # the chapters import this tree's package

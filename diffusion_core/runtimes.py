@@ -76,12 +76,16 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
+def _check_seconds(seconds: object) -> None:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:
+        raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")   # NaN fails the range too
+
+
 def make_record(chapter: str, profile: str, seconds: float, events: Iterable[dict[str, Any]],
                 cache_was_empty: bool, started: str | None = None, host: dict[str, Any] | None = None,
                 commit: str | None = None) -> dict[str, Any]:
     """One chapter run: ``events`` are the store's log lines of that run."""
-    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
+    _check_seconds(seconds)
     trained: dict[str, float | None] = {}
     loaded: list[str] = []
     for e in events:
@@ -169,8 +173,7 @@ def latest(records: Sequence[dict[str, Any]], order: Sequence[str], profile: str
 def minutes(seconds: float) -> int:
     """The whole minutes a table quotes for a run of ``seconds``: rounded up (a chapter measured at
     14 min 10 s is listed as 15)."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
+    _check_seconds(seconds)
     return max(1, math.ceil(seconds / 60 - 1e-9))
 
 
